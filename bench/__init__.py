@@ -1,0 +1,27 @@
+"""Benchmarks: `rotary bench NAME`. Each measures a baseline and Rotary's path side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+
+BENCHMARKS = ("latency",)
+
+
+def add_bench_parser(sub, func) -> None:
+    b = sub.add_parser("bench", help="benchmarks (baseline and new path side by side, with ratios)")
+    b.add_argument("name", choices=BENCHMARKS)
+    b.add_argument("--json", default=None, metavar="PATH", help="write machine-readable results here")
+    b.add_argument("--limit", type=int, default=None, help="at most this many cases")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="a small, fast run")
+    b.add_argument("--corpus", default=None, metavar="DIR", help="folder of source files to draw cases from (default: the standard library)")
+    b.add_argument("--model", default=None)
+    b.set_defaults(func=func)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    if args.name == "latency":
+        from .latency import main
+
+        return main(args)
+    raise SystemExit(f"unknown benchmark {args.name}")

@@ -1,0 +1,73 @@
+"""A small synchronous client of the worker, for the CLI and benchmarks (the daemon has its own async one)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from .rpc import worker_pb2 as pb
+from .rpc import worker_pb2_grpc as pb_grpc
+
+MODES = {
+    "auto": pb.COMPLETION_MODE_AUTO,
+    "single_line": pb.COMPLETION_MODE_SINGLE_LINE,
+    "multi_line": pb.COMPLETION_MODE_MULTI_LINE,
+}
+
+
+class WorkerClient:
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+
+    def wait_ready(self, timeout: float = 300.0, on_message=None) -> pb.HealthReply:
+        """Poll Health until the model is loaded; raise with the worker's message on failure or timeout."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                health = self.stub.Health(pb.HealthRequest(), timeout=5)
+            except grpc.RpcError:
+                time.sleep(0.2)
+                continue
+            if health.ready:
+                return health
+            if health.message != last and on_message:
+                on_message(health.message)
+            last = health.message
+            if health.message.startswith("model failed"):
+                raise RuntimeError(health.message)
+            time.sleep(0.2)
+        raise TimeoutError(f"worker at {self.address} not ready after {timeout:.0f} s (last: {last})")
+
+    def open(self, uri: str, text: str, version: int = 1, language_id: str = "python") -> pb.DocumentAck:
+        return self.stub.OpenDocument(pb.OpenDocumentRequest(uri=uri, version=version, language_id=language_id, text=text))
+
+    def edit(self, uri: str, base_version: int, new_version: int, changes: list[tuple[int, int, str]]) -> pb.DocumentAck:
+        return self.stub.EditDocument(
+            pb.EditDocumentRequest(
+                uri=uri,
+                base_version=base_version,
+                new_version=new_version,
+                changes=[pb.TextChange(start=s, end=e, text=t) for s, e, t in changes],
+            )
+        )
+
+    def complete(self, uri: str, version: int, offset: int, max_tokens: int = 0, mode: str = "auto", use_cache: bool = True):
+        """Return (text, last chunk)."""
+        request = pb.CompleteRequest(
+            uri=uri,
+            version=version,
+            offset=offset,
+            options=pb.CompleteOptions(max_tokens=max_tokens, mode=MODES[mode], disable_cache=not use_cache),
+        )
+        parts, last = [], None
+        for chunk in self.stub.Complete(request):
+            parts.append(chunk.text)
+            last = chunk
+        return "".join(parts), last
+
+    def close(self) -> None:
+        self.channel.close()

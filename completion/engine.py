@@ -1,0 +1,170 @@
+"""One completion request, from document text to streamed answer.
+
+text before/after the cursor -> token ids -> the document's KV cache (reuse what
+is still valid, encode the rest) -> greedy decoding -> stop rules -> chunks.
+
+Plain greedy decoding: each step feeds the last token and takes the argmax.
+The loop checks the caller's cancel flag before every forward pass, so a
+cancelled request stops within one token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from rotary.cache.store import DocumentKV, KVStore, common_prefix_length, truncate
+from rotary.models.runner import ModelRunner
+
+from .stops import AUTO, StopRules
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 64
+MAX_TOKENS_LIMIT = 512
+
+
+@dataclass
+class CompletionOptions:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    mode: str = AUTO
+    use_cache: bool = True
+
+
+@dataclass
+class CompletionStats:
+    context_tokens: int = 0
+    tokens_reused: int = 0
+    tokens_encoded: int = 0
+    tokens_rerotated: int = 0
+    stale_refreshed: int = 0
+    tokens_generated: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class Chunk:
+    text: str
+    done: bool = False
+    stop_reason: str = ""
+    stats: CompletionStats | None = None
+
+
+@dataclass
+class Context:
+    ids: list[int]
+    text_before: str
+    text_after: str
+    truncated: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class CompletionEngine:
+    def __init__(self, runner: ModelRunner, kv_store: KVStore, max_context_tokens: int = 2048):
+        self.runner = runner
+        self.kv_store = kv_store
+        self.max_context_tokens = min(max_context_tokens, runner.info.max_positions)
+        self.eos_ids = set(runner.info.eos_token_ids)
+
+    def build_context(self, text: str, offset: int, max_tokens: int) -> Context:
+        """Token ids the model sees: the text before the cursor, or FIM form when the model has FIM tokens."""
+        before, after = text[:offset], text[offset:]
+        budget = max(16, self.max_context_tokens - max_tokens)
+        ids = self.runner.encode_text(before)
+        fim = self.runner.info.fim_tokens
+        truncated = False
+        if fim and after.strip():
+            suffix_ids = self.runner.encode_text(after)[: budget // 4]
+            keep = budget - len(suffix_ids) - 3
+            truncated = len(ids) > keep
+            ids = [fim["prefix"], *ids[-keep:], fim["suffix"], *suffix_ids, fim["middle"]]
+        else:
+            truncated = len(ids) > budget
+            ids = ids[-budget:]
+        if not ids:
+            # An empty document: start from the document separator so the model has a position 0.
+            ids = [min(self.eos_ids)]
+        return Context(ids=ids, text_before=before, text_after=after, truncated=truncated)
+
+    def complete(
+        self,
+        uri: str,
+        text: str,
+        offset: int,
+        options: CompletionOptions,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> Iterator[Chunk]:
+        started = time.perf_counter()
+        max_tokens = max(1, min(options.max_tokens or DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT))
+        context = self.build_context(text, offset, max_tokens)
+        stops = StopRules(context.text_before, context.text_after, options.mode)
+        stats = CompletionStats(context_tokens=len(context.ids))
+
+        with self.runner.lock:
+            entry = self.kv_store.get(uri) if options.use_cache else None
+            if entry is None or entry.cache is None:
+                entry = DocumentKV(ids=[], cache=self.runner.new_cache())
+            # Reuse the cached prefix; at least the last context token is fed so its logits exist.
+            reuse = min(common_prefix_length(entry.ids, context.ids), len(context.ids) - 1)
+            truncate(entry.cache, reuse)
+            entry.ids = entry.ids[:reuse]
+            stats.tokens_reused = reuse
+            stats.tokens_encoded = len(context.ids) - reuse
+            if is_cancelled():
+                yield self._final("", "cancelled", stats, started)
+                return
+            logits = self.runner.forward(context.ids[reuse:], entry.cache, reuse)
+            entry.ids.extend(context.ids[reuse:])
+            stats.prefill_ms = (time.perf_counter() - started) * 1000
+            if options.use_cache:
+                self.kv_store.put(uri, entry)
+
+            generated: list[int] = []
+            sent = ""
+            reason = ""
+            final_text = None
+            decode_started = time.perf_counter()
+            while True:
+                token = int(torch.argmax(logits))
+                if token in self.eos_ids:
+                    reason = "eos"
+                    break
+                generated.append(token)
+                text_so_far = self.runner.decode_ids(generated)
+                if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    decision = stops.check(text_so_far)
+                    if decision.committed.startswith(sent) and len(decision.committed) > len(sent):
+                        yield Chunk(text=decision.committed[len(sent) :])
+                        sent = decision.committed
+                    if decision.stop_reason:
+                        reason, final_text = decision.stop_reason, decision.final
+                        break
+                if len(generated) >= max_tokens:
+                    reason = "max_tokens"
+                    break
+                if is_cancelled():
+                    reason = "cancelled"
+                    break
+                logits = self.runner.forward([token], entry.cache, len(entry.ids))
+                entry.ids.append(token)
+            stats.tokens_generated = len(generated)
+            stats.decode_ms = (time.perf_counter() - decode_started) * 1000
+
+        if final_text is None:
+            final_text = "" if reason == "cancelled" else stops.finish(self.runner.decode_ids(generated), reason).final or ""
+        if not final_text.startswith(sent):
+            # Cannot happen by the stop rules' contract (committed is a prefix of final); log loudly if it does.
+            log.error("stop rules broke their prefix contract: sent %r, final %r", sent, final_text)
+            final_text = sent
+        yield self._final(final_text[len(sent) :], reason, stats, started)
+
+    @staticmethod
+    def _final(rest: str, reason: str, stats: CompletionStats, started: float) -> Chunk:
+        stats.total_ms = (time.perf_counter() - started) * 1000
+        return Chunk(text=rest, done=True, stop_reason=reason, stats=stats)

@@ -1,0 +1,159 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CompletionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPLETION_MODE_AUTO: _ClassVar[CompletionMode]
+    COMPLETION_MODE_SINGLE_LINE: _ClassVar[CompletionMode]
+    COMPLETION_MODE_MULTI_LINE: _ClassVar[CompletionMode]
+COMPLETION_MODE_AUTO: CompletionMode
+COMPLETION_MODE_SINGLE_LINE: CompletionMode
+COMPLETION_MODE_MULTI_LINE: CompletionMode
+
+class OpenDocumentRequest(_message.Message):
+    __slots__ = ("uri", "version", "language_id", "text")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    version: int
+    language_id: str
+    text: str
+    def __init__(self, uri: _Optional[str] = ..., version: _Optional[int] = ..., language_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class TextChange(_message.Message):
+    __slots__ = ("start", "end", "text")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    text: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class EditDocumentRequest(_message.Message):
+    __slots__ = ("uri", "base_version", "new_version", "changes")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    base_version: int
+    new_version: int
+    changes: _containers.RepeatedCompositeFieldContainer[TextChange]
+    def __init__(self, uri: _Optional[str] = ..., base_version: _Optional[int] = ..., new_version: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[TextChange, _Mapping]]] = ...) -> None: ...
+
+class CloseDocumentRequest(_message.Message):
+    __slots__ = ("uri",)
+    URI_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    def __init__(self, uri: _Optional[str] = ...) -> None: ...
+
+class DocumentAck(_message.Message):
+    __slots__ = ("uri", "version", "length")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    version: int
+    length: int
+    def __init__(self, uri: _Optional[str] = ..., version: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class CompleteOptions(_message.Message):
+    __slots__ = ("max_tokens", "mode", "edit_aware_cache", "disable_cache")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EDIT_AWARE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    mode: CompletionMode
+    edit_aware_cache: bool
+    disable_cache: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., mode: _Optional[_Union[CompletionMode, str]] = ..., edit_aware_cache: _Optional[bool] = ..., disable_cache: _Optional[bool] = ...) -> None: ...
+
+class CompleteRequest(_message.Message):
+    __slots__ = ("uri", "version", "offset", "options", "request_id")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    version: int
+    offset: int
+    options: CompleteOptions
+    request_id: str
+    def __init__(self, uri: _Optional[str] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., options: _Optional[_Union[CompleteOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CompletionStats(_message.Message):
+    __slots__ = ("context_tokens", "tokens_reused", "tokens_encoded", "tokens_rerotated", "stale_refreshed", "tokens_generated", "prefill_ms", "decode_ms", "total_ms")
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_ENCODED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_REROTATED_FIELD_NUMBER: _ClassVar[int]
+    STALE_REFRESHED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    context_tokens: int
+    tokens_reused: int
+    tokens_encoded: int
+    tokens_rerotated: int
+    stale_refreshed: int
+    tokens_generated: int
+    prefill_ms: float
+    decode_ms: float
+    total_ms: float
+    def __init__(self, context_tokens: _Optional[int] = ..., tokens_reused: _Optional[int] = ..., tokens_encoded: _Optional[int] = ..., tokens_rerotated: _Optional[int] = ..., stale_refreshed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class CompletionChunk(_message.Message):
+    __slots__ = ("request_id", "text", "done", "stop_reason", "stats")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    text: str
+    done: bool
+    stop_reason: str
+    stats: CompletionStats
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., stats: _Optional[_Union[CompletionStats, _Mapping]] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("ready", "model", "model_path", "device", "open_documents", "message")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    OPEN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    model: str
+    model_path: str
+    device: str
+    open_documents: int
+    message: str
+    def __init__(self, ready: _Optional[bool] = ..., model: _Optional[str] = ..., model_path: _Optional[str] = ..., device: _Optional[str] = ..., open_documents: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,275 @@
+"""The model worker: the gRPC service over documents, caches and the completion engine.
+
+The model loads in a background thread so Health answers at once (with the
+load progress in its message); Complete answers UNAVAILABLE until it is ready.
+Typed document errors map to status codes the daemon acts on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+from dataclasses import asdict
+
+import grpc
+
+from .documents import (
+    Change,
+    DocumentNotOpen,
+    DocumentStore,
+    DocumentTooLarge,
+    OffsetOutOfRange,
+    VersionMismatch,
+)
+from .rpc import worker_pb2 as pb
+from .rpc import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MODE_NAMES = {
+    pb.COMPLETION_MODE_AUTO: "auto",
+    pb.COMPLETION_MODE_SINGLE_LINE: "single_line",
+    pb.COMPLETION_MODE_MULTI_LINE: "multi_line",
+}
+
+STATUS_OF_ERROR = {
+    DocumentNotOpen: grpc.StatusCode.NOT_FOUND,
+    VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    DocumentTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, model_path: str | None = None, cache_budget_mb: int = 1024, max_context_tokens: int = 2048):
+        self.model_path = model_path
+        self.cache_budget_mb = cache_budget_mb
+        self.max_context_tokens = max_context_tokens
+        self.documents = DocumentStore()
+        self.engine = None
+        self.model_info = None
+        self.load_error: str | None = None
+        self.load_message = "loading model"
+        self.ready = threading.Event()
+        self.started = time.time()
+        self.counters = {
+            "completions": 0,
+            "completions_cancelled": 0,
+            "completions_failed": 0,
+            "completions_empty": 0,
+            "tokens_generated": 0,
+            "tokens_reused": 0,
+            "tokens_encoded": 0,
+            "tokens_rerotated": 0,
+            "stale_refreshed": 0,
+            "edits": 0,
+            "edits_rejected": 0,
+        }
+        self._latencies_ms: list[float] = []
+        self._counter_lock = threading.Lock()
+
+    # -- model loading -----------------------------------------------------
+
+    def load_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load, name="rotary-model-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self) -> None:
+        try:
+            from rotary.cache.store import KVStore
+            from rotary.models.loader import load_model
+            from rotary.models.runner import ModelRunner, configure_threads
+
+            from .engine import CompletionEngine
+
+            configure_threads()
+
+            def progress(msg: str) -> None:
+                self.load_message = msg
+                log.info("%s", msg)
+
+            loaded = load_model(self.model_path, progress=progress)
+            runner = ModelRunner(loaded)
+            self.engine = CompletionEngine(runner, KVStore(self.cache_budget_mb << 20), self.max_context_tokens)
+            self.model_info = loaded.info
+            self.load_message = f"ready: {loaded.info.name}"
+            self.ready.set()
+        except Exception as exc:  # any load failure is reported through Health, never crashes the server
+            self.load_error = str(exc)
+            self.load_message = f"model failed to load: {exc}"
+            log.error("%s", self.load_message)
+
+    # -- documents ---------------------------------------------------------
+
+    def OpenDocument(self, request, context):
+        # A reopened document keeps its KV cache: the next completion diffs token ids against it.
+        doc = self._guard(context, self.documents.open, request.uri, request.version, request.language_id, request.text)
+        return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text))
+
+    def EditDocument(self, request, context):
+        changes = [Change(c.start, c.end, c.text) for c in request.changes]
+        try:
+            doc = self.documents.edit(request.uri, request.base_version, request.new_version, changes)
+        except tuple(STATUS_OF_ERROR) as exc:
+            self._count("edits_rejected")
+            context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
+        self._count("edits")
+        return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text))
+
+    def CloseDocument(self, request, context):
+        self.documents.close(request.uri)
+        if self.engine is not None:
+            self.engine.kv_store.drop(request.uri)
+        return pb.DocumentAck(uri=request.uri)
+
+    # -- completion --------------------------------------------------------
+
+    def Complete(self, request, context):
+        if not self.ready.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.load_error or self.load_message)
+        doc = self._guard(context, self.documents.get, request.uri, request.version)
+        if not 0 <= request.offset <= len(doc.text):
+            context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{request.uri}: offset {request.offset} is outside the text of {len(doc.text)} characters",
+            )
+        from .engine import CompletionOptions
+
+        opts = request.options
+        options = CompletionOptions(
+            max_tokens=opts.max_tokens,
+            mode=MODE_NAMES.get(opts.mode, "auto"),
+            use_cache=not opts.disable_cache,
+        )
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)  # fires when the caller cancels or the call ends
+        reason = "error"
+        try:
+            for chunk in self.engine.complete(doc.uri, doc.text, request.offset, options, cancelled.is_set):
+                if not chunk.done:
+                    yield pb.CompletionChunk(request_id=request.request_id, text=chunk.text)
+                    continue
+                reason = chunk.stop_reason
+                self._record(chunk)
+                yield pb.CompletionChunk(
+                    request_id=request.request_id,
+                    text=chunk.text,
+                    done=True,
+                    stop_reason=chunk.stop_reason,
+                    stats=pb.CompletionStats(**asdict(chunk.stats)),
+                )
+        except Exception:
+            self._count("completions_failed")
+            log.exception("completion %s failed", request.request_id)
+            context.abort(grpc.StatusCode.INTERNAL, "completion failed; see the worker log")
+        finally:
+            log.debug("completion %s ended: %s", request.request_id, reason)
+
+    # -- health and stats --------------------------------------------------
+
+    def Health(self, request, context):
+        info = self.model_info
+        return pb.HealthReply(
+            ready=self.ready.is_set(),
+            model=info.name if info else "",
+            model_path=info.path if info else (self.model_path or ""),
+            device=str(self.engine.runner.device) if self.engine else "",
+            open_documents=len(self.documents),
+            message=self.load_error or self.load_message,
+        )
+
+    def Stats(self, request, context):
+        return pb.StatsReply(json=json.dumps(self.stats()))
+
+    def stats(self) -> dict:
+        with self._counter_lock:
+            counters = dict(self.counters)
+            latencies = sorted(self._latencies_ms)
+        out = {
+            "uptime_s": round(time.time() - self.started, 1),
+            "ready": self.ready.is_set(),
+            "model": self.model_info.as_dict() if self.model_info else None,
+            "open_documents": len(self.documents),
+            **counters,
+        }
+        if latencies:
+            out["latency_ms_p50"] = round(latencies[len(latencies) // 2], 1)
+            out["latency_ms_p95"] = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))], 1)
+        if self.engine is not None:
+            store = self.engine.kv_store
+            out["cache"] = {"documents": len(store), "bytes": store.total_bytes(), "evictions": store.evictions}
+        return out
+
+    # -- helpers -------------------------------------------------------------
+
+    def _record(self, chunk) -> None:
+        s = chunk.stats
+        with self._counter_lock:
+            key = "completions_cancelled" if chunk.stop_reason == "cancelled" else "completions"
+            self.counters[key] += 1
+            self.counters["tokens_generated"] += s.tokens_generated
+            self.counters["tokens_reused"] += s.tokens_reused
+            self.counters["tokens_encoded"] += s.tokens_encoded
+            self.counters["tokens_rerotated"] += s.tokens_rerotated
+            self.counters["stale_refreshed"] += s.stale_refreshed
+            if chunk.stop_reason != "cancelled":
+                self._latencies_ms = (self._latencies_ms + [s.total_ms])[-1000:]
+
+    def _count(self, key: str) -> None:
+        with self._counter_lock:
+            self.counters[key] += 1
+
+    @staticmethod
+    def _guard(context, fn, *args):
+        try:
+            return fn(*args)
+        except tuple(STATUS_OF_ERROR) as exc:
+            context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
+
+
+def serve(
+    listen: str,
+    model_path: str | None = None,
+    cache_budget_mb: int = 1024,
+    parent_pid: int | None = None,
+    on_bound=None,
+) -> None:
+    """Serve until interrupted (or until the parent process, when given, is gone)."""
+    service = WorkerService(model_path, cache_budget_mb)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rotary-rpc"),
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    port = server.add_insecure_port(listen)
+    if port == 0 and not listen.startswith("unix:"):
+        raise SystemExit(f"could not listen on {listen}")
+    bound = listen if listen.startswith("unix:") or not listen.endswith(":0") else f"{listen.rsplit(':', 1)[0]}:{port}"
+    server.start()
+    service.load_in_background()
+    if on_bound:
+        on_bound(bound)
+    try:
+        while server.wait_for_termination(timeout=1.0):  # True means it timed out, still serving
+            if parent_pid and not _alive(parent_pid):
+                log.info("parent %s is gone; worker exits", parent_pid)
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(grace=0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,399 @@
+"""Rotary's language server: the editor's side of the service (pygls 2, no torch).
+
+It tracks every edit (incremental sync), answers textDocument/inlineCompletion
+(ghost text) and textDocument/completion, debounces per document and cancels
+the previous request of a document down to the worker, reports the worker's
+model loading as $/progress, and sends `rotary/status` notifications that
+editors show in a status bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, replace
+from typing import Any
+
+import grpc
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.language_server import lsp_method
+
+import rotary
+from rotary.completion.rpc import worker_pb2 as pb
+
+from .positions import UTF8, UTF16, offset_at, position_at
+from .settings import Settings, parse_settings
+from .sync import DocumentSync
+from .worker import LOADING, READY, STARTING, WorkerConnection
+
+log = logging.getLogger(__name__)
+
+MODES = {
+    "auto": pb.COMPLETION_MODE_AUTO,
+    "single_line": pb.COMPLETION_MODE_SINGLE_LINE,
+    "multi_line": pb.COMPLETION_MODE_MULTI_LINE,
+}
+COMMANDS = (
+    "rotary.stats",
+    "rotary.restartWorker",
+    "rotary.toggle",
+    "rotary.suggestionShown",
+    "rotary.suggestionAccepted",
+)
+PROGRESS_TOKEN = "rotary/worker"
+
+
+class RotaryProtocol(LanguageServerProtocol):
+    @lsp_method(types.INITIALIZE)
+    def lsp_initialize(self, params: types.InitializeParams):
+        # Prefer UTF-8 when the client offers it (no transcoding on either side); else LSP's UTF-16 default.
+        general = params.capabilities.general
+        if general is not None and general.position_encodings and types.PositionEncodingKind.Utf8 in general.position_encodings:
+            general.position_encodings = [types.PositionEncodingKind.Utf8]
+        return (yield from super().lsp_initialize(params))
+
+
+class RotaryServer(LanguageServer):
+    def __init__(self, worker_address: str = "", model: str = ""):
+        super().__init__("rotary", rotary.__version__, protocol_cls=RotaryProtocol)
+        self.settings = Settings(workerAddress=worker_address, model=model)
+        self.cli_overrides = {k: v for k, v in {"workerAddress": worker_address, "model": model}.items() if v}
+        self.sync = DocumentSync()
+        self.worker = WorkerConnection(worker_address, model, self._on_worker_state, self.sync.worker_restarted)
+        self.requests = itertools.count(1)
+        self.latest_request: dict[str, int] = {}  # uri -> newest request number (older ones give up)
+        self.calls: dict[str, Any] = {}  # uri -> the gRPC call in flight
+        self.progress_open = False
+        self.last_latency_ms: float | None = None
+        self.counters = {
+            "requests": 0,
+            "superseded": 0,
+            "suggestions": 0,
+            "empty": 0,
+            "worker_unavailable": 0,
+            "errors": 0,
+            "shown": 0,
+            "shown_chars": 0,
+            "accepted": 0,
+            "accepted_partial": 0,
+            "accepted_chars": 0,
+        }
+        self.latencies_ms: list[float] = []
+
+    # -- state and status ---------------------------------------------------
+
+    @property
+    def encoding(self) -> str:
+        enc = self.workspace.position_encoding if self.protocol._workspace else None
+        return UTF8 if enc == types.PositionEncodingKind.Utf8 else "utf-32" if enc == types.PositionEncodingKind.Utf32 else UTF16
+
+    def apply_settings(self, raw: Any) -> None:
+        new, warnings = parse_settings(raw, self.settings)
+        new = replace(new, **self.cli_overrides)  # command-line flags win over editor settings
+        for warning in warnings:
+            log.warning(warning)
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=warning))
+        old, self.settings = self.settings, new
+        if self.worker.reconfigure(new.workerAddress, new.model) and old is not new:
+            asyncio.ensure_future(self.worker.restart())
+
+    def send_status(self, state: str, message: str, last_result: str | None = None) -> None:
+        self.protocol.notify(
+            "rotary/status",
+            {"state": state, "message": message, "latencyMs": self.last_latency_ms, "lastResult": last_result},
+        )
+
+    def _on_worker_state(self, state: str, message: str) -> None:
+        log.info("worker %s: %s", state, message)
+        status = "disabled" if not self.settings.enabled else {READY: "ready", LOADING: "loading", STARTING: "loading"}.get(state, "error")
+        self.send_status(status, message)
+        asyncio.ensure_future(self._progress(state, message))
+
+    async def _progress(self, state: str, message: str) -> None:
+        caps = self.client_capabilities.window if self.protocol.client_capabilities else None
+        if not (caps and caps.work_done_progress):
+            return
+        try:
+            if state in (STARTING, LOADING) and not self.progress_open:
+                self.progress_open = True
+                await self.work_done_progress.create_async(PROGRESS_TOKEN)
+                self.work_done_progress.begin(
+                    PROGRESS_TOKEN, types.WorkDoneProgressBegin(title="Rotary", message=message, cancellable=False)
+                )
+            elif state in (STARTING, LOADING):
+                self.work_done_progress.report(PROGRESS_TOKEN, types.WorkDoneProgressReport(message=message))
+            elif self.progress_open:
+                self.progress_open = False
+                self.work_done_progress.end(PROGRESS_TOKEN, types.WorkDoneProgressEnd(message=message))
+        except Exception as exc:  # a client that refuses progress still gets completions
+            log.debug("progress not shown: %s", exc)
+
+    # -- completion ---------------------------------------------------------
+
+    async def complete(self, uri: str, position: types.Position, mode: str) -> tuple[str, dict] | None:
+        """The shared path of both completion requests: debounce, cancel older, flush edits, stream from the worker."""
+        self.counters["requests"] += 1
+        started = time.perf_counter()
+        if not self.settings.enabled:
+            return None
+        copy = self.sync.docs.get(uri)
+        if copy is None or copy.skipped_reason:
+            return None
+        number = next(self.requests)
+        self.latest_request[uri] = number
+        previous = self.calls.pop(uri, None)
+        if previous is not None:
+            previous.cancel()  # cancel-previous, down to the worker's decoding loop
+        if self.settings.debounceMs:
+            await asyncio.sleep(self.settings.debounceMs / 1000)
+        if self.latest_request.get(uri) != number:
+            self.counters["superseded"] += 1
+            return None
+        stub = self.worker.ready_stub()
+        if stub is None:
+            self.counters["worker_unavailable"] += 1
+            self.send_status("loading" if self.worker.state in (STARTING, LOADING) else "error", self.worker.message)
+            return None
+        copy = self.sync.docs.get(uri)
+        if copy is None:
+            return None
+        offset = offset_at(copy.text, position.line, position.character, self.encoding)
+        for attempt in range(2):
+            try:
+                copy = await self.sync.flush(uri, stub)
+                if copy.pending or self.latest_request.get(uri) != number:
+                    self.counters["superseded"] += 1
+                    return None  # the text moved on while we flushed; a newer request will come
+                call = stub.Complete(
+                    pb.CompleteRequest(
+                        uri=uri,
+                        version=copy.acked_version,
+                        offset=offset,
+                        request_id=str(number),
+                        options=pb.CompleteOptions(
+                            max_tokens=self.settings.maxTokens,
+                            mode=MODES[mode],
+                            disable_cache=not self.settings.editAwareCache,
+                        ),
+                    )
+                )
+                self.calls[uri] = call
+                parts, last = [], None
+                async for chunk in call:
+                    parts.append(chunk.text)
+                    last = chunk
+                break
+            except asyncio.CancelledError:
+                if self.latest_request.get(uri) != number:
+                    self.counters["superseded"] += 1
+                    return None
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED and self.latest_request.get(uri) != number:
+                    self.counters["superseded"] += 1
+                    return None
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND) and attempt == 0:
+                    copy.acked_version = None  # the worker lost or diverged from the document: resend it
+                    continue
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                    self.counters["worker_unavailable"] += 1
+                    self.worker.report_failure(exc)
+                else:
+                    self.counters["errors"] += 1
+                    log.error("completion failed: %s %s", exc.code().name, exc.details())
+                return None
+            finally:
+                if self.calls.get(uri) is not None and self.latest_request.get(uri) == number:
+                    self.calls.pop(uri, None)
+        else:
+            return None
+        text = "".join(parts)
+        latency = (time.perf_counter() - started) * 1000
+        self.last_latency_ms = round(latency, 1)
+        self.latencies_ms = (self.latencies_ms + [latency])[-1000:]
+        stats = {"stop_reason": last.stop_reason if last else "", **_stats_dict(last.stats if last else None)}
+        log.info("completion %s: %d chars in %.0f ms (%s) %s", number, len(text), latency, stats["stop_reason"], stats)
+        self.counters["suggestions" if text else "empty"] += 1
+        self.send_status("ready", self.worker.message, "suggestion" if text else "empty")
+        return (text, stats) if text else None
+
+    # -- stats ----------------------------------------------------------------
+
+    async def stats(self) -> dict:
+        lat = sorted(self.latencies_ms)
+        shown = self.counters["shown"]
+        out: dict[str, Any] = {
+            "daemon": {
+                **self.counters,
+                "acceptance_rate": round(self.counters["accepted"] / shown, 3) if shown else None,
+                "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
+                "open_documents": len(self.sync.docs),
+                "documents_resent": self.sync.reopens,
+                "settings": asdict(self.settings),
+                "position_encoding": self.encoding,
+            },
+            "worker": {
+                "state": self.worker.state,
+                "message": self.worker.message,
+                "restarts": self.worker.restarts,
+                "log": str(self.worker.log_path or ""),
+            },
+        }
+        stub = self.worker.ready_stub()
+        if stub is not None:
+            try:
+                reply = await stub.Stats(pb.StatsRequest(), timeout=5)
+                out["worker"].update(json.loads(reply.json))
+            except grpc.aio.AioRpcError as exc:
+                out["worker"]["stats_error"] = exc.details()
+        return out
+
+
+def _stats_dict(stats) -> dict:
+    if stats is None:
+        return {}
+    return {f.name: getattr(stats, f.name) for f in stats.DESCRIPTOR.fields}
+
+
+def _word_start(line: str, column: int) -> int:
+    start = column
+    while start > 0 and (line[start - 1].isalnum() or line[start - 1] == "_"):
+        start -= 1
+    return start
+
+
+def create_server(worker_address: str = "", model: str = "") -> RotaryServer:
+    server = RotaryServer(worker_address, model)
+
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: RotaryServer, params: types.InitializeParams):
+        ls.apply_settings(params.initialization_options)
+
+    @server.feature(types.INITIALIZED)
+    def initialized(ls: RotaryServer, params):
+        ls.worker.start()
+
+    @server.feature(types.SHUTDOWN)
+    async def shutdown(ls: RotaryServer, params):
+        await ls.worker.stop()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: RotaryServer, params: types.DidChangeConfigurationParams):
+        settings = params.settings
+        if isinstance(settings, dict) and "rotary" in settings:
+            settings = settings["rotary"]
+        ls.apply_settings(settings)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: RotaryServer, params: types.DidOpenTextDocumentParams):
+        doc = params.text_document
+        ls.sync.opened(doc.uri, doc.version, doc.language_id, doc.text)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: RotaryServer, params: types.DidChangeTextDocumentParams):
+        uri = params.text_document.uri
+        if uri not in ls.sync.docs:
+            log.warning("didChange for %s before didOpen; taking the editor's text as it is now", uri)
+            doc = ls.workspace.get_text_document(uri)
+            ls.sync.opened(uri, params.text_document.version, doc.language_id or "", doc.source)
+            return
+        ls.sync.changed(uri, params.text_document.version, params.content_changes, ls.encoding)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    async def did_close(ls: RotaryServer, params: types.DidCloseTextDocumentParams):
+        if ls.sync.closed(params.text_document.uri) is not None and ls.worker.ready_stub() is not None:
+            await ls.sync.close_in_worker(params.text_document.uri, ls.worker.ready_stub())
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(ls: RotaryServer, params: types.InlineCompletionParams):
+        result = await ls.complete(params.text_document.uri, params.position, ls.settings.worker_mode())
+        if result is None:
+            return None
+        text, _stats = result
+        suggestion_id = uuid.uuid4().hex[:12]
+        pos = params.position
+        return types.InlineCompletionList(
+            items=[
+                types.InlineCompletionItem(
+                    insert_text=text,
+                    range=types.Range(start=pos, end=pos),
+                    command=types.Command(
+                        title="Rotary: suggestion accepted",
+                        command="rotary.suggestionAccepted",
+                        arguments=[{"id": suggestion_id, "acceptedLength": len(text), "full": True}],
+                    ),
+                )
+            ]
+        )
+
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))
+    async def completion(ls: RotaryServer, params: types.CompletionParams):
+        result = await ls.complete(params.text_document.uri, params.position, "single_line")
+        if result is None:
+            return types.CompletionList(is_incomplete=True, items=[])
+        text, _stats = result
+        # Replace the word being typed so clients' prefix filtering keeps the item.
+        copy = ls.sync.docs[params.text_document.uri]
+        offset = offset_at(copy.text, params.position.line, params.position.character, ls.encoding)
+        line_start = copy.text.rfind("\n", 0, offset) + 1
+        word = copy.text[line_start + _word_start(copy.text[line_start:offset], offset - line_start) : offset]
+        word_start = types.Position(params.position.line, position_at(copy.text, offset - len(word), ls.encoding)[1])
+        item = types.CompletionItem(
+            label=(word + text).strip().split("\n")[0][:80] or text,
+            kind=types.CompletionItemKind.Text,
+            detail="Rotary",
+            filter_text=word + text,
+            text_edit=types.TextEdit(range=types.Range(start=word_start, end=params.position), new_text=word + text),
+        )
+        return types.CompletionList(is_incomplete=True, items=[item])
+
+    @server.command("rotary.stats")
+    async def stats_command(ls: RotaryServer, *args):
+        return await ls.stats()
+
+    @server.command("rotary.restartWorker")
+    async def restart_worker(ls: RotaryServer, *args):
+        await ls.worker.restart()
+        return {"restarting": True}
+
+    @server.command("rotary.toggle")
+    def toggle(ls: RotaryServer, *args):
+        ls.settings = replace(ls.settings, enabled=not ls.settings.enabled)
+        ls.send_status("ready" if ls.settings.enabled and ls.worker.state == READY else "disabled", "toggled")
+        return {"enabled": ls.settings.enabled}
+
+    @server.command("rotary.suggestionShown")
+    def suggestion_shown(ls: RotaryServer, *args):
+        info = _first_dict(args)
+        ls.counters["shown"] += 1
+        ls.counters["shown_chars"] += int(info.get("length", 0) or 0)
+        return None
+
+    @server.command("rotary.suggestionAccepted")
+    def suggestion_accepted(ls: RotaryServer, *args):
+        info = _first_dict(args)
+        ls.counters["accepted" if info.get("full", True) else "accepted_partial"] += 1
+        ls.counters["accepted_chars"] += int(info.get("acceptedLength", 0) or 0)
+        return None
+
+    return server
+
+
+def _first_dict(args) -> dict:
+    """Command arguments arrive as a list (sometimes nested once more by pygls); find the object."""
+    for arg in args:
+        if isinstance(arg, dict):
+            return arg
+        if isinstance(arg, (list, tuple)):
+            found = _first_dict(arg)
+            if found:
+                return found
+        if hasattr(arg, "__dict__") and not isinstance(arg, type):
+            return dict(vars(arg))
+    return {}

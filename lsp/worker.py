@@ -1,0 +1,224 @@
+"""The daemon's connection to its model worker: start it (or connect to one), watch it, restart it.
+
+By default the daemon starts a local worker process on a private unix socket
+and reports its model loading as progress. With a worker address it connects
+to a running worker instead. Whatever happens to the worker, completion
+requests get either a ready stub or None (the editor then shows nothing, never
+an error dialog per keystroke); a dead worker is restarted with backoff and
+the documents are sent again (the `on_restart` callback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from rotary.completion.rpc import worker_pb2 as pb
+from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+STARTING, LOADING, READY, ERROR, STOPPED = "starting", "loading", "ready", "error", "stopped"
+
+
+def worker_log_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = Path(base) / "rotary" / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"worker-{os.getpid()}.log"
+
+
+class WorkerConnection:
+    def __init__(
+        self,
+        address: str = "",
+        model: str = "",
+        on_state: Callable[[str, str], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+    ):
+        self.external_address = address
+        self.model = model
+        self.on_state = on_state or (lambda state, message: None)
+        self.on_restart = on_restart or (lambda: None)
+        self.state = STOPPED
+        self.message = ""
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: pb_grpc.WorkerStub | None = None
+        self.restarts = 0
+        self.log_path: Path | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._socket_dir: str | None = None
+        self._wake = asyncio.Event()
+
+    # -- public ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = asyncio.ensure_future(self._supervise())
+
+    def ready_stub(self) -> pb_grpc.WorkerStub | None:
+        return self.stub if self.state == READY else None
+
+    def report_failure(self, exc: BaseException) -> None:
+        """A call failed as if the worker were gone: check it now rather than at the next poll."""
+        log.warning("worker call failed: %s", exc)
+        self._wake.set()
+
+    async def restart(self) -> None:
+        await self.stop()
+        self.restarts += 1
+        self.start()
+
+    async def stop(self) -> None:
+        if self._supervisor:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._supervisor = None
+        await self._close_channel()
+        await self._kill_process()
+        self._set_state(STOPPED, "stopped")
+
+    def reconfigure(self, address: str, model: str) -> bool:
+        """Take new settings; return True when the worker must be restarted for them."""
+        changed = (address, model) != (self.external_address, self.model)
+        self.external_address, self.model = address, model
+        return changed
+
+    # -- supervision -------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        first = True
+        while True:
+            try:
+                if not first:
+                    self.restarts += 1
+                    self.on_restart()
+                first = False
+                address = await self._launch()
+                await self._open_channel(address)
+                await self._wait_ready()
+                backoff = 1.0
+                await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("worker problem: %s", exc)
+                self._set_state(ERROR if "failed to load" in str(exc) else STARTING, str(exc))
+                if "failed to load" in str(exc):
+                    # A model that cannot load will not load on retry; wait for new settings or a restart command.
+                    await self._close_channel()
+                    await self._kill_process()
+                    return
+            await self._close_channel()
+            await self._kill_process()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _launch(self) -> str:
+        if self.external_address:
+            self._set_state(STARTING, f"connecting to worker at {self.external_address}")
+            return self.external_address
+        self._set_state(STARTING, "starting the model worker")
+        self._socket_dir = tempfile.mkdtemp(prefix="rotary-")
+        address = f"unix:{self._socket_dir}/worker.sock"
+        cmd = [sys.executable, "-m", "rotary", "worker", "--listen", address, "--parent-pid", str(os.getpid())]
+        if self.model:
+            cmd += ["--model", self.model]
+        self.log_path = worker_log_path()
+        log_file = open(self.log_path, "ab")
+        try:
+            # stdout is the LSP channel of the daemon: the worker must never write there.
+            self.process = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file
+            )
+        finally:
+            log_file.close()
+        log.info("started worker pid %s on %s (log %s)", self.process.pid, address, self.log_path)
+        return address
+
+    async def _open_channel(self, address: str) -> None:
+        await self._close_channel()
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+
+    async def _wait_ready(self) -> None:
+        started = time.monotonic()
+        last = None
+        while True:
+            self._check_process()
+            try:
+                health = await self.stub.Health(pb.HealthRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                if self.external_address and time.monotonic() - started > 10:
+                    raise RuntimeError(f"worker at {self.external_address} is unreachable")
+                await asyncio.sleep(0.2)
+                continue
+            if health.ready:
+                self._set_state(READY, f"ready: {health.model} on {health.device}")
+                return
+            if health.message.startswith("model failed"):
+                raise RuntimeError(health.message.replace("model failed", "model failed to load", 1))
+            if health.message != last:
+                self._set_state(LOADING, health.message)
+                last = health.message
+            await asyncio.sleep(0.3)
+
+    async def _watch(self) -> None:
+        """Return when the worker is gone."""
+        while True:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=2.0)
+            except asyncio.TimeoutError:
+                pass
+            self._check_process()
+            try:
+                health = await self.stub.Health(pb.HealthRequest(), timeout=2)
+                if not health.ready:
+                    raise RuntimeError(f"worker is no longer ready: {health.message}")
+            except grpc.aio.AioRpcError as exc:
+                raise RuntimeError(f"worker unreachable: {exc.code().name}") from exc
+
+    def _check_process(self) -> None:
+        if self.process is not None and self.process.returncode is not None:
+            raise RuntimeError(f"worker exited with code {self.process.returncode} (log: {self.log_path})")
+
+    async def _close_channel(self) -> None:
+        self.stub = None
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    async def _kill_process(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=5)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._socket_dir:
+            for leftover in Path(self._socket_dir).glob("*"):
+                leftover.unlink(missing_ok=True)
+            os.rmdir(self._socket_dir)
+            self._socket_dir = None
+
+    def _set_state(self, state: str, message: str) -> None:
+        changed = (state, message) != (self.state, self.message)
+        self.state, self.message = state, message
+        if changed:
+            self.on_state(state, message)

@@ -1,0 +1,67 @@
+"""The forward pass the worker calls: tokens in, next-token logits out, KV cache extended.
+
+One place owns how the model is called (device, dtype, no-grad, thread count),
+so the decoding loop in completion/ and the cache in cache/ never touch
+transformers' calling conventions directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+
+import torch
+
+from .loader import LoadedModel
+
+
+def configure_threads() -> None:
+    """Use every core for matmuls but keep inter-op threads at 1: one request runs at a time."""
+    wanted = int(os.environ.get("ROTARY_THREADS", "0")) or (os.cpu_count() or 1)
+    torch.set_num_threads(wanted)
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.info = loaded.info
+        self.device = next(self.model.parameters()).device
+        # The model is shared by every request; one forward at a time.
+        self.lock = threading.Lock()
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], cache, start_position: int) -> torch.Tensor:
+        """Run `token_ids` at positions start_position.. attending to `cache`; return the last logits [vocab].
+
+        The cache must hold exactly `start_position` tokens; it is extended in place.
+        """
+        assert token_ids, "forward needs at least one token"
+        assert cache.get_seq_length() == start_position, (cache.get_seq_length(), start_position)
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, S]
+        positions = torch.arange(start_position, start_position + len(token_ids), device=self.device)
+        out = self.model(
+            input_ids=input_ids,
+            **{self._cache_kwarg: cache},
+            position_ids=positions.unsqueeze(0),
+            cache_position=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[0, -1]  # [vocab]
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

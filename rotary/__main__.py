@@ -1,0 +1,3 @@
+from rotary.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""The `rotary` command: worker, lsp, complete, demo and bench.
+
+Heavy imports (torch, transformers) happen inside the subcommands that need
+them, so `rotary lsp` starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_LISTEN = "127.0.0.1:50151"
+
+
+def _setup_logging(level: str, stream=None) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=stream or sys.stderr,
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from rotary.completion.service import serve
+
+    if not args.listen.startswith("unix:") and not args.listen.split(":")[0] in ("127.0.0.1", "localhost", "[::1]", "::1") and not args.allow_remote:
+        print(f"refusing to listen on {args.listen}: not loopback (pass --allow-remote to expose the worker)", file=sys.stderr)
+        return 2
+
+    def bound(address: str) -> None:
+        print(f"rotary worker listening on {address}", file=sys.stderr, flush=True)
+
+    serve(args.listen, args.model, args.cache_mb, args.parent_pid, on_bound=bound)
+    return 0
+
+
+def cmd_lsp(args: argparse.Namespace) -> int:
+    # stdout carries LSP messages: logs go to stderr only.
+    _setup_logging(args.log_level)
+    from rotary.lsp.server import create_server
+
+    server = create_server(args.worker or "", args.model or "")
+    if args.tcp:
+        host, port = args.tcp.rsplit(":", 1)
+        server.start_tcp(host, int(port))
+    else:
+        server.start_io()
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from pathlib import Path
+
+    from rotary.completion.client import WorkerClient
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    lines = text.split("\n")
+    if not 1 <= args.line <= len(lines):
+        print(f"--line {args.line} is outside {path} (1..{len(lines)})", file=sys.stderr)
+        return 2
+    line_text = lines[args.line - 1]
+    column = len(line_text) if args.column is None else args.column - 1
+    if not 0 <= column <= len(line_text):
+        print(f"--column {args.column} is outside line {args.line} (1..{len(line_text) + 1})", file=sys.stderr)
+        return 2
+    offset = sum(len(ln) + 1 for ln in lines[: args.line - 1]) + column
+
+    worker_proc = None
+    address = args.worker
+    if not address:
+        worker_proc, address = _spawn_worker(args.model)
+    try:
+        client = WorkerClient(address)
+        client.wait_ready(on_message=lambda m: print(f"[worker] {m}", file=sys.stderr))
+        uri = path.resolve().as_uri()
+        client.open(uri, text)
+        suggestion, last = client.complete(uri, 1, offset, args.max_tokens, args.mode)
+        print(suggestion)
+        if args.verbose and last is not None:
+            print(f"[{last.stop_reason}] {last.stats}", file=sys.stderr)
+        return 0
+    finally:
+        if worker_proc is not None:
+            worker_proc.terminate()
+            worker_proc.wait(timeout=10)
+
+
+def _spawn_worker(model: str | None):
+    """Start a private worker on a unix socket (for one-shot commands)."""
+    import subprocess
+    import tempfile
+
+    address = f"unix:{tempfile.mkdtemp(prefix='rotary-')}/worker.sock"
+    cmd = [sys.executable, "-m", "rotary", "worker", "--listen", address, "--parent-pid", str(os.getpid())]
+    if model:
+        cmd += ["--model", model]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL), address
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rotary.demo import run_demo
+
+    return run_demo(serve_after=not args.no_serve, model=args.model)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rotary.bench import run_benchmark
+
+    return run_benchmark(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rotary",
+        description="Rotary: self-hosted, editor-integrated code completion. "
+        "An editor starts `rotary lsp`; the daemon starts a model worker (`rotary worker`) and talks to it over gRPC.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("ROTARY_LOG_LEVEL", "info"), help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="serve the model over gRPC (the daemon starts one itself by default)")
+    w.add_argument("--listen", default=DEFAULT_LISTEN, help=f"host:port or unix:/path (default {DEFAULT_LISTEN}, loopback only)")
+    w.add_argument("--model", default=None, help="local Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M)")
+    w.add_argument("--cache-mb", type=int, default=1024, help="memory budget of the per-document KV caches")
+    w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (used by the daemon)")
+    w.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --listen address")
+    w.set_defaults(func=cmd_worker)
+
+    lsp = sub.add_parser("lsp", help="the language server an editor starts (stdio by default)")
+    lsp.add_argument("--tcp", default=None, metavar="HOST:PORT", help="serve LSP over TCP instead of stdio")
+    lsp.add_argument("--worker", default=None, metavar="ADDR", help="connect to a running worker instead of starting one")
+    lsp.add_argument("--model", default=None, help="model for the daemon's own worker")
+    lsp.set_defaults(func=cmd_lsp)
+
+    c = sub.add_parser("complete", help="one completion at a position of a file, printed to stdout")
+    c.add_argument("file")
+    c.add_argument("--line", type=int, required=True, help="1-based line")
+    c.add_argument("--column", type=int, default=None, help="1-based column in characters (default: end of line)")
+    c.add_argument("--worker", default=None, metavar="ADDR", help="use a running worker (default: start one)")
+    c.add_argument("--model", default=None)
+    c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--mode", choices=("auto", "single_line", "multi_line"), default="auto")
+    c.add_argument("-v", "--verbose", action="store_true", help="print the stop reason and stats to stderr")
+    c.set_defaults(func=cmd_complete)
+
+    d = sub.add_parser("demo", help="start worker and daemon, complete a sample file through real LSP, then keep serving")
+    d.add_argument("--model", default=None)
+    d.add_argument("--no-serve", action="store_true", help="exit after the demo completion")
+    d.set_defaults(func=cmd_demo)
+
+    from rotary.bench import add_bench_parser
+
+    add_bench_parser(sub, cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
