@@ -95,6 +95,8 @@ class WorkerService(pb_grpc.WorkerServicer):
 
             loaded = load_model(self.model_path, progress=progress)
             runner = ModelRunner(loaded)
+            progress("warming up")
+            runner.warm_up()  # the first forward pays one-off setup; keep it out of the first keystroke
             self.engine = CompletionEngine(runner, KVStore(self.cache_budget_mb << 20), self.max_context_tokens)
             self.model_info = loaded.info
             self.load_message = f"ready: {loaded.info.name}"
@@ -191,6 +193,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             counters = dict(self.counters)
             latencies = sorted(self._latencies_ms)
         out = {
+            "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "ready": self.ready.is_set(),
             "model": self.model_info.as_dict() if self.model_info else None,

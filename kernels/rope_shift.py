@@ -98,9 +98,11 @@ def _check_inputs(
     for segment in sorted((int(s), int(e), int(d)) for s, e, d in segments):
         start, end, delta = segment
         assert 0 <= start <= end <= seq_len, f"segment {segment} outside the cached sequence [0, {seq_len})"
+        if end == start:
+            continue  # an empty segment touches nothing, so it cannot overlap anything
         assert start >= previous_end, f"segment {segment} overlaps the one before it"
         previous_end = end
-        if delta != 0 and end > start:
+        if delta != 0:
             active.append(segment)
     return layers, stacked, active
 
@@ -162,9 +164,13 @@ triton = None
 tl = None
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether triton imports here (decided once; CPU-only machines have no triton)."""
+    return _triton_imports()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -261,7 +267,7 @@ def _block_table(active: Sequence[KeySegment], block_tokens: int, device: torch.
         for index, (start, end, _) in enumerate(active)
         for first in range(start, end, block_tokens)
     ]
-    return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+    return torch.tensor(rows, dtype=torch.int32).to(device)
 
 
 def shift_keys_triton(
@@ -296,6 +302,7 @@ def shift_keys_triton(
         if rows == 0:
             continue
         grid = (rows * blocks.shape[0],)
+        assert grid[0] < 2**31, "too many programs for one launch: raise block_tokens"
         # Launch on the tensor's own GPU, not whichever is current.
         with torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext():
             kernel[grid](
@@ -342,7 +349,7 @@ def selected_backend(device: torch.device | str) -> str:
 def reset_backend_choice() -> None:
     """Forget the cached choice (tests, or after changing ROTARY_KERNELS)."""
     _backend_for.cache_clear()
-    triton_available.cache_clear()
+    _triton_imports.cache_clear()
 
 
 def shift_keys(

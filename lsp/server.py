@@ -30,7 +30,7 @@ from rotary.completion.rpc import worker_pb2 as pb
 from .positions import UTF8, UTF16, offset_at, position_at
 from .settings import Settings, parse_settings
 from .sync import DocumentSync
-from .worker import LOADING, READY, STARTING, WorkerConnection
+from .worker import LOADING, READY, STARTING, STOPPED, WorkerConnection
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class RotaryServer(LanguageServer):
 
     def _on_worker_state(self, state: str, message: str) -> None:
         log.info("worker %s: %s", state, message)
+        if state == STOPPED:  # only on shutdown or restart; the next state says what follows
+            return
         status = "disabled" if not self.settings.enabled else {READY: "ready", LOADING: "loading", STARTING: "loading"}.get(state, "error")
         self.send_status(status, message)
         asyncio.ensure_future(self._progress(state, message))
@@ -239,6 +241,7 @@ class RotaryServer(LanguageServer):
                 "position_encoding": self.encoding,
             },
             "worker": {
+                **({"pid": self.worker.process.pid} if self.worker.process else {}),
                 "state": self.worker.state,
                 "message": self.worker.message,
                 "restarts": self.worker.restarts,

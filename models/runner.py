@@ -60,6 +60,11 @@ class ModelRunner:
         )
         return out.logits[0, -1]  # [vocab]
 
+    def warm_up(self) -> None:
+        cache = self.new_cache()
+        logits = self.forward(self.encode_text("def main():\n    return 0\n") or [0], cache, 0)
+        self.forward([int(logits.argmax())], cache, cache.get_seq_length())
+
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 

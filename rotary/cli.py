@@ -40,6 +40,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_lsp(args: argparse.Namespace) -> int:
     # stdout carries LSP messages: logs go to stderr only.
     _setup_logging(args.log_level)
+    # pygls logs every message at INFO; keep that for --log-level debug only.
+    logging.getLogger("pygls").setLevel(logging.DEBUG if args.log_level == "debug" else logging.WARNING)
     from rotary.lsp.server import create_server
 
     server = create_server(args.worker or "", args.model or "")
@@ -112,6 +114,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(serve_after=not args.no_serve, model=args.model)
 
 
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    """Convert the embedded (or given) model once into the cache dir, so later loads take seconds."""
+    _setup_logging(args.log_level)
+    from rotary.models.loader import ModelLoadError, resolve_model_dir
+
+    try:
+        path = resolve_model_dir(args.model, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rotary.bench import run_benchmark
 
@@ -156,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None)
     d.add_argument("--no-serve", action="store_true", help="exit after the demo completion")
     d.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare-model", help="convert the model once into the cache dir (done by make)")
+    p.add_argument("--model", default=None)
+    p.set_defaults(func=cmd_prepare_model)
 
     from rotary.bench import add_bench_parser
 

