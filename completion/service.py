@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from concurrent import futures
@@ -133,7 +134,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def Complete(self, request, context):
         if not self.ready.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, self.load_error or self.load_message)
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.load_message)
         doc = self._guard(context, self.documents.get, request.uri, request.version)
         if not 0 <= request.offset <= len(doc.text):
             context.abort(
@@ -150,27 +151,43 @@ class WorkerService(pb_grpc.WorkerServicer):
         )
         cancelled = threading.Event()
         context.add_callback(cancelled.set)  # fires when the caller cancels or the call ends
-        reason = "error"
+        # Decoding runs on its own thread and holds the model lock only there: if the caller
+        # cancels or stops reading, the loop still ends at its next cancel check and frees the model.
+        chunks: queue.Queue = queue.Queue()
+        thread = threading.Thread(
+            target=self._run_completion,
+            args=(doc, request, options, cancelled, chunks),
+            name=f"rotary-complete-{request.request_id}",
+            daemon=True,
+        )
+        thread.start()
+        while (item := chunks.get()) is not None:
+            if isinstance(item, Exception):
+                context.abort(grpc.StatusCode.INTERNAL, f"completion failed: {item}")
+            yield item
+
+    def _run_completion(self, doc, request, options, cancelled: threading.Event, chunks: queue.Queue) -> None:
         try:
             for chunk in self.engine.complete(doc.uri, doc.text, request.offset, options, cancelled.is_set):
                 if not chunk.done:
-                    yield pb.CompletionChunk(request_id=request.request_id, text=chunk.text)
+                    chunks.put(pb.CompletionChunk(request_id=request.request_id, text=chunk.text))
                     continue
-                reason = chunk.stop_reason
                 self._record(chunk)
-                yield pb.CompletionChunk(
-                    request_id=request.request_id,
-                    text=chunk.text,
-                    done=True,
-                    stop_reason=chunk.stop_reason,
-                    stats=pb.CompletionStats(**asdict(chunk.stats)),
+                chunks.put(
+                    pb.CompletionChunk(
+                        request_id=request.request_id,
+                        text=chunk.text,
+                        done=True,
+                        stop_reason=chunk.stop_reason,
+                        stats=pb.CompletionStats(**asdict(chunk.stats)),
+                    )
                 )
-        except Exception:
+        except Exception as exc:  # logged here, reported to the caller as INTERNAL
             self._count("completions_failed")
             log.exception("completion %s failed", request.request_id)
-            context.abort(grpc.StatusCode.INTERNAL, "completion failed; see the worker log")
+            chunks.put(exc)
         finally:
-            log.debug("completion %s ended: %s", request.request_id, reason)
+            chunks.put(None)
 
     # -- health and stats --------------------------------------------------
 
@@ -182,7 +199,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             model_path=info.path if info else (self.model_path or ""),
             device=str(self.engine.runner.device) if self.engine else "",
             open_documents=len(self.documents),
-            message=self.load_error or self.load_message,
+            message=self.load_message,
         )
 
     def Stats(self, request, context):

@@ -13,9 +13,9 @@ Rules:
   (indented less than the cursor's line; or, after a block opener such as
   "def f():", not indented more than it), or at a blank line when completing
   at top level;
-- never repeat what follows the cursor: when the line being completed reaches
-  the text after the cursor on that line, or a generated line equals the next
-  line of the document, stop before it.
+- never repeat what follows the cursor: when the line being completed ends
+  with the text after the cursor on that line, that text is cut off, and when
+  a generated line equals the next line of the document, stop before it.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ class StopRules:
         lines = generated.split("\n")
         # First line: the rest of the cursor's line.
         first = lines[0]
-        cut = self._suffix_cut(first)
+        # Only a finished first line can be judged: ")" may close a call the model opened itself.
+        cut = self._suffix_cut(first) if len(lines) > 1 else None
         if cut is not None:
             return self._stop(first[:cut], "suffix")
         if self.mode == SINGLE_LINE or self.line_suffix:
@@ -87,6 +88,9 @@ class StopRules:
         if decision.stop_reason is not None:
             return decision
         lines = generated.split("\n")
+        cut = self._suffix_cut(lines[0]) if len(lines) == 1 else None
+        if cut is not None:
+            return self._stop(lines[0][:cut], "suffix")
         if self.mode == MULTI_LINE and not self.line_suffix and len(lines) > 1:
             # An unfinished last line is dropped unless it is all there is after the first line.
             body = "\n".join(lines[:-1]) if lines[-1].strip() and reason == "max_tokens" and len(lines) > 2 else generated

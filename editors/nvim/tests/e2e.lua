@@ -195,6 +195,13 @@ wait(5000, function()
 end)
 H.check("the accept was reported to the server (rotary.stats changed)", not vim.deep_equal(stats_after, stats_before),
   vim.inspect(stats_after))
+io.stdout:write("# suggestion: " .. vim.inspect(shown_text) .. "\n")
+if type(stats_after) == "table" and stats_after.daemon then -- the real server's counters
+  local d0, d1 = stats_before.daemon, stats_after.daemon
+  H.eq("the server counted one full accept", d1.accepted - d0.accepted, 1)
+  H.eq("with the accepted characters", d1.accepted_chars - d0.accepted_chars, vim.fn.strchars(shown_text))
+  H.check("the suggestion was reported as shown", d1.shown >= 1, vim.inspect(d1))
+end
 if exact then
   local acc = stats_after.accepted[#stats_after.accepted]
   H.check("full accept reported with full=true", acc and acc.full == true and acc.acceptedLength > 0, vim.inspect(acc))
@@ -257,8 +264,11 @@ if H.check("ghost text for partial accepts", g ~= nil) then
       return table.concat(lua("return vim.api.nvim_buf_get_lines(0, 8, -1, false)"), "\n"):sub(1, #want2) == want2
     end), vim.inspect(lua("return vim.api.nvim_buf_get_lines(0, 8, -1, false)")))
   end
+  local stats = lua("return T.stats()")
+  if stats.daemon then
+    H.check("the server counted the partial accepts", (stats.daemon.accepted_partial or 0) >= 1, vim.inspect(stats.daemon))
+  end
   if exact then
-    local stats = lua("return T.stats()")
     local partial = vim.tbl_filter(function(a) return a.full == false end, stats.accepted)
     H.check("partial accepts reported with full=false", #partial >= 1 and partial[1].acceptedLength == vim.fn.strchars(word),
       vim.inspect(stats.accepted))
@@ -355,6 +365,7 @@ end
 -- 7. :checkhealth rotary
 lua("vim.cmd('checkhealth rotary')")
 local health = table.concat(lua("return vim.api.nvim_buf_get_lines(0, 0, -1, false)"), "\n")
+io.stdout:write("# " .. health:gsub("\n", "\n# ") .. "\n")
 H.check(":checkhealth rotary finds the server", health:match("OK[^\n]*[Ss]erver") ~= nil, health)
 H.check(":checkhealth rotary reports no errors", health:match("ERROR") == nil, health)
 

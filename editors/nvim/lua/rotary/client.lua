@@ -89,6 +89,7 @@ end
 local handlers = {
   ["rotary/status"] = function(_, params)
     if type(params) == "table" then
+      local was = M.status.state
       M.status.state = params.state
       M.status.message = params.message or ""
       M.status.latencyMs = params.latencyMs ~= vim.NIL and params.latencyMs or nil
@@ -97,6 +98,12 @@ local handlers = {
         M.status.progress = nil
       end
       vim.schedule(emit_status)
+      if params.state == "ready" and was ~= "ready" then
+        -- Keystrokes while the model loaded got no answer: ask again now that it can.
+        vim.schedule(function()
+          require("rotary").on_ready()
+        end)
+      end
     end
   end,
 }

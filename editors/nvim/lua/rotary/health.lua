@@ -99,18 +99,25 @@ function M.check()
       if reachable == nil and state ~= nil then
         reachable = state == "ready" or state == "loading"
       end
-      local address = lookup(stats, { "worker.address", "workerAddress" }) or "local worker"
+      local address = lookup(stats, { "worker.address", "daemon.settings.workerAddress", "workerAddress" })
+      if address == nil or address == "" then
+        address = "local worker"
+      end
+      local worker_log = lookup(stats, { "worker.log" })
       if reachable then
         health.ok(("worker reachable (%s%s)"):format(address, state and (", " .. state) or ""))
       elseif state == nil and reachable == nil then
         health.warn("rotary.stats says nothing about the worker: " .. vim.inspect(stats))
       else
         health.error(("worker not reachable (%s, state %s)"):format(address, tostring(state)), {
-          "Check settings.workerAddress, or the worker log the server names in its stats.",
+          "Check settings.workerAddress" .. (worker_log and worker_log ~= "" and (", and the worker log: " .. worker_log) or "."),
         })
       end
       local loaded = lookup(stats, { "worker.modelLoaded", "modelLoaded", "model.loaded" })
       local model = lookup(stats, { "worker.model", "model.name", "model" })
+      if model == nil or model == "" then
+        model = lookup(stats, { "worker.message" })
+      end
       if loaded == nil and state ~= nil then
         loaded = state == "ready"
       end

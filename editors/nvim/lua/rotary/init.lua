@@ -25,6 +25,16 @@ function M.cycle(bufnr, count) return renderer().cycle(buf(bufnr), count or 1) e
 --- Ask for a suggestion now.
 function M.trigger(bufnr) return renderer().request(buf(bufnr), 1) end
 
+-- The server became ready (model loaded, or re-enabled): suggest at the cursor when typing.
+function M.on_ready()
+  local bufnr = vim.api.nvim_get_current_buf()
+  local config = require("rotary.config")
+  if config.options.ghost_text.auto_trigger and vim.api.nvim_get_mode().mode:match("^i")
+    and require("rotary.client").get(bufnr) and not require("rotary.ghost").visible(bufnr) then
+    renderer().request(bufnr, 2)
+  end
+end
+
 --- Hide the suggestion; false when none was shown.
 function M.dismiss(bufnr)
   bufnr = buf(bufnr)

@@ -1,0 +1,86 @@
+// Acceptance reports: which suggestion is shown, and how much of it the user took.
+// The server counts them (rotary.suggestionShown / rotary.suggestionAccepted); the
+// extension only tells it. No `vscode` import: unit-tested under plain node.
+
+/** The argument object of the server's rotary.suggestionAccepted command. */
+export interface AcceptedArgs {
+  id: string;
+  acceptedLength: number;
+  full: boolean;
+}
+
+/** Characters as the server counts them (Python's len(): code points). */
+export function charCount(text: string): number {
+  let n = 0;
+  for (const _ of text) {
+    n++;
+  }
+  return n;
+}
+
+/** The accept arguments inside an item's command, when it is the server's acceptance command. */
+export function acceptedArgsOf(command: { command: string; arguments?: unknown[] } | undefined): AcceptedArgs | undefined {
+  if (!command || command.command !== "rotary.suggestionAccepted" || !Array.isArray(command.arguments)) {
+    return undefined;
+  }
+  const first = command.arguments[0] as Partial<AcceptedArgs> | undefined;
+  if (!first || typeof first.id !== "string") {
+    return undefined;
+  }
+  return { id: first.id, acceptedLength: Number(first.acceptedLength ?? 0), full: first.full !== false };
+}
+
+interface Shown {
+  id: string;
+  length: number;
+  partial: number;
+}
+
+/**
+ * Tracks the suggestion on screen per document. The first item of a non-empty answer
+ * is the one the editor draws; a partial accept (next word/line) takes characters from
+ * it; a full accept afterwards reports only what that accept inserted, so the
+ * server's accepted-character count is the sum of what was really taken.
+ */
+export class AcceptanceTracker {
+  private shown = new Map<string, Shown>();
+  private reported = new Set<string>();
+
+  /** An answer was handed to the editor: returns the id to report as shown, once. */
+  onShown(uri: string, id: string, length: number): { id: string; length: number } | undefined {
+    const current = this.shown.get(uri);
+    if (!current || current.id !== id) {
+      this.shown.set(uri, { id, length, partial: 0 });
+    }
+    if (this.reported.has(id)) {
+      return undefined;
+    }
+    this.reported.add(id);
+    if (this.reported.size > 1000) {
+      this.reported = new Set([...this.reported].slice(-500));
+    }
+    return { id, length };
+  }
+
+  /** A partial accept inserted `inserted` characters into `uri`: the report, if ours. */
+  onPartial(uri: string, inserted: number): AcceptedArgs | undefined {
+    const current = this.shown.get(uri);
+    if (!current || inserted <= 0) {
+      return undefined;
+    }
+    current.partial += inserted;
+    return { id: current.id, acceptedLength: inserted, full: false };
+  }
+
+  /** The item's own accept command ran: the report for the rest of the suggestion. */
+  onFull(uri: string | undefined, args: AcceptedArgs): AcceptedArgs {
+    const current = uri ? this.shown.get(uri) : undefined;
+    if (uri) {
+      this.shown.delete(uri);
+    }
+    if (current && current.id === args.id && current.partial > 0) {
+      return { id: args.id, acceptedLength: Math.max(0, current.length - current.partial), full: true };
+    }
+    return { ...args, full: true };
+  }
+}

@@ -1,0 +1,114 @@
+// The server's typed settings (section "rotary") and where the server executable is.
+// No `vscode` import: unit-tested under plain node.
+import * as path from "path";
+
+/** Keys and defaults of the server's settings tree (lsp/settings.py); package.json declares the same. */
+export const SERVER_SETTING_DEFAULTS = {
+  enabled: true,
+  workerAddress: "",
+  model: "",
+  maxTokens: 64,
+  completionMode: "auto",
+  debounceMs: 50,
+  editAwareCache: true,
+} as const;
+
+export type ServerSettingKey = keyof typeof SERVER_SETTING_DEFAULTS;
+export type ServerSettings = { [K in ServerSettingKey]: (typeof SERVER_SETTING_DEFAULTS)[K] extends boolean
+  ? boolean : (typeof SERVER_SETTING_DEFAULTS)[K] extends number ? number : string };
+
+/** Settings only the extension reads: changing one restarts the server. */
+export const CLIENT_ONLY_KEYS = ["serverPath", "languages", "trace.server"] as const;
+
+/** A reader of the "rotary" configuration section (vscode.WorkspaceConfiguration.get). */
+export type ConfigReader = <T>(key: string, fallback: T) => T;
+
+/** The object sent as initializationOptions and in didChangeConfiguration's {settings: {rotary}}. */
+export function serverSettings(get: ConfigReader): ServerSettings {
+  const out: Record<string, unknown> = {};
+  for (const [key, fallback] of Object.entries(SERVER_SETTING_DEFAULTS)) {
+    out[key] = get(key, fallback);
+  }
+  return out as ServerSettings;
+}
+
+export function sameSettings(a: object | undefined, b: object | undefined): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+export interface ServerPathContext {
+  /** $PATH */
+  pathEnv: string;
+  /** fs paths of the workspace folders */
+  workspaceFolders: string[];
+  /** the extension's folder; in a checkout (editors/vscode) the repo's .venv is two levels up */
+  extensionPath: string;
+  home: string;
+  isExecutable(file: string): boolean;
+  platform?: NodeJS.Platform;
+}
+
+/**
+ * The `rotary` executable to start: the rotary.serverPath setting when set, else
+ * `rotary` on PATH, else `.venv/bin/rotary` in a workspace folder or in the checkout
+ * the extension runs from (the README's set-up creates that venv).
+ */
+export function resolveServerPath(setting: string, ctx: ServerPathContext): string | undefined {
+  const win = (ctx.platform ?? process.platform) === "win32";
+  const exe = win ? "rotary.exe" : "rotary";
+  const venvBin = win ? path.join(".venv", "Scripts", exe) : path.join(".venv", "bin", exe);
+  const expand = (p: string) => {
+    let out = p.trim();
+    if (out === "~" || out.startsWith("~/")) {
+      out = path.join(ctx.home, out.slice(1));
+    }
+    if (out.includes("${workspaceFolder}") && ctx.workspaceFolders.length > 0) {
+      out = out.split("${workspaceFolder}").join(ctx.workspaceFolders[0]);
+    }
+    return out;
+  };
+  if (setting.trim() !== "") {
+    const p = expand(setting);
+    if (!p.includes(path.sep) && !p.includes("/")) {
+      return searchPath(p, ctx) ?? p; // a bare name: look it up, else let spawn report it
+    }
+    return p;
+  }
+  const onPath = searchPath(exe, ctx);
+  if (onPath) {
+    return onPath;
+  }
+  const roots = [...ctx.workspaceFolders, path.resolve(ctx.extensionPath, "..", "..")];
+  for (const root of roots) {
+    const candidate = path.join(root, venvBin);
+    if (ctx.isExecutable(candidate)) {
+      return candidate;
+    }
+  }
+  return undefined;
+}
+
+function searchPath(name: string, ctx: ServerPathContext): string | undefined {
+  const sep = (ctx.platform ?? process.platform) === "win32" ? ";" : ":";
+  for (const dir of ctx.pathEnv.split(sep)) {
+    if (!dir) {
+      continue;
+    }
+    const candidate = path.join(dir, name);
+    if (ctx.isExecutable(candidate)) {
+      return candidate;
+    }
+  }
+  return undefined;
+}
+
+/** The document selector for the configured languages (files and unsaved editors). */
+export function documentSelector(languages: string[]): { scheme: string; language: string }[] {
+  const out: { scheme: string; language: string }[] = [];
+  for (const language of languages) {
+    for (const scheme of ["file", "untitled"]) {
+      out.push({ scheme, language });
+    }
+  }
+  return out;
+}

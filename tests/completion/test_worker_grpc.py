@@ -1,0 +1,148 @@
+"""The worker over real gRPC on loopback, with the real embedded model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from rotary.completion.client import WorkerClient
+from rotary.completion.rpc import worker_pb2 as pb
+from tests.conftest import first_line, greedy_continuation
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(*extra: str):
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, *extra],
+        stdin=subprocess.DEVNULL,
+    )
+    return proc, address
+
+
+@pytest.fixture(scope="module")
+def worker():
+    proc, address = start_worker()
+    client = WorkerClient(address)
+    try:
+        client.wait_ready(timeout=300)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def stats(client: WorkerClient) -> dict:
+    return json.loads(client.stub.Stats(pb.StatsRequest()).json)
+
+
+@pytest.mark.model
+def test_open_edit_complete_matches_transformers(worker):
+    text = "def square(x):\n    return x * x\n\n\ndef cube(x):\n    return x"
+    worker.open("file:///a.py", text)
+    # Rename x to value in the second function with two changes in one edit.
+    param = text.index("cube(x)") + len("cube(")
+    ack = worker.edit("file:///a.py", 1, 2, [(len(text) - 1, len(text), "value"), (param, param + 1, "value")])
+    text = text[:-1] + "value"
+    text = text[:param] + "value" + text[param + 1 :]
+    assert ack.version == 2 and ack.length == len(text)
+    assert "def cube(value):\n    return value" in text
+    suggestion, last = worker.complete("file:///a.py", 2, len(text), mode="single_line", max_tokens=32)
+    assert last.done and last.stop_reason
+    assert suggestion == first_line(greedy_continuation(text))
+    assert last.stats.context_tokens > 0 and last.stats.tokens_generated > 0
+    # Completing again at the same place reuses the cached prefix: only the last token is encoded.
+    again, last = worker.complete("file:///a.py", 2, len(text), mode="single_line", max_tokens=32)
+    assert again == suggestion
+    assert last.stats.tokens_encoded == 1 and last.stats.tokens_reused == last.stats.context_tokens - 1
+
+
+@pytest.mark.model
+def test_document_errors_map_to_status_codes(worker):
+    worker.open("file:///b.py", "abc", version=5)
+    with pytest.raises(grpc.RpcError) as err:
+        worker.edit("file:///b.py", 4, 6, [(0, 0, "x")])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        worker.edit("file:///never-opened.py", 1, 2, [(0, 0, "x")])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        worker.edit("file:///b.py", 5, 6, [(2, 99, "")])
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    with pytest.raises(grpc.RpcError) as err:
+        worker.complete("file:///b.py", 5, 42)
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    with pytest.raises(grpc.RpcError) as err:
+        worker.complete("file:///b.py", 9, 1)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Nothing was lost by the refused calls.
+    assert worker.edit("file:///b.py", 5, 6, [(3, 3, "d")]).length == 4
+
+
+@pytest.mark.model
+def test_cancel_stops_decoding(worker):
+    text = "NUMBERS = [\n    1,\n    2,\n    3,\n    4,\n"
+    worker.open("file:///c.py", text)
+    before = stats(worker)["completions_cancelled"]
+    request = pb.CompleteRequest(
+        uri="file:///c.py",
+        version=1,
+        offset=len(text),
+        options=pb.CompleteOptions(max_tokens=400, mode=pb.COMPLETION_MODE_MULTI_LINE),
+    )
+    call = worker.stub.Complete(request)
+    time.sleep(0.5)
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    deadline = time.monotonic() + 30
+    while stats(worker)["completions_cancelled"] == before:
+        assert time.monotonic() < deadline, "the worker never saw the cancel"
+        time.sleep(0.1)
+    # Cancelled well before 400 tokens: the worker is free for the next request at once.
+    started = time.monotonic()
+    worker.complete("file:///c.py", 1, len(text), max_tokens=4)
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.model
+def test_streaming_sends_lines_as_they_become_final(worker):
+    text = "def fizzbuzz(n):\n"
+    worker.open("file:///d.py", text)
+    request = pb.CompleteRequest(
+        uri="file:///d.py", version=1, offset=len(text),
+        options=pb.CompleteOptions(max_tokens=96, mode=pb.COMPLETION_MODE_MULTI_LINE),
+    )
+    chunks = list(worker.stub.Complete(request))
+    assert chunks[-1].done and all(not c.done for c in chunks[:-1])
+    assert "".join(c.text for c in chunks).strip()
+
+
+def test_worker_reports_a_model_that_cannot_load(tmp_path):
+    proc, address = start_worker("--model", str(tmp_path / "missing-model"))
+    client = WorkerClient(address)
+    try:
+        with pytest.raises(RuntimeError, match="missing-model"):
+            client.wait_ready(timeout=60)
+        client.open("file:///e.py", "x = 1")  # documents are still accepted
+        with pytest.raises(grpc.RpcError) as err:
+            client.complete("file:///e.py", 1, 5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "missing-model" in err.value.details()
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)

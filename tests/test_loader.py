@@ -1,0 +1,41 @@
+"""Model loading: clear errors for bad paths; the embedded model's recorded facts."""
+
+import pytest
+
+from rotary.models.loader import ModelLoadError, load_model, resolve_model_dir
+
+
+def test_missing_path_names_the_path_and_what_was_expected(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"nothing-here.*does not exist.*Hugging Face model directory"):
+        resolve_model_dir(tmp_path / "nothing-here")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        resolve_model_dir(tmp_path)
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        resolve_model_dir(f)
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    f = tmp_path / "broken.gguf"
+    f.write_bytes(b"GGUF not really")
+    with pytest.raises(ModelLoadError, match="broken.gguf"):
+        resolve_model_dir(f)
+
+
+@pytest.mark.model
+def test_embedded_model_facts_and_local_directory_loading():
+    loaded = load_model(None)
+    info = loaded.info
+    assert (info.architecture, info.num_layers, info.num_kv_heads, info.head_dim) == ("llama", 30, 3, 64)
+    assert info.rope.convention == "half" and info.rope.composable and info.rope.theta > 0
+    # The converted directory loads through the same loader as any local HF directory, with the same facts.
+    again = load_model(info.path)
+    assert again.info.num_layers == info.num_layers and again.info.rope == info.rope
