@@ -166,7 +166,8 @@ run_test() {
   "python.languageServer": "None"
 }
 JSON
-  printf 'def fibonacci(n):\n' > "$WORK/project/main.py"
+  printf 'import math\n\n\ndef add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n' > "$WORK/project/main.py"
+  cp "$WORK/project/main.py" "$WORK/main.py.orig"
   log "installing $vsix into code-server"
   node "$CS_DIR/out/node/entry.js" --user-data-dir "$WORK/ud" --extensions-dir "$WORK/ext" \
     --install-extension "$vsix" > "$ARTIFACTS/install.log" 2>&1 || { cat "$ARTIFACTS/install.log" >&2; die "extension install failed"; }
@@ -184,7 +185,7 @@ JSON
   log "driving chromium"
   NODE_PATH="$DRIVER_DIR/node_modules" node "$HERE/e2e-driver.mjs" \
     --url "http://127.0.0.1:$port/?folder=$WORK/project" \
-    --file main.py --artifacts "$ARTIFACTS" --user-data "$WORK/ud" \
+    --project "$WORK/project" --file main.py --orig "$WORK/main.py.orig" --artifacts "$ARTIFACTS" \
     --driver "$DRIVER_DIR/node_modules/playwright-core/index.mjs" \
     --timeout-s "${ROTARY_E2E_TIMEOUT_S:-180}"
   log "passed; screenshots in $ARTIFACTS"
