@@ -11,32 +11,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .plan import DocumentTokens
+
 
 @dataclass
 class DocumentKV:
-    ids: list[int] = field(default_factory=list)  # token ids whose K/V are cached, in position order
-    cache: Any = None  # transformers DynamicCache with len(ids) positions
+    tokens: DocumentTokens = field(default_factory=DocumentTokens)  # ids whose K/V are cached, and which are stale
+    cache: Any = None  # transformers DynamicCache with len(tokens) positions
 
     def nbytes(self) -> int:
         if self.cache is None:
             return 0
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.is_initialized)
-
-
-def truncate(cache: Any, length: int) -> None:
-    """Keep the first `length` positions of every layer (transformers' own crop() changed meaning across versions)."""
-    for layer in cache.layers:
-        if layer.is_initialized and layer.keys.shape[-2] > length:
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class KVStore:

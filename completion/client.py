@@ -15,6 +15,8 @@ MODES = {
     "multi_line": pb.COMPLETION_MODE_MULTI_LINE,
 }
 
+CACHE_MODES = {"edit_aware": pb.CACHE_MODE_EDIT_AWARE, "prefix": pb.CACHE_MODE_PREFIX, "none": pb.CACHE_MODE_NONE}
+
 
 class WorkerClient:
     def __init__(self, address: str):
@@ -55,13 +57,13 @@ class WorkerClient:
             )
         )
 
-    def complete(self, uri: str, version: int, offset: int, max_tokens: int = 0, mode: str = "auto", use_cache: bool = True):
+    def complete(self, uri: str, version: int, offset: int, max_tokens: int = 0, mode: str = "auto", cache: str = "edit_aware"):
         """Return (text, last chunk)."""
         request = pb.CompleteRequest(
             uri=uri,
             version=version,
             offset=offset,
-            options=pb.CompleteOptions(max_tokens=max_tokens, mode=MODES[mode], disable_cache=not use_cache),
+            options=pb.CompleteOptions(max_tokens=max_tokens, mode=MODES[mode], cache=CACHE_MODES[cache]),
         )
         parts, last = [], None
         for chunk in self.stub.Complete(request):

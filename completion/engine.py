@@ -17,7 +17,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from rotary.cache.store import DocumentKV, KVStore, common_prefix_length, truncate
+from rotary.cache.executor import UpdateCounts, execute_plan, refresh_from, truncate
+from rotary.cache.plan import DocumentTokens, common_prefix_length
+from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
 
 from .stops import AUTO, StopRules
@@ -26,13 +28,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 512
+# The context window slides in hops, so a growing document re-rotates its cache once per hop, not per keystroke.
+WINDOW_HOP = 256
+
+EDIT_AWARE, PREFIX, NO_CACHE, CONFLICT = "edit_aware", "prefix", "none", "conflict"
 
 
 @dataclass
 class CompletionOptions:
     max_tokens: int = DEFAULT_MAX_TOKENS
     mode: str = AUTO
-    use_cache: bool = True
+    # edit_aware (PIE), prefix (reuse the unchanged prefix only), none (from scratch),
+    # conflict (PIE without re-rotation: a benchmark baseline only).
+    cache_mode: str = EDIT_AWARE
+    # Re-encode stale tokens among the last N before the cursor before completing (0: never).
+    refresh_window: int = 128
 
 
 @dataclass
@@ -71,6 +81,9 @@ class CompletionEngine:
         self.kv_store = kv_store
         self.max_context_tokens = min(max_context_tokens, runner.info.max_positions)
         self.eos_ids = set(runner.info.eos_token_ids)
+        self.inv_freq = runner.rope_inv_freq()
+        # Models whose RoPE rotations do not compose cannot re-rotate cached keys exactly.
+        self.edit_aware_supported = runner.info.rope.composable and self.inv_freq is not None
 
     def build_context(self, text: str, offset: int, max_tokens: int) -> Context:
         """Token ids the model sees: the text before the cursor, or FIM form when the model has FIM tokens."""
@@ -86,7 +99,9 @@ class CompletionEngine:
             ids = [fim["prefix"], *ids[-keep:], fim["suffix"], *suffix_ids, fim["middle"]]
         else:
             truncated = len(ids) > budget
-            ids = ids[-budget:]
+            if truncated:  # start the window on a hop boundary so it moves rarely
+                start = -(-(len(ids) - budget) // WINDOW_HOP) * WINDOW_HOP
+                ids = ids[start:]
         if not ids:
             # An empty document: start from the document separator so the model has a position 0.
             ids = [min(self.eos_ids)]
@@ -107,22 +122,22 @@ class CompletionEngine:
         stats = CompletionStats(context_tokens=len(context.ids))
 
         with self.runner.lock:
-            entry = self.kv_store.get(uri) if options.use_cache else None
+            entry = self.kv_store.get(uri) if options.cache_mode != NO_CACHE else None
             if entry is None or entry.cache is None:
-                entry = DocumentKV(ids=[], cache=self.runner.new_cache())
-            # Reuse the cached prefix; at least the last context token is fed so its logits exist.
-            reuse = min(common_prefix_length(entry.ids, context.ids), len(context.ids) - 1)
-            truncate(entry.cache, reuse)
-            entry.ids = entry.ids[:reuse]
-            stats.tokens_reused = reuse
-            stats.tokens_encoded = len(context.ids) - reuse
+                entry = DocumentKV(cache=self.runner.new_cache())
             if is_cancelled():
                 yield self._final("", "cancelled", stats, started)
                 return
-            logits = self.runner.forward(context.ids[reuse:], entry.cache, reuse)
-            entry.ids.extend(context.ids[reuse:])
+            # Bring the cache to every context token but the last, which is fed to get the next-token logits.
+            counts = self.prepare_cache(entry, context.ids[:-1], options)
+            logits = self.runner.forward(context.ids[-1:], entry.cache, len(context.ids) - 1)
+            entry.tokens.update(context.ids)
+            stats.tokens_reused = counts.reused
+            stats.tokens_encoded = counts.encoded + 1
+            stats.tokens_rerotated = counts.rerotated
+            stats.stale_refreshed = counts.refreshed
             stats.prefill_ms = (time.perf_counter() - started) * 1000
-            if options.use_cache:
+            if options.cache_mode != NO_CACHE:
                 self.kv_store.put(uri, entry)
 
             generated: list[int] = []
@@ -151,8 +166,8 @@ class CompletionEngine:
                 if is_cancelled():
                     reason = "cancelled"
                     break
-                logits = self.runner.forward([token], entry.cache, len(entry.ids))
-                entry.ids.append(token)
+                logits = self.runner.forward([token], entry.cache, len(entry.tokens))
+                entry.tokens.update([*entry.tokens.token_ids, token])
             stats.tokens_generated = len(generated)
             stats.decode_ms = (time.perf_counter() - decode_started) * 1000
 
@@ -163,6 +178,33 @@ class CompletionEngine:
             log.error("stop rules broke their prefix contract: sent %r, final %r", sent, final_text)
             final_text = sent
         yield self._final(final_text[len(sent) :], reason, stats, started)
+
+    def prepare_cache(self, entry: DocumentKV, ids: list[int], options: CompletionOptions) -> UpdateCounts:
+        """Make entry.cache hold K/V for `ids` (positions 0..len-1), reusing what the chosen mode allows."""
+        counts = UpdateCounts()
+        mode = options.cache_mode
+        if mode in (EDIT_AWARE, CONFLICT) and not self.edit_aware_supported:
+            mode = PREFIX
+        if mode in (EDIT_AWARE, CONFLICT):
+            plan = entry.tokens.plan(ids)
+            execute_plan(
+                entry.cache, plan, ids, self.runner.forward, self.inv_freq, self.runner.info.rope.convention,
+                rerotate=mode == EDIT_AWARE,
+            )
+            entry.tokens.apply(plan, ids)
+            counts.reused, counts.encoded, counts.rerotated = plan.tokens_reused, plan.tokens_encoded, plan.tokens_rerotated
+            if options.refresh_window and mode == EDIT_AWARE:
+                stale = entry.tokens.stale_range_before(len(ids), options.refresh_window)
+                if stale is not None:
+                    counts.refreshed = refresh_from(entry.cache, entry.tokens, stale[0], self.runner.forward)
+            return counts
+        keep = common_prefix_length(entry.tokens.token_ids, ids) if mode == PREFIX else 0
+        truncate(entry.cache, keep)
+        if keep < len(ids):
+            self.runner.forward(ids[keep:], entry.cache, keep)
+        entry.tokens = DocumentTokens(ids)
+        counts.reused, counts.encoded = keep, len(ids) - keep
+        return counts
 
     @staticmethod
     def _final(rest: str, reason: str, stats: CompletionStats, started: float) -> Chunk:

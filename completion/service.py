@@ -37,6 +37,12 @@ MODE_NAMES = {
     pb.COMPLETION_MODE_MULTI_LINE: "multi_line",
 }
 
+CACHE_MODES = {
+    pb.CACHE_MODE_EDIT_AWARE: "edit_aware",
+    pb.CACHE_MODE_PREFIX: "prefix",
+    pb.CACHE_MODE_NONE: "none",
+}
+
 STATUS_OF_ERROR = {
     DocumentNotOpen: grpc.StatusCode.NOT_FOUND,
     VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
@@ -46,8 +52,15 @@ STATUS_OF_ERROR = {
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, model_path: str | None = None, cache_budget_mb: int = 1024, max_context_tokens: int = 2048):
+    def __init__(
+        self,
+        model_path: str | None = None,
+        cache_budget_mb: int = 1024,
+        max_context_tokens: int = 2048,
+        refresh_window: int = 128,
+    ):
         self.model_path = model_path
+        self.refresh_window = refresh_window
         self.cache_budget_mb = cache_budget_mb
         self.max_context_tokens = max_context_tokens
         self.documents = DocumentStore()
@@ -147,7 +160,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         options = CompletionOptions(
             max_tokens=opts.max_tokens,
             mode=MODE_NAMES.get(opts.mode, "auto"),
-            use_cache=not opts.disable_cache,
+            cache_mode=CACHE_MODES.get(opts.cache, "edit_aware"),
+            refresh_window=self.refresh_window,
         )
         cancelled = threading.Event()
         context.add_callback(cancelled.set)  # fires when the caller cancels or the call ends
@@ -258,9 +272,11 @@ def serve(
     cache_budget_mb: int = 1024,
     parent_pid: int | None = None,
     on_bound=None,
+    max_context_tokens: int = 2048,
+    refresh_window: int = 128,
 ) -> None:
     """Serve until interrupted (or until the parent process, when given, is gone)."""
-    service = WorkerService(model_path, cache_budget_mb)
+    service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rotary-rpc"),
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],

@@ -181,7 +181,7 @@ class RotaryServer(LanguageServer):
                         options=pb.CompleteOptions(
                             max_tokens=self.settings.maxTokens,
                             mode=MODES[mode],
-                            disable_cache=not self.settings.editAwareCache,
+                            cache=pb.CACHE_MODE_EDIT_AWARE if self.settings.editAwareCache else pb.CACHE_MODE_PREFIX,
                         ),
                     )
                 )

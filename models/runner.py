@@ -47,7 +47,6 @@ class ModelRunner:
         The cache must hold exactly `start_position` tokens; it is extended in place.
         """
         assert token_ids, "forward needs at least one token"
-        assert cache.get_seq_length() == start_position, (cache.get_seq_length(), start_position)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, S]
         positions = torch.arange(start_position, start_position + len(token_ids), device=self.device)
         out = self.model(
@@ -59,6 +58,14 @@ class ModelRunner:
             logits_to_keep=1,
         )
         return out.logits[0, -1]  # [vocab]
+
+    def rope_inv_freq(self) -> torch.Tensor | None:
+        """The model's own RoPE inverse frequencies (scaling included), for re-rotating cached keys."""
+        rotary = getattr(getattr(self.model, "model", None), "rotary_emb", None)
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if inv_freq is None or getattr(rotary, "rope_type", "default") == "dynamic":
+            return None
+        return inv_freq.detach().to(torch.float32)
 
     def warm_up(self) -> None:
         cache = self.new_cache()

@@ -44,7 +44,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     def bound(address: str) -> None:
         print(f"rotary worker listening on {address}", file=sys.stderr, flush=True)
 
-    serve(args.listen, args.model, args.cache_mb, args.parent_pid, on_bound=bound)
+    serve(
+        args.listen,
+        args.model,
+        args.cache_mb,
+        args.parent_pid,
+        on_bound=bound,
+        max_context_tokens=args.context_tokens,
+        refresh_window=args.refresh_window,
+    )
     return 0
 
 
@@ -160,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--listen", default=DEFAULT_LISTEN, help=f"host:port or unix:/path (default {DEFAULT_LISTEN}, loopback only)")
     w.add_argument("--model", default=None, help="local Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M)")
     w.add_argument("--cache-mb", type=int, default=1024, help="memory budget of the per-document KV caches")
+    w.add_argument("--context-tokens", type=int, default=2048, help="tokens before the cursor the model sees at most")
+    w.add_argument(
+        "--refresh-window", type=int, default=128,
+        help="re-encode stale cached tokens among the last N before the cursor (0: never)",
+    )
     w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (used by the daemon)")
     w.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --listen address")
     w.set_defaults(func=cmd_worker)

@@ -12,9 +12,18 @@ class CompletionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPLETION_MODE_AUTO: _ClassVar[CompletionMode]
     COMPLETION_MODE_SINGLE_LINE: _ClassVar[CompletionMode]
     COMPLETION_MODE_MULTI_LINE: _ClassVar[CompletionMode]
+
+class CacheMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_MODE_EDIT_AWARE: _ClassVar[CacheMode]
+    CACHE_MODE_PREFIX: _ClassVar[CacheMode]
+    CACHE_MODE_NONE: _ClassVar[CacheMode]
 COMPLETION_MODE_AUTO: CompletionMode
 COMPLETION_MODE_SINGLE_LINE: CompletionMode
 COMPLETION_MODE_MULTI_LINE: CompletionMode
+CACHE_MODE_EDIT_AWARE: CacheMode
+CACHE_MODE_PREFIX: CacheMode
+CACHE_MODE_NONE: CacheMode
 
 class OpenDocumentRequest(_message.Message):
     __slots__ = ("uri", "version", "language_id", "text")
@@ -67,16 +76,14 @@ class DocumentAck(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., version: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class CompleteOptions(_message.Message):
-    __slots__ = ("max_tokens", "mode", "edit_aware_cache", "disable_cache")
+    __slots__ = ("max_tokens", "mode", "cache")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
-    EDIT_AWARE_CACHE_FIELD_NUMBER: _ClassVar[int]
-    DISABLE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     mode: CompletionMode
-    edit_aware_cache: bool
-    disable_cache: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., mode: _Optional[_Union[CompletionMode, str]] = ..., edit_aware_cache: _Optional[bool] = ..., disable_cache: _Optional[bool] = ...) -> None: ...
+    cache: CacheMode
+    def __init__(self, max_tokens: _Optional[int] = ..., mode: _Optional[_Union[CompletionMode, str]] = ..., cache: _Optional[_Union[CacheMode, str]] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("uri", "version", "offset", "options", "request_id")

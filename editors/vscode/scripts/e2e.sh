@@ -132,7 +132,11 @@ cleanup() {
     for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$CS_PID" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$CS_PID" 2>/dev/null || true
   fi
-  [ -n "$WORK" ] && rm -rf "$WORK"
+  if [ -n "$WORK" ]; then
+    # Keep VS Code's logs (extension host, the Rotary output channel) with the screenshots.
+    [ -d "$WORK/ud/logs" ] && rm -rf "$ARTIFACTS/logs" && cp -r "$WORK/ud/logs" "$ARTIFACTS/logs" 2>/dev/null
+    rm -rf "$WORK"
+  fi
   exit $rc
 }
 

@@ -11,7 +11,6 @@ import {
   Middleware,
   ServerOptions,
   State,
-  TransportKind,
   WorkDoneProgress,
   WorkDoneProgressCreateRequest,
 } from "vscode-languageclient/node";
@@ -132,7 +131,8 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
     return;
   }
   output.appendLine(`starting ${serverPath} lsp`);
-  const serverOptions: ServerOptions = { command: serverPath, args: ["lsp"], transport: TransportKind.stdio };
+  // stdio without `transport`: TransportKind.stdio would append `--stdio` to the arguments.
+  const serverOptions: ServerOptions = { command: serverPath, args: ["lsp"] };
   lastSent = currentServerSettings();
   const clientOptions: LanguageClientOptions = {
     documentSelector: clientSelector(),
