@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-BENCHMARKS = ("latency",)
+BENCHMARKS = ("latency", "edits")
 
 
 def add_bench_parser(sub, func) -> None:
@@ -16,12 +16,17 @@ def add_bench_parser(sub, func) -> None:
     b.add_argument("--quick", action="store_true", help="a small, fast run")
     b.add_argument("--corpus", default=None, metavar="DIR", help="folder of source files to draw cases from (default: the standard library)")
     b.add_argument("--model", default=None)
+    b.add_argument("--contexts", default=None, help="edits: context sizes in tokens with optional case counts, e.g. 1024:200,4096:60 (the default)")
     b.set_defaults(func=func)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
     if args.name == "latency":
         from .latency import main
+
+        return main(args)
+    if args.name == "edits":
+        from .edits import main
 
         return main(args)
     raise SystemExit(f"unknown benchmark {args.name}")

@@ -72,7 +72,10 @@ class Context:
     text_before: str
     text_after: str
     truncated: bool = False
-    extra: dict = field(default_factory=dict)
+    # Token healing: the text of the context's last token, taken off the context; the first
+    # generated token must start with it. A context ending in "\n" or mid-identifier ends on a
+    # token the model rarely saw there ("\n" + "    return" is tokenized "\n   " + " return").
+    heal: str = ""
 
 
 class CompletionEngine:
@@ -102,10 +105,14 @@ class CompletionEngine:
             if truncated:  # start the window on a hop boundary so it moves rarely
                 start = -(-(len(ids) - budget) // WINDOW_HOP) * WINDOW_HOP
                 ids = ids[start:]
+        heal = ""
+        if not fim and len(ids) >= 2 and ids[-1] not in self.runner.special_ids:
+            heal = self.runner.token_text(ids[-1])
+            ids = ids[:-1]
         if not ids:
             # An empty document: start from the document separator so the model has a position 0.
             ids = [min(self.eos_ids)]
-        return Context(ids=ids, text_before=before, text_after=after, truncated=truncated)
+        return Context(ids=ids, text_before=before, text_after=after, truncated=truncated, heal=heal)
 
     def complete(
         self,
@@ -140,44 +147,68 @@ class CompletionEngine:
             if options.cache_mode != NO_CACHE:
                 self.kv_store.put(uri, entry)
 
-            generated: list[int] = []
             sent = ""
             reason = ""
             final_text = None
+            text_so_far = ""
             decode_started = time.perf_counter()
-            while True:
-                token = int(torch.argmax(logits))
-                if token in self.eos_ids:
-                    reason = "eos"
+            for text_so_far, reason in self.decode(entry, logits, context.heal, max_tokens, is_cancelled):
+                if reason or text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    continue
+                decision = stops.check(text_so_far)
+                if decision.committed.startswith(sent) and len(decision.committed) > len(sent):
+                    yield Chunk(text=decision.committed[len(sent) :])
+                    sent = decision.committed
+                if decision.stop_reason:
+                    reason, final_text = decision.stop_reason, decision.final
                     break
-                generated.append(token)
-                text_so_far = self.runner.decode_ids(generated)
-                if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    decision = stops.check(text_so_far)
-                    if decision.committed.startswith(sent) and len(decision.committed) > len(sent):
-                        yield Chunk(text=decision.committed[len(sent) :])
-                        sent = decision.committed
-                    if decision.stop_reason:
-                        reason, final_text = decision.stop_reason, decision.final
-                        break
-                if len(generated) >= max_tokens:
-                    reason = "max_tokens"
-                    break
-                if is_cancelled():
-                    reason = "cancelled"
-                    break
-                logits = self.runner.forward([token], entry.cache, len(entry.tokens))
-                entry.tokens.update([*entry.tokens.token_ids, token])
-            stats.tokens_generated = len(generated)
+            stats.tokens_generated = len(entry.tokens) - len(context.ids)
             stats.decode_ms = (time.perf_counter() - decode_started) * 1000
 
         if final_text is None:
-            final_text = "" if reason == "cancelled" else stops.finish(self.runner.decode_ids(generated), reason).final or ""
+            final_text = "" if reason == "cancelled" else stops.finish(text_so_far, reason).final or ""
         if not final_text.startswith(sent):
             # Cannot happen by the stop rules' contract (committed is a prefix of final); log loudly if it does.
             log.error("stop rules broke their prefix contract: sent %r, final %r", sent, final_text)
             final_text = sent
         yield self._final(final_text[len(sent) :], reason, stats, started)
+
+    def decode(
+        self,
+        entry: DocumentKV,
+        logits: torch.Tensor,
+        heal: str,
+        max_tokens: int,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> Iterator[tuple[str, str]]:
+        """Greedy decoding from `logits`, extending entry's cache; yields (text so far, end reason or "").
+
+        The text excludes the healed prefix. The caller may stop early; the cache then holds
+        every generated token but the last (which was never fed).
+        """
+        generated: list[int] = []
+        while True:
+            if not generated and heal:
+                logits = logits.masked_fill(~self.runner.tokens_starting_with(heal), float("-inf"))
+            token = int(torch.argmax(logits))
+            if token in self.eos_ids:
+                yield self._generated_text(generated, heal), "eos"
+                return
+            generated.append(token)
+            text = self._generated_text(generated, heal)
+            if len(generated) >= max_tokens:
+                yield text, "max_tokens"
+                return
+            yield text, ""
+            if is_cancelled():
+                yield text, "cancelled"
+                return
+            logits = self.runner.forward([token], entry.cache, len(entry.tokens))
+            entry.tokens.update([*entry.tokens.token_ids, token])
+
+    def _generated_text(self, generated: list[int], heal: str) -> str:
+        text = self.runner.decode_ids(generated)
+        return text[len(heal) :] if text.startswith(heal) else text
 
     def prepare_cache(self, entry: DocumentKV, ids: list[int], options: CompletionOptions) -> UpdateCounts:
         """Make entry.cache hold K/V for `ids` (positions 0..len-1), reusing what the chosen mode allows."""

@@ -7,6 +7,7 @@ transformers' calling conventions directly.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import threading
@@ -68,9 +69,30 @@ class ModelRunner:
         return inv_freq.detach().to(torch.float32)
 
     def warm_up(self) -> None:
+        self._token_texts  # built once here rather than on the first keystroke
         cache = self.new_cache()
         logits = self.forward(self.encode_text("def main():\n    return 0\n") or [0], cache, 0)
         self.forward([int(logits.argmax())], cache, cache.get_seq_length())
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(int(i) for i in self.tokenizer.all_special_ids)
+
+    @functools.cached_property
+    def _token_texts(self) -> list[str]:
+        return [self.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(len(self.tokenizer))]
+
+    def token_text(self, token_id: int) -> str:
+        return self._token_texts[token_id]
+
+    @functools.lru_cache(maxsize=512)
+    def tokens_starting_with(self, prefix: str) -> torch.Tensor:
+        """Mask [vocab] of the tokens whose text starts with `prefix` (token healing's first step)."""
+        vocab = self.model.config.vocab_size
+        mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        allowed = [i for i, t in enumerate(self._token_texts[:vocab]) if t.startswith(prefix) and i not in self.special_ids]
+        mask[allowed] = True
+        return mask
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -53,26 +53,22 @@ const ghostText = () =>
     return { any, inline, lines: zoneLines };
   });
 
-try {
-  log(`open ${args.url}`);
-  await page.goto(args.url, { waitUntil: "domcontentloaded", timeout: 120_000 });
-  await page.waitForSelector(".monaco-workbench", { timeout: 120_000 });
-  await page.waitForSelector(".statusbar-item:has-text('Rotary')", { timeout: 120_000 }).catch(() => fail("no Rotary status bar item: the extension did not activate"));
-  await shot("workbench");
-
-  // Open the file with Quick Open.
+async function openFile(name) {
   await page.keyboard.press("Control+P");
   await page.waitForSelector(".quick-input-widget input", { timeout: 30_000 });
-  await page.keyboard.type(args.file);
-  await sleep(500);
+  await page.keyboard.type(name);
+  await sleep(800);
   await page.keyboard.press("Enter");
-  await page.waitForSelector(`.tab[aria-label*='${args.file}']`, { timeout: 30_000 });
-  await page.click(".editor-instance .monaco-editor .view-lines");
+  await page.waitForSelector(`.tab.active[aria-label*='${name}']`, { timeout: 30_000 });
+  await sleep(500);
+  await page.click(".editor-group-container.active .monaco-editor .view-lines");
   await page.keyboard.press("Control+End");
-  await page.keyboard.type(typed, { delay: 40 });
+}
 
-  // Wait for ghost text; the first answer waits for the model to load. While loading,
-  // the extension re-asks when the server turns ready; Alt+\ asks again meanwhile.
+// Type, then wait for ghost text; the first answer waits for the model to load. While
+// loading, the extension re-asks when the server turns ready; Alt+\ asks again meanwhile.
+async function typeAndWaitForGhost(text) {
+  await page.keyboard.type(text, { delay: 40 });
   const deadline = Date.now() + timeoutMs;
   let ghost = await ghostText();
   let lastTrigger = Date.now();
@@ -89,51 +85,106 @@ try {
   if (!ghost.any) {
     await fail(`no ghost text within ${timeoutMs / 1000}s`);
   }
-  const shown = [ghost.inline, ...ghost.lines].join("\n");
-  log(`ghost text: ${JSON.stringify(shown)}`);
-  await shot("ghost-text");
+  return [ghost.inline, ...ghost.lines].join("\n");
+}
 
-  // Accept with Tab, save, and check the file on disk.
-  await page.keyboard.press("Tab");
-  await sleep(500);
-  const after = await ghostText();
-  await page.keyboard.press("Control+S");
-  await sleep(1500);
-  await shot("accepted");
-  const text = readFileSync(join(args.project, args.file), "utf8");
-  const before = readFileSync(args.orig, "utf8");
-  const expected = before + typed + shown;
-  writeFileSync(join(artifacts, "after-accept.txt"), text);
-  if (text === before + typed) {
-    await fail("Tab inserted nothing");
-  }
-  if (text.trimEnd() !== expected.trimEnd()) {
-    await fail(`the file after Tab is not the typed text plus the ghost text:\n--- got\n${text}\n--- want\n${expected}`);
-  }
-  if (after.any && after.inline === ghost.inline) {
-    await fail("the ghost text is still shown after Tab");
-  }
-  log("accepted text matches the ghost text");
-
-  // The server counted the suggestion as shown and accepted: Rotary: Show Stats.
+// Rotary: Show Stats opens the server's rotary.stats as JSON; read the daemon counters.
+async function readStats() {
   await page.keyboard.press("F1");
   await page.waitForSelector(".quick-input-widget input", { timeout: 30_000 });
   await page.keyboard.type("Rotary: Show Stats");
   await sleep(800);
   await page.keyboard.press("Enter");
-  let stats = "";
-  for (let i = 0; i < 40 && !/"accepted"/.test(stats); i++) {
+  let text = "";
+  for (let i = 0; i < 40 && !/"accepted_chars"/.test(text); i++) {
     await sleep(500);
-    stats = await page.evaluate(() =>
+    text = await page.evaluate(() =>
       [...document.querySelectorAll(".monaco-editor .view-lines")].map((el) => el.textContent ?? "").join("\n").replace(/\u00a0/g, " "),
     );
   }
+  const num = (key) => Number((new RegExp(`"${key}":\\s*(\\d+)`).exec(text) ?? [])[1]);
+  return { shown: num("shown"), accepted: num("accepted"), partial: num("accepted_partial"), chars: num("accepted_chars"), text };
+}
+
+const saveAndRead = async (name) => {
+  await page.keyboard.press("Control+S");
+  await sleep(1500);
+  return readFileSync(join(args.project, name), "utf8");
+};
+
+try {
+  log(`open ${args.url}`);
+  await page.goto(args.url, { waitUntil: "domcontentloaded", timeout: 120_000 });
+  await page.waitForSelector(".monaco-workbench", { timeout: 120_000 });
+  await page.waitForSelector(".statusbar-item:has-text('Rotary')", { timeout: 120_000 }).catch(() => fail("no Rotary status bar item: the extension did not activate"));
+  await shot("workbench");
+  const before = readFileSync(args.orig, "utf8");
+
+  // 1. Ghost text appears; Tab inserts exactly it; the server counts it.
+  await openFile(args.file);
+  const shown = await typeAndWaitForGhost(typed);
+  log(`ghost text: ${JSON.stringify(shown)}`);
+  await shot("ghost-text");
+  await page.keyboard.press("Tab");
+  await sleep(500);
+  const after = await ghostText();
+  const text = await saveAndRead(args.file);
+  await shot("accepted");
+  writeFileSync(join(artifacts, "after-accept.txt"), text);
+  if (text === before + typed) {
+    await fail("Tab inserted nothing");
+  }
+  if (text.trimEnd() !== (before + typed + shown).trimEnd()) {
+    await fail(`the file after Tab is not the typed text plus the ghost text:\n--- got\n${text}\n--- want\n${before + typed + shown}`);
+  }
+  if (after.any && after.inline === shown) {
+    await fail("the ghost text is still shown after Tab");
+  }
+  log("accepted text matches the ghost text");
+  const stats1 = await readStats();
   await shot("stats");
-  const accepted = Number((/"accepted":\s*(\d+)/.exec(stats) ?? [])[1]);
-  const shownCount = Number((/"shown":\s*(\d+)/.exec(stats) ?? [])[1]);
-  log(`stats: shown=${shownCount} accepted=${accepted}`);
-  if (!(accepted >= 1 && shownCount >= 1)) {
-    await fail(`the server did not count the accepted suggestion (stats: ${stats.slice(0, 400)})`);
+  log(`stats: shown=${stats1.shown} accepted=${stats1.accepted} partial=${stats1.partial} chars=${stats1.chars}`);
+  if (!(stats1.accepted === 1 && stats1.shown >= 1 && stats1.chars === [...shown].length)) {
+    await fail(`the server did not count the accepted suggestion (stats: ${stats1.text.slice(0, 600)})`);
+  }
+
+  // 2. Accept next word (Rotary's Ctrl+Right wraps VS Code's command and reports it),
+  //    then Tab for the rest: the server counts one partial and one full accept, and
+  //    the accepted characters add up to the suggestion once.
+  await openFile(args.file2);
+  const shown2 = await typeAndWaitForGhost(typed);
+  log(`ghost text: ${JSON.stringify(shown2)}`);
+  await page.keyboard.press("Control+ArrowRight");
+  await sleep(800);
+  await shot("accepted-word");
+  const partialText = await saveAndRead(args.file2);
+  const word = partialText.slice((before + typed).length);
+  log(`accept next word inserted ${JSON.stringify(word)}`);
+  if (!(word.length > 0 && shown2.startsWith(word) && word.length < shown2.length + 1)) {
+    await fail(`Ctrl+Right did not insert the next word of ${JSON.stringify(shown2)} (got ${JSON.stringify(word)})`);
+  }
+  let tookRest = false;
+  if (word !== shown2) {
+    // The rest of the suggestion is still shown; Tab takes it.
+    const rest = await ghostText();
+    if (rest.any && (rest.inline || rest.lines.length)) {
+      await page.keyboard.press("Tab");
+      await sleep(500);
+      tookRest = true;
+      const fullText = await saveAndRead(args.file2);
+      if (fullText.trimEnd() !== (before + typed + shown2).trimEnd()) {
+        await fail(`word then Tab did not give the whole suggestion:\n--- got\n${fullText}\n--- want\n${before + typed + shown2}`);
+      }
+    }
+  }
+  const stats2 = await readStats();
+  await shot("stats-partial");
+  log(`stats: shown=${stats2.shown} accepted=${stats2.accepted} partial=${stats2.partial} chars=${stats2.chars}`);
+  if (!(stats2.partial >= 1)) {
+    await fail(`the partial accept was not reported (stats: ${stats2.text.slice(0, 600)})`);
+  }
+  if (tookRest && stats2.chars - stats1.chars !== [...shown2].length) {
+    await fail(`word + rest should count ${[...shown2].length} accepted characters, the server counted ${stats2.chars - stats1.chars}`);
   }
   await browser.close();
   log("PASS");

@@ -151,6 +151,8 @@ run_test() {
   WORK="$(mktemp -d "${TMPDIR:-/tmp}/rotary-vscode-e2e.XXXXXX")"
   mkdir -p "$WORK/home" "$WORK/ud/User" "$WORK/ext" "$WORK/project" "$ARTIFACTS"
   # A private HOME: code-server writes ~/.config/code-server/config.yaml.
+  # The model cache stays the user's (XDG_CACHE_HOME): the first run converts the model once.
+  export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$HOME/.cache}"
   export HOME="$WORK/home" XDG_CONFIG_HOME="$WORK/home/.config" XDG_DATA_HOME="$WORK/home/.local/share"
   cat > "$WORK/ud/User/settings.json" <<JSON
 {
@@ -172,6 +174,7 @@ run_test() {
 JSON
   printf 'import math\n\n\ndef add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n' > "$WORK/project/main.py"
   cp "$WORK/project/main.py" "$WORK/main.py.orig"
+  cp "$WORK/project/main.py" "$WORK/project/other.py"
   log "installing $vsix into code-server"
   node "$CS_DIR/out/node/entry.js" --user-data-dir "$WORK/ud" --extensions-dir "$WORK/ext" \
     --install-extension "$vsix" > "$ARTIFACTS/install.log" 2>&1 || { cat "$ARTIFACTS/install.log" >&2; die "extension install failed"; }
@@ -189,7 +192,7 @@ JSON
   log "driving chromium"
   NODE_PATH="$DRIVER_DIR/node_modules" node "$HERE/e2e-driver.mjs" \
     --url "http://127.0.0.1:$port/?folder=$WORK/project" \
-    --project "$WORK/project" --file main.py --orig "$WORK/main.py.orig" --artifacts "$ARTIFACTS" \
+    --project "$WORK/project" --file main.py --file2 other.py --orig "$WORK/main.py.orig" --artifacts "$ARTIFACTS" \
     --driver "$DRIVER_DIR/node_modules/playwright-core/index.mjs" \
     --timeout-s "${ROTARY_E2E_TIMEOUT_S:-180}"
   log "passed; screenshots in $ARTIFACTS"

@@ -30,28 +30,18 @@ export function acceptedArgsOf(command: { command: string; arguments?: unknown[]
   return { id: first.id, acceptedLength: Number(first.acceptedLength ?? 0), full: first.full !== false };
 }
 
-interface Shown {
-  id: string;
-  length: number;
-  partial: number;
-}
-
 /**
- * Tracks the suggestion on screen per document. The first item of a non-empty answer
- * is the one the editor draws; a partial accept (next word/line) takes characters from
- * it; a full accept afterwards reports only what that accept inserted, so the
- * server's accepted-character count is the sum of what was really taken.
+ * Tracks the suggestion on screen per document, for the reports. The first item of a
+ * non-empty answer is the one the editor draws; a partial accept (next word/line) is
+ * attributed to it.
  */
 export class AcceptanceTracker {
-  private shown = new Map<string, Shown>();
+  private shown = new Map<string, string>();
   private reported = new Set<string>();
 
   /** An answer was handed to the editor: returns the id to report as shown, once. */
   onShown(uri: string, id: string, length: number): { id: string; length: number } | undefined {
-    const current = this.shown.get(uri);
-    if (!current || current.id !== id) {
-      this.shown.set(uri, { id, length, partial: 0 });
-    }
+    this.shown.set(uri, id);
     if (this.reported.has(id)) {
       return undefined;
     }
@@ -64,23 +54,21 @@ export class AcceptanceTracker {
 
   /** A partial accept inserted `inserted` characters into `uri`: the report, if ours. */
   onPartial(uri: string, inserted: number): AcceptedArgs | undefined {
-    const current = this.shown.get(uri);
-    if (!current || inserted <= 0) {
+    const id = this.shown.get(uri);
+    if (!id || inserted <= 0) {
       return undefined;
     }
-    current.partial += inserted;
-    return { id: current.id, acceptedLength: inserted, full: false };
+    return { id, acceptedLength: inserted, full: false };
   }
 
-  /** The item's own accept command ran: the report for the rest of the suggestion. */
-  onFull(uri: string | undefined, args: AcceptedArgs): AcceptedArgs {
-    const current = uri ? this.shown.get(uri) : undefined;
-    if (uri) {
-      this.shown.delete(uri);
-    }
-    if (current && current.id === args.id && current.partial > 0) {
-      return { id: args.id, acceptedLength: Math.max(0, current.length - current.partial), full: true };
-    }
-    return { ...args, full: true };
+  /**
+   * The item's own accept command ran, right after the editor applied the item.
+   * `inserted` is what that edit added (characters): after partial accepts it is only
+   * the rest, so the server's accepted-character count is what was really taken.
+   */
+  onFull(uri: string, args: AcceptedArgs, inserted: number | undefined): AcceptedArgs {
+    this.shown.delete(uri);
+    const length = inserted !== undefined && inserted > 0 ? inserted : args.acceptedLength;
+    return { id: args.id, acceptedLength: length, full: true };
   }
 }

@@ -24,7 +24,7 @@ const SECTION = "rotary";
 const ACCEPTED = "rotary.client.accepted";
 
 let client: LanguageClient | undefined;
-let output: vscode.OutputChannel;
+let output: vscode.LogOutputChannel;
 let statusItem: vscode.StatusBarItem;
 let serverStatus: ServerStatus | undefined;
 let progress: Progress | undefined;
@@ -146,7 +146,6 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
     },
   };
   client = new LanguageClient("rotary", "Rotary", serverOptions, clientOptions);
-  client.registerProposedFeatures(); // textDocument/inlineCompletion (LSP 3.18)
   client.onNotification("rotary/status", (params: ServerStatus) => setStatus(params));
   client.onDidChangeState((e) => {
     if (e.newState === State.Stopped && starting === undefined) {
@@ -228,26 +227,55 @@ async function partialAccept(builtin: string): Promise<void> {
   }
 }
 
+/** Read-only documents with command results (rotary-result:/rotary.stats.json). */
+const RESULT_SCHEME = "rotary-result";
+const results = new Map<string, string>();
+const resultsChanged = new vscode.EventEmitter<vscode.Uri>();
+
 function show(title: string, value: unknown): void {
-  output.appendLine(`${title}: ${JSON.stringify(value, null, 2)}`);
-  const doc = JSON.stringify(value, null, 2);
-  void vscode.workspace.openTextDocument({ language: "json", content: doc }).then((d) =>
-    vscode.window.showTextDocument(d, { preview: true, viewColumn: vscode.ViewColumn.Beside }),
-  );
+  const text = JSON.stringify(value ?? null, null, 2);
+  output.info(`${title}: ${text}`);
+  const uri = vscode.Uri.from({ scheme: RESULT_SCHEME, path: `/${title}.json` });
+  results.set(uri.toString(), text);
+  resultsChanged.fire(uri);
+  void vscode.workspace
+    .openTextDocument(uri)
+    .then((d) => vscode.languages.setTextDocumentLanguage(d, "json"))
+    .then((d) => vscode.window.showTextDocument(d, { preview: true, viewColumn: vscode.ViewColumn.Beside }));
 }
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
-  output = vscode.window.createOutputChannel("Rotary");
+  output = vscode.window.createOutputChannel("Rotary", { log: true });
   statusItem = vscode.window.createStatusBarItem("rotary.status", vscode.StatusBarAlignment.Right, 100);
   statusItem.name = "Rotary";
-  context.subscriptions.push(output, statusItem);
+  context.subscriptions.push(
+    output,
+    statusItem,
+    resultsChanged,
+    vscode.workspace.registerTextDocumentContentProvider(RESULT_SCHEME, {
+      onDidChange: resultsChanged.event,
+      provideTextDocumentContent: (uri) => results.get(uri.toString()) ?? "",
+    }),
+  );
   updateStatus();
 
   const register = (id: string, fn: (...args: any[]) => unknown) =>
     context.subscriptions.push(vscode.commands.registerCommand(id, fn));
 
+  // Net characters of the latest change per document: the accept command runs right
+  // after VS Code applied the item, so this is what the accept inserted.
+  const lastInserted = new Map<string, number>();
+  context.subscriptions.push(
+    vscode.workspace.onDidChangeTextDocument((e) => {
+      if (e.contentChanges.length > 0) {
+        const n = e.contentChanges.reduce((sum, c) => sum + charCount(c.text) - c.rangeLength, 0);
+        lastInserted.set(e.document.uri.toString(), n);
+      }
+    }),
+    vscode.workspace.onDidCloseTextDocument((d) => lastInserted.delete(d.uri.toString())),
+  );
   register(ACCEPTED, (uri: string, args: AcceptedArgs) => {
-    const report = tracker.onFull(uri, args);
+    const report = tracker.onFull(uri, args, lastInserted.get(uri));
     return runServerCommand("rotary.suggestionAccepted", [report]).catch((err) => output.appendLine(`accept report: ${err}`));
   });
   register("rotary.client.toggle", async () => {

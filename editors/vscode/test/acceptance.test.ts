@@ -22,18 +22,27 @@ test("shown is reported once per suggestion id", () => {
   assert.deepEqual(t.onShown("file:///a.py", "s2", 4), { id: "s2", length: 4 });
 });
 
-test("a full accept without partial ones reports the server's own arguments", () => {
+test("a full accept reports what the accept inserted", () => {
   const t = new AcceptanceTracker();
   t.onShown("u", "s1", 10);
-  assert.deepEqual(t.onFull("u", { id: "s1", acceptedLength: 10, full: true }), { id: "s1", acceptedLength: 10, full: true });
+  assert.deepEqual(t.onFull("u", { id: "s1", acceptedLength: 10, full: true }, 10), { id: "s1", acceptedLength: 10, full: true });
 });
 
-test("partial accepts report what they inserted; the final full accept only the rest", () => {
+test("without a measured edit, the server's own length is kept", () => {
+  const t = new AcceptanceTracker();
+  assert.deepEqual(t.onFull("u", { id: "s1", acceptedLength: 10, full: true }, undefined), { id: "s1", acceptedLength: 10, full: true });
+  assert.deepEqual(t.onFull("u", { id: "s1", acceptedLength: 10, full: true }, 0), { id: "s1", acceptedLength: 10, full: true });
+});
+
+test("partial accepts report what they inserted, attributed to the suggestion on screen", () => {
   const t = new AcceptanceTracker();
   t.onShown("u", "s1", 10);
   assert.deepEqual(t.onPartial("u", 3), { id: "s1", acceptedLength: 3, full: false });
-  assert.deepEqual(t.onPartial("u", 2), { id: "s1", acceptedLength: 2, full: false });
-  assert.deepEqual(t.onFull("u", { id: "s1", acceptedLength: 10, full: true }), { id: "s1", acceptedLength: 5, full: true });
+  // The editor asked again meanwhile: the newer answer is the one on screen.
+  t.onShown("u", "s2", 7);
+  assert.deepEqual(t.onPartial("u", 2), { id: "s2", acceptedLength: 2, full: false });
+  // Tab takes the rest of the first suggestion: only the inserted rest is counted.
+  assert.deepEqual(t.onFull("u", { id: "s1", acceptedLength: 10, full: true }, 5), { id: "s1", acceptedLength: 5, full: true });
   // The suggestion is gone: a later partial accept belongs to nothing we showed.
   assert.equal(t.onPartial("u", 1), undefined);
 });

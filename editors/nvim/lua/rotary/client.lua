@@ -46,6 +46,20 @@ function M.cancel_request(client, id)
   return client.cancel_request(id)
 end
 
+--- Byte column of an LSP character offset in `line` (0.11 changed vim.str_byteindex).
+function M.byteindex(line, encoding, index)
+  local ok, col
+  if has_011 then
+    ok, col = pcall(vim.str_byteindex, line, encoding, index, false)
+  else
+    ok, col = pcall(vim.lsp.util._str_byteindex_enc, line, index, encoding)
+  end
+  if not ok or type(col) ~= "number" then
+    return #line
+  end
+  return math.min(col, #line)
+end
+
 local function stop_client(client, force)
   if has_011 then
     return client:stop(force)

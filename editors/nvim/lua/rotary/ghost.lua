@@ -114,11 +114,7 @@ end
 --- Byte position of an LSP position in the buffer.
 local function to_byte(bufnr, pos, encoding)
   local line = vim.api.nvim_buf_get_lines(bufnr, pos.line, pos.line + 1, false)[1] or ""
-  local ok, col = pcall(vim.str_byteindex, line, encoding, pos.character, false)
-  if not ok then
-    col = #line
-  end
-  return pos.line, math.min(col, #line)
+  return pos.line, client_mod.byteindex(line, encoding, pos.character)
 end
 
 --- Make a suggestion from an item at the cursor; nil when it does not apply here.
