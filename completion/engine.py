@@ -43,6 +43,8 @@ class CompletionOptions:
     cache_mode: str = EDIT_AWARE
     # Re-encode stale tokens among the last N before the cursor before completing (0: never).
     refresh_window: int = 128
+    # More stale tokens than this in the document: re-encode the whole stale region first.
+    stale_budget: int = 1024
 
 
 @dataclass
@@ -87,6 +89,8 @@ class CompletionEngine:
         self.inv_freq = runner.rope_inv_freq()
         # Models whose RoPE rotations do not compose cannot re-rotate cached keys exactly.
         self.edit_aware_supported = runner.info.rope.composable and self.inv_freq is not None
+        self.waiting = 0  # completions waiting for the model; background work yields to them
+        self.background_refreshed = 0
 
     def build_context(self, text: str, offset: int, max_tokens: int) -> Context:
         """Token ids the model sees: the text before the cursor, or FIM form when the model has FIM tokens."""
@@ -128,7 +132,9 @@ class CompletionEngine:
         stops = StopRules(context.text_before, context.text_after, options.mode)
         stats = CompletionStats(context_tokens=len(context.ids))
 
+        self.waiting += 1
         with self.runner.lock:
+            self.waiting -= 1
             entry = self.kv_store.get(uri) if options.cache_mode != NO_CACHE else None
             if entry is None or entry.cache is None:
                 entry = DocumentKV(cache=self.runner.new_cache())
@@ -137,6 +143,8 @@ class CompletionEngine:
                 return
             # Bring the cache to every context token but the last, which is fed to get the next-token logits.
             counts = self.prepare_cache(entry, context.ids[:-1], options)
+            entry.dirty = True
+            entry.refresh_position = None  # the text moved: a background refresh starts over
             logits = self.runner.forward(context.ids[-1:], entry.cache, len(context.ids) - 1)
             entry.tokens.update(context.ids)
             stats.tokens_reused = counts.reused
@@ -224,7 +232,10 @@ class CompletionEngine:
             )
             entry.tokens.apply(plan, ids)
             counts.reused, counts.encoded, counts.rerotated = plan.tokens_reused, plan.tokens_encoded, plan.tokens_rerotated
-            if options.refresh_window and mode == EDIT_AWARE:
+            if mode == EDIT_AWARE and entry.tokens.stale_count > options.stale_budget:
+                first_stale = entry.tokens.stale_intervals[0][0]
+                counts.refreshed = refresh_from(entry.cache, entry.tokens, first_stale, self.runner.forward)
+            elif options.refresh_window and mode == EDIT_AWARE:
                 stale = entry.tokens.stale_range_before(len(ids), options.refresh_window)
                 if stale is not None:
                     counts.refreshed = refresh_from(entry.cache, entry.tokens, stale[0], self.runner.forward)
@@ -236,6 +247,34 @@ class CompletionEngine:
         entry.tokens = DocumentTokens(ids)
         counts.reused, counts.encoded = keep, len(ids) - keep
         return counts
+
+    def maintenance_step(self, chunk_tokens: int = 128) -> str | None:
+        """One bounded piece of background work while no completion waits; what was done, or None.
+
+        Stale documents are refreshed chunk by chunk from their first stale token to the end
+        (which leaves them exactly as a full recompute would), most recently used first; then
+        changed caches are written as snapshots, so a restarted worker finds them.
+        """
+        if self.waiting or not self.runner.lock.acquire(blocking=False):
+            return None
+        try:
+            for uri, entry in reversed(self.kv_store.items()):
+                if entry.refresh_position is None and entry.tokens.stale_count:
+                    entry.refresh_position = entry.tokens.stale_intervals[0][0]
+                if entry.refresh_position is not None:
+                    start = entry.refresh_position
+                    end = min(start + chunk_tokens, len(entry.tokens))
+                    refresh_from(entry.cache, entry.tokens, start, self.runner.forward, end)
+                    entry.refresh_position = end if end < len(entry.tokens) else None
+                    entry.dirty = True
+                    self.background_refreshed += end - start
+                    return f"refreshed {uri} [{start}, {end})"
+            for uri, entry in self.kv_store.items():
+                if entry.dirty and self.kv_store.write_snapshot(uri, entry):
+                    return f"snapshot of {uri}"
+            return None
+        finally:
+            self.runner.lock.release()
 
     @staticmethod
     def _final(rest: str, reason: str, stats: CompletionStats, started: float) -> Chunk:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from concurrent import futures
@@ -84,9 +85,33 @@ class WorkerService(pb_grpc.WorkerServicer):
             "edits_rejected": 0,
         }
         self._latencies_ms: list[float] = []
+        self.last_request = time.monotonic()
         self._counter_lock = threading.Lock()
 
     # -- model loading -----------------------------------------------------
+
+    def run_maintenance(self, stop: threading.Event, idle_seconds: float = 1.0) -> None:
+        """Background refresh and snapshots, only after `idle_seconds` without a completion."""
+        while not stop.wait(0.2):
+            if self.engine is None or time.monotonic() - self.last_request < idle_seconds:
+                continue
+            try:
+                while not stop.is_set() and time.monotonic() - self.last_request >= idle_seconds:
+                    done = self.engine.maintenance_step()
+                    if done is None:
+                        break
+                    log.debug("background: %s", done)
+            except Exception:
+                log.exception("background cache work failed")
+                stop.wait(5)
+
+    def flush_snapshots(self) -> None:
+        if self.engine is None:
+            return
+        with self.engine.runner.lock:
+            for uri, entry in self.engine.kv_store.items():
+                if entry.dirty:
+                    self.engine.kv_store.write_snapshot(uri, entry)
 
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._load, name="rotary-model-load", daemon=True)
@@ -96,7 +121,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def _load(self) -> None:
         try:
             from rotary.cache.store import KVStore
-            from rotary.models.loader import load_model
+            from rotary.models.loader import cache_dir, load_model
             from rotary.models.runner import ModelRunner, configure_threads
 
             from .engine import CompletionEngine
@@ -111,8 +136,19 @@ class WorkerService(pb_grpc.WorkerServicer):
             runner = ModelRunner(loaded)
             progress("warming up")
             runner.warm_up()  # the first forward pays one-off setup; keep it out of the first keystroke
-            self.engine = CompletionEngine(runner, KVStore(self.cache_budget_mb << 20), self.max_context_tokens)
-            self.model_info = loaded.info
+            info = loaded.info
+            store = KVStore(
+                self.cache_budget_mb << 20,
+                spill_dir=cache_dir() / "kv" / info.identity,
+                identity=info.identity,
+                dtype=info.dtype,
+                new_cache=runner.new_cache,
+                device=runner.device,
+            )
+            self.engine = CompletionEngine(runner, store, self.max_context_tokens)
+            if not self.engine.edit_aware_supported:
+                log.warning("edit-aware cache is off for this model (RoPE %s); prefix reuse instead", info.rope.rope_type)
+            self.model_info = info
             self.load_message = f"ready: {loaded.info.name}"
             self.ready.set()
         except Exception as exc:  # any load failure is reported through Health, never crashes the server
@@ -163,6 +199,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             cache_mode=CACHE_MODES.get(opts.cache, "edit_aware"),
             refresh_window=self.refresh_window,
         )
+        self.last_request = time.monotonic()
         cancelled = threading.Event()
         context.add_callback(cancelled.set)  # fires when the caller cancels or the call ends
         # Decoding runs on its own thread and holds the model lock only there: if the caller
@@ -236,7 +273,17 @@ class WorkerService(pb_grpc.WorkerServicer):
             out["latency_ms_p95"] = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))], 1)
         if self.engine is not None:
             store = self.engine.kv_store
-            out["cache"] = {"documents": len(store), "bytes": store.total_bytes(), "evictions": store.evictions}
+            out["cache"] = {
+                "edit_aware": self.engine.edit_aware_supported,
+                "mode_note": None if self.engine.edit_aware_supported else "RoPE does not compose: prefix reuse with recompute",
+                "documents": len(store),
+                "bytes": store.total_bytes(),
+                "budget_bytes": store.budget_bytes,
+                "stale_tokens": store.stale_tokens(),
+                "background_refreshed": self.engine.background_refreshed,
+                "refresh_window": self.refresh_window,
+                **store.counters,
+            }
         return out
 
     # -- helpers -------------------------------------------------------------
@@ -288,17 +335,23 @@ def serve(
     bound = listen if listen.startswith("unix:") or not listen.endswith(":0") else f"{listen.rsplit(':', 1)[0]}:{port}"
     server.start()
     service.load_in_background()
+    stop = threading.Event()
+    threading.Thread(target=service.run_maintenance, args=(stop,), name="rotary-maintenance", daemon=True).start()
+    # SIGTERM (the daemon stopping its worker) ends the loop below like Ctrl-C, so snapshots get written.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if on_bound:
         on_bound(bound)
     try:
-        while server.wait_for_termination(timeout=1.0):  # True means it timed out, still serving
+        while not stop.is_set() and server.wait_for_termination(timeout=1.0):  # True: timed out, still serving
             if parent_pid and not _alive(parent_pid):
                 log.info("parent %s is gone; worker exits", parent_pid)
                 break
     except KeyboardInterrupt:
         pass
     finally:
+        stop.set()
         server.stop(grace=0.5)
+        service.flush_snapshots()
 
 
 def _alive(pid: int) -> bool:

@@ -257,8 +257,9 @@ def load_model(
     name = DEFAULT_MODEL_NAME if not path else model_dir.name
     if source.exists() and path:
         name = Path(json.loads(source.read_text())["gguf"]).stem
+    vocab_digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     identity_src = json.dumps(
-        {"dir": str(model_dir.resolve()), "config": config.to_dict(), "vocab": len(tokenizer), "dtype": str(torch_dtype)},
+        {"dir": str(model_dir.resolve()), "config": config.to_dict(), "vocab": vocab_digest, "dtype": str(torch_dtype)},
         sort_keys=True,
         default=str,
     )

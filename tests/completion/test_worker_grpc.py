@@ -146,3 +146,86 @@ def test_worker_reports_a_model_that_cannot_load(tmp_path):
         client.close()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+PIE_DOC = '''import os
+
+
+def list_python_files(folder):
+    """Return the Python files directly inside folder."""
+    names = sorted(os.listdir(folder))
+    return [name for name in names if name.endswith(".py")]
+
+
+def count_lines(path):
+    with open(path) as handle:
+        return sum(1 for _ in handle)
+
+
+def main():
+    for name in list_python_files("."):
+        print(name, count_lines(name))
+'''
+
+
+@pytest.mark.model
+def test_completions_after_edits_with_pie_refresh_and_full_recompute(worker):
+    uri = "file:///pie.py"
+    cursor_text = '        print(name, '
+    text = PIE_DOC[: PIE_DOC.index(cursor_text) + len(cursor_text)]
+    worker.open(uri, text)
+    worker.complete(uri, 1, len(text), mode="single_line", max_tokens=16)  # fills the cache
+    # Insert a line near the top: every cached token after it moves by the same delta.
+    insert_at = text.index("def list_python_files")
+    addition = "import sys\n\n\n"
+    worker.edit(uri, 1, 2, [(insert_at - 2, insert_at - 2, addition)])
+    text = text[: insert_at - 2] + addition + text[insert_at - 2 :]
+    expected = first_line(greedy_continuation(text))
+
+    pie, last = worker.complete(uri, 2, len(text), mode="single_line", max_tokens=16)
+    assert last.stats.tokens_rerotated > 0
+    assert last.stats.tokens_encoded < last.stats.context_tokens // 3
+    # Every stale token sits within the refresh window before the cursor, so the result is exact.
+    assert last.stats.stale_refreshed > 0
+    assert pie == expected
+
+    full, last_full = worker.complete(uri, 2, len(text), mode="single_line", max_tokens=16, cache="none")
+    assert full == expected and last_full.stats.tokens_encoded == last_full.stats.context_tokens
+    prefix, last_prefix = worker.complete(uri, 2, len(text), mode="single_line", max_tokens=16, cache="prefix")
+    assert prefix == expected
+
+    report = stats(worker)
+    assert report["tokens_rerotated"] > 0 and report["cache"]["edit_aware"] is True
+
+
+@pytest.mark.model
+def test_restarted_worker_reopens_documents_from_snapshots(tmp_path):
+    import os
+    import signal
+
+    from rotary.models.loader import resolve_model_dir
+
+    model_dir = str(resolve_model_dir(None))
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    text = PIE_DOC
+    for attempt in range(2):
+        address = f"127.0.0.1:{free_port()}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, "--model", model_dir],
+            stdin=subprocess.DEVNULL, env=env,
+        )
+        client = WorkerClient(address)
+        try:
+            client.wait_ready(timeout=300)
+            client.open("file:///snap.py", text)
+            _, last = client.complete("file:///snap.py", 1, len(text), max_tokens=4)
+            if attempt == 0:
+                assert last.stats.tokens_reused == 0
+            else:  # the new worker found the snapshot the first one wrote when it stopped
+                assert last.stats.tokens_reused >= last.stats.context_tokens - 2
+                assert stats(client)["cache"]["restored"] == 1
+        finally:
+            client.close()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    assert list((tmp_path / "rotary" / "kv").rglob("*.msgpack"))

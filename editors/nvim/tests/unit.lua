@@ -72,4 +72,18 @@ H.eq("config: server settings", config.defaults.settings, {
   completionMode = "auto", debounceMs = 50, editAwareCache = true,
 })
 
+-- Every module loads; the 0.12 path is chosen only where vim.lsp.inline_completion exists.
+for _, mod in ipairs({ "rotary", "rotary.client", "rotary.ghost", "rotary.native", "rotary.keymaps",
+  "rotary.commands", "rotary.health" }) do
+  local ok, err = pcall(require, mod)
+  H.check("loads " .. mod, ok, tostring(err))
+end
+H.eq("native renderer only on 0.12+", require("rotary.native").use(),
+  vim.fn.has("nvim-0.12") == 1 and vim.lsp.inline_completion ~= nil)
+config.setup({ ghost_text = { native = false } })
+H.eq("native = false forces the extmark renderer", require("rotary.native").use(), false)
+
+-- :Rotary completion offers the plugin's subcommands even without a server.
+H.eq("command completion", require("rotary.commands").complete("st", "Rotary st"), { "status" })
+
 H.finish()

@@ -18,7 +18,7 @@ function M.use()
 end
 
 local function item_text(item)
-  local t = item.insert_text or item.insertText
+  local t = item.insert_text or item.insertText or item.value
   if type(t) == "table" then
     t = t.value
   end
@@ -40,6 +40,9 @@ local function item_start(bufnr, item, client)
   end
   if r.start_row then -- vim.Range
     return r.start_row, r.start_col
+  end
+  if type(r[1]) == "number" then -- { row, col, end_row, end_col }
+    return r[1], r[2]
   end
   local start = r.start or r[1]
   if type(start) == "table" and start.row then
@@ -129,10 +132,12 @@ function M.accept_line(bufnr)
 end
 
 function M.cycle(bufnr, count)
-  if type(vim.lsp.inline_completion.select) ~= "function" then
+  local ic = vim.lsp.inline_completion
+  local select = ic.select or ic.jump -- named jump before the 0.12 release
+  if type(select) ~= "function" then
     return false
   end
-  vim.lsp.inline_completion.select({ bufnr = bufnr, count = count })
+  select({ bufnr = bufnr, count = count })
   return true
 end
 
