@@ -43,8 +43,6 @@ class CompletionOptions:
     cache_mode: str = EDIT_AWARE
     # Re-encode stale tokens among the last N before the cursor before completing (0: never).
     refresh_window: int = 128
-    # More stale tokens than this in the document: re-encode the whole stale region first.
-    stale_budget: int = 1024
 
 
 @dataclass
@@ -81,7 +79,7 @@ class Context:
 
 
 class CompletionEngine:
-    def __init__(self, runner: ModelRunner, kv_store: KVStore, max_context_tokens: int = 2048):
+    def __init__(self, runner: ModelRunner, kv_store: KVStore, max_context_tokens: int = 2048, stale_budget: int = 1024):
         self.runner = runner
         self.kv_store = kv_store
         self.max_context_tokens = min(max_context_tokens, runner.info.max_positions)
@@ -91,6 +89,11 @@ class CompletionEngine:
         self.edit_aware_supported = runner.info.rope.composable and self.inv_freq is not None
         self.waiting = 0  # completions waiting for the model; background work yields to them
         self.background_refreshed = 0
+        # More stale tokens than this in one document: refresh it in the background without waiting for idle.
+        self.stale_budget = stale_budget
+
+    def over_stale_budget(self) -> bool:
+        return any(entry.tokens.stale_count > self.stale_budget for _, entry in self.kv_store.items())
 
     def build_context(self, text: str, offset: int, max_tokens: int) -> Context:
         """Token ids the model sees: the text before the cursor, or FIM form when the model has FIM tokens."""
@@ -232,10 +235,7 @@ class CompletionEngine:
             )
             entry.tokens.apply(plan, ids)
             counts.reused, counts.encoded, counts.rerotated = plan.tokens_reused, plan.tokens_encoded, plan.tokens_rerotated
-            if mode == EDIT_AWARE and entry.tokens.stale_count > options.stale_budget:
-                first_stale = entry.tokens.stale_intervals[0][0]
-                counts.refreshed = refresh_from(entry.cache, entry.tokens, first_stale, self.runner.forward)
-            elif options.refresh_window and mode == EDIT_AWARE:
+            if options.refresh_window and mode == EDIT_AWARE:
                 stale = entry.tokens.stale_range_before(len(ids), options.refresh_window)
                 if stale is not None:
                     counts.refreshed = refresh_from(entry.cache, entry.tokens, stale[0], self.runner.forward)
@@ -248,7 +248,7 @@ class CompletionEngine:
         counts.reused, counts.encoded = keep, len(ids) - keep
         return counts
 
-    def maintenance_step(self, chunk_tokens: int = 128) -> str | None:
+    def maintenance_step(self, chunk_tokens: int = 64) -> str | None:
         """One bounded piece of background work while no completion waits; what was done, or None.
 
         Stale documents are refreshed chunk by chunk from their first stale token to the end

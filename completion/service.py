@@ -59,9 +59,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         cache_budget_mb: int = 1024,
         max_context_tokens: int = 2048,
         refresh_window: int = 128,
+        stale_budget: int = 1024,
     ):
         self.model_path = model_path
         self.refresh_window = refresh_window
+        self.stale_budget = stale_budget
         self.cache_budget_mb = cache_budget_mb
         self.max_context_tokens = max_context_tokens
         self.documents = DocumentStore()
@@ -91,12 +93,17 @@ class WorkerService(pb_grpc.WorkerServicer):
     # -- model loading -----------------------------------------------------
 
     def run_maintenance(self, stop: threading.Event, idle_seconds: float = 1.0) -> None:
-        """Background refresh and snapshots, only after `idle_seconds` without a completion."""
+        """Background refresh and snapshots: after `idle_seconds` without a completion, or at once when a
+        document's stale tokens pass the budget (each step yields to waiting completions)."""
+        def may_work() -> bool:
+            idle = time.monotonic() - self.last_request >= idle_seconds
+            return idle or self.engine.over_stale_budget()
+
         while not stop.wait(0.2):
-            if self.engine is None or time.monotonic() - self.last_request < idle_seconds:
+            if self.engine is None or not may_work():
                 continue
             try:
-                while not stop.is_set() and time.monotonic() - self.last_request >= idle_seconds:
+                while not stop.is_set() and may_work():
                     done = self.engine.maintenance_step()
                     if done is None:
                         break
@@ -145,7 +152,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 new_cache=runner.new_cache,
                 device=runner.device,
             )
-            self.engine = CompletionEngine(runner, store, self.max_context_tokens)
+            self.engine = CompletionEngine(runner, store, self.max_context_tokens, self.stale_budget)
             if not self.engine.edit_aware_supported:
                 log.warning("edit-aware cache is off for this model (RoPE %s); prefix reuse instead", info.rope.rope_type)
             self.model_info = info
@@ -321,9 +328,10 @@ def serve(
     on_bound=None,
     max_context_tokens: int = 2048,
     refresh_window: int = 128,
+    stale_budget: int = 1024,
 ) -> None:
     """Serve until interrupted (or until the parent process, when given, is gone)."""
-    service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window)
+    service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window, stale_budget)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rotary-rpc"),
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],

@@ -52,6 +52,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         on_bound=bound,
         max_context_tokens=args.context_tokens,
         refresh_window=args.refresh_window,
+        stale_budget=args.stale_budget,
     )
     return 0
 
@@ -172,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--refresh-window", type=int, default=128,
         help="re-encode stale cached tokens among the last N before the cursor (0: never)",
+    )
+    w.add_argument(
+        "--stale-budget", type=int, default=1024,
+        help="a document with more stale cached tokens is refreshed in the background at once, not only when idle",
     )
     w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (used by the daemon)")
     w.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --listen address")
