@@ -229,3 +229,19 @@ def test_restarted_worker_reopens_documents_from_snapshots(tmp_path):
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     assert list((tmp_path / "rotary" / "kv").rglob("*.msgpack"))
+
+
+@pytest.mark.model
+def test_idle_worker_refreshes_stale_tokens_in_the_background(worker):
+    uri = "file:///background.py"
+    text = PIE_DOC * 3  # long enough that stale tokens remain outside the 128-token refresh window
+    worker.open(uri, text)
+    worker.complete(uri, 1, len(text), max_tokens=2)
+    worker.edit(uri, 1, 2, [(0, 0, "import sys\n")])
+    _, last = worker.complete(uri, 2, len(text) + 11, max_tokens=2)
+    assert last.stats.tokens_rerotated > 0
+    deadline = time.monotonic() + 120
+    while (cache := stats(worker)["cache"])["stale_tokens"]:
+        assert time.monotonic() < deadline, cache
+        time.sleep(0.5)
+    assert cache["background_refreshed"] > 0

@@ -37,12 +37,21 @@ export function acceptedArgsOf(command: { command: string; arguments?: unknown[]
  */
 export class AcceptanceTracker {
   private shown = new Map<string, string>();
+  private shownKey = new Map<string, string>();
   private reported = new Set<string>();
 
-  /** An answer was handed to the editor: returns the id to report as shown, once. */
-  onShown(uri: string, id: string, length: number): { id: string; length: number } | undefined {
+  /**
+   * An answer was handed to the editor: returns the report, once per suggestion. VS Code
+   * asks again on many occasions (cursor, focus, Alt+\); the same text at the same place
+   * (`key`) is the same suggestion on screen, whatever its new id.
+   */
+  onShown(uri: string, id: string, length: number, key?: string): { id: string; length: number } | undefined {
     this.shown.set(uri, id);
-    if (this.reported.has(id)) {
+    const sameAsBefore = key !== undefined && this.shownKey.get(uri) === key;
+    if (key !== undefined) {
+      this.shownKey.set(uri, key);
+    }
+    if (this.reported.has(id) || sameAsBefore) {
       return undefined;
     }
     this.reported.add(id);
@@ -68,6 +77,7 @@ export class AcceptanceTracker {
    */
   onFull(uri: string, args: AcceptedArgs, inserted: number | undefined): AcceptedArgs {
     this.shown.delete(uri);
+    this.shownKey.delete(uri);
     const length = inserted !== undefined && inserted > 0 ? inserted : args.acceptedLength;
     return { id: args.id, acceptedLength: length, full: true };
   }

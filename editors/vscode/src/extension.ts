@@ -95,7 +95,8 @@ const middleware: Middleware = {
     const firstArgs = first && first.command?.command === ACCEPTED ? (first.command.arguments?.[1] as AcceptedArgs) : undefined;
     if (firstArgs) {
       const text = typeof first.insertText === "string" ? first.insertText : first.insertText.value;
-      const shown = tracker.onShown(document.uri.toString(), firstArgs.id, charCount(text));
+      const key = `${position.line}:${position.character}:${text}`;
+      const shown = tracker.onShown(document.uri.toString(), firstArgs.id, charCount(text), key);
       if (shown) {
         void runServerCommand("rotary.suggestionShown", [shown]);
       }
@@ -241,7 +242,11 @@ function show(title: string, value: unknown): void {
   void vscode.workspace
     .openTextDocument(uri)
     .then((d) => vscode.languages.setTextDocumentLanguage(d, "json"))
-    .then((d) => vscode.window.showTextDocument(d, { preview: true, viewColumn: vscode.ViewColumn.Beside }));
+    .then((d) => {
+      // Reuse the column where the result is already shown.
+      const open = vscode.window.visibleTextEditors.find((e) => e.document.uri.toString() === uri.toString());
+      return vscode.window.showTextDocument(d, { preview: true, viewColumn: open?.viewColumn ?? vscode.ViewColumn.Beside });
+    });
 }
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {

@@ -22,6 +22,15 @@ test("shown is reported once per suggestion id", () => {
   assert.deepEqual(t.onShown("file:///a.py", "s2", 4), { id: "s2", length: 4 });
 });
 
+test("the same text at the same place is one suggestion, whatever its new id", () => {
+  const t = new AcceptanceTracker();
+  assert.deepEqual(t.onShown("u", "s1", 6, "8:10: a * b"), { id: "s1", length: 6 });
+  assert.equal(t.onShown("u", "s2", 6, "8:10: a * b"), undefined);
+  // ...but the newest id is the one partial accepts are attributed to.
+  assert.deepEqual(t.onPartial("u", 1), { id: "s2", acceptedLength: 1, full: false });
+  assert.deepEqual(t.onShown("u", "s3", 5, "8:11:a * b"), { id: "s3", length: 5 });
+});
+
 test("a full accept reports what the accept inserted", () => {
   const t = new AcceptanceTracker();
   t.onShown("u", "s1", 10);
