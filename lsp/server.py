@@ -236,6 +236,7 @@ class RotaryServer(LanguageServer):
                 "acceptance_rate": round(self.counters["accepted"] / shown, 3) if shown else None,
                 "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
                 "open_documents": len(self.sync.docs),
+                "skipped_documents": {u: c.skipped_reason for u, c in self.sync.docs.items() if c.skipped_reason},
                 "documents_resent": self.sync.reopens,
                 "settings": asdict(self.settings),
                 "position_encoding": self.encoding,

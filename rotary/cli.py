@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_worker)
 
     lsp = sub.add_parser("lsp", help="the language server an editor starts (stdio by default)")
+    lsp.add_argument("--stdio", action="store_true", help="serve LSP over stdio (the default; accepted for clients that pass it)")
     lsp.add_argument("--tcp", default=None, metavar="HOST:PORT", help="serve LSP over TCP instead of stdio")
     lsp.add_argument("--worker", default=None, metavar="ADDR", help="connect to a running worker instead of starting one")
     lsp.add_argument("--model", default=None, help="model for the daemon's own worker")
