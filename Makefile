@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rotary-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install model stubs check-stubs editor-tests vscode-e2e bench-latency clean
+.PHONY: run test install model stubs check-stubs editors-setup vsix test-editors e2e-vscode bench-latency bench-edits clean
 
 run: model
 	$(PY) -m rotary demo
@@ -41,8 +41,28 @@ stubs: $(STAMP)
 check-stubs: $(STAMP)
 	$(PY) -m rotary.completion.gen_stubs --check
 
+# Editor tooling for the editor tests (apt needs root): the VS Code extension's npm dependencies,
+# Emacs + eglot, and code-server + Chromium + playwright-core for the VS Code end-to-end test.
+# Without it, `make test` still runs the Neovim tests and skips the Emacs and VS Code ones.
+editors-setup:
+	cd editors/vscode && npm ci --no-audit --no-fund
+	command -v emacs >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q emacs-nox elpa-eglot)
+	editors/vscode/scripts/e2e.sh install
+
+vsix:
+	cd editors/vscode && npm ci --no-audit --no-fund && npm run package
+
+test-editors: model
+	$(PY) -m pytest tests/editors $(PYTEST_ARGS)
+
+e2e-vscode: model
+	editors/vscode/scripts/e2e.sh all
+
 bench-latency: model
 	$(PY) -m rotary bench latency --json artifacts/bench-latency.json
+
+bench-edits: model
+	$(PY) -m rotary bench edits --json artifacts/bench-edits.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
