@@ -85,6 +85,7 @@ class RotaryServer(LanguageServer):
             "accepted_chars": 0,
         }
         self.latencies_ms: list[float] = []
+        self.last_completion: dict | None = None  # its stop reason and cache stats (reused, encoded, re-rotated, refreshed)
 
     # -- state and status ---------------------------------------------------
 
@@ -220,6 +221,7 @@ class RotaryServer(LanguageServer):
         self.last_latency_ms = round(latency, 1)
         self.latencies_ms = (self.latencies_ms + [latency])[-1000:]
         stats = {"stop_reason": last.stop_reason if last else "", **_stats_dict(last.stats if last else None)}
+        self.last_completion = {"uri": uri, "latency_ms": round(latency, 1), "chars": len(text), **stats}
         log.info("completion %s: %d chars in %.0f ms (%s) %s", number, len(text), latency, stats["stop_reason"], stats)
         self.counters["suggestions" if text else "empty"] += 1
         self.send_status("ready", self.worker.message, "suggestion" if text else "empty")
@@ -240,6 +242,7 @@ class RotaryServer(LanguageServer):
                 "documents_resent": self.sync.reopens,
                 "settings": asdict(self.settings),
                 "position_encoding": self.encoding,
+                "last_completion": self.last_completion,
             },
             "worker": {
                 **({"pid": self.worker.process.pid} if self.worker.process else {}),

@@ -122,3 +122,22 @@ def test_refresh_window_before_the_cursor_clears_nearby_staleness():
     entry, new_ids, counts = cached_after_edit("insertion", refresh_window=64)
     assert counts.refreshed > 0
     assert entry.tokens.stale_count_in(len(new_ids) - 64, len(new_ids)) == 0
+
+
+def test_long_document_window_slides_by_rerotation():
+    """Past the context budget the window before the cursor moves in hops: its cached keys shift, not re-encode."""
+    from rotary.cache.store import KVStore
+    from rotary.completion.engine import WINDOW_HOP, CompletionEngine, CompletionOptions
+
+    base = engine()
+    small = CompletionEngine(base.runner, KVStore(), max_context_tokens=WINDOW_HOP + 100)
+    options = CompletionOptions(max_tokens=2, refresh_window=0)
+    text = SOURCE * 4
+    list(small.complete("long", text, len(text), options))
+    first = small.kv_store.get("long").tokens.token_ids
+    grown = text + SOURCE  # pushes the window start forward by at least one hop
+    stats = list(small.complete("long", grown, len(grown), options))[-1].stats
+    assert stats.context_tokens <= WINDOW_HOP + 100
+    assert stats.tokens_rerotated > 0
+    assert stats.tokens_encoded < stats.context_tokens
+    assert small.kv_store.get("long").tokens.token_ids != first
