@@ -188,7 +188,7 @@ def run_case(engine, case: Case) -> dict[str, dict]:
         started = time.perf_counter()
         counts = engine.prepare_cache(entry, after_ids[:-1], options)
         logits = runner.forward(after_ids[-1:], entry.cache, len(after_ids) - 1)
-        entry.tokens.update(after_ids)
+        entry.tokens.append(after_ids[-1:])
         update_ms = (time.perf_counter() - started) * 1000
         line = ""
         for text, _reason in engine.decode(entry, logits, context.heal, MAX_LINE_TOKENS):

@@ -391,6 +391,10 @@ class DocumentTokens:
         self.apply(plan, new_ids)
         return plan
 
+    def append(self, new_ids: Sequence[int]) -> None:
+        """Record tokens encoded right after the cached ones (decoding): fresh, nothing moves."""
+        self._ids = self._ids + tuple(new_ids)
+
     def slide_window(self, drop: int, appended_ids: Sequence[int] = ()) -> UpdatePlan:
         """Drop `drop` leading tokens, append `appended_ids`, and return the plan to execute."""
         plan = plan_window_slide(len(self._ids), drop, len(appended_ids))

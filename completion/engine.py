@@ -149,7 +149,7 @@ class CompletionEngine:
             entry.dirty = True
             entry.refresh_position = None  # the text moved: a background refresh starts over
             logits = self.runner.forward(context.ids[-1:], entry.cache, len(context.ids) - 1)
-            entry.tokens.update(context.ids)
+            entry.tokens.append(context.ids[-1:])
             stats.tokens_reused = counts.reused
             stats.tokens_encoded = counts.encoded + 1
             stats.tokens_rerotated = counts.rerotated
@@ -215,7 +215,7 @@ class CompletionEngine:
                 yield text, "cancelled"
                 return
             logits = self.runner.forward([token], entry.cache, len(entry.tokens))
-            entry.tokens.update([*entry.tokens.token_ids, token])
+            entry.tokens.append([token])
 
     def _generated_text(self, generated: list[int], heal: str) -> str:
         text = self.runner.decode_ids(generated)

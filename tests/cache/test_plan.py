@@ -368,3 +368,9 @@ def test_real_tokenizer_edit_changes_the_token_that_holds_it():
     assert_plan_rebuilds(new_ids, third_ids, plan)
     assert plan.tokens_encoded <= 3
     assert plan.tokens_reused >= len(third_ids) - 3
+
+
+def test_append_records_fresh_tokens_after_the_cached_ones():
+    tokens = DocumentTokens([1, 2, 3], stale=[(1, 2)])
+    tokens.append([4, 5])
+    assert tokens.token_ids == (1, 2, 3, 4, 5) and tokens.stale_intervals == ((1, 2),)
