@@ -191,7 +191,7 @@ def run_case(engine, case: Case) -> dict[str, dict]:
         entry.tokens.append(after_ids[-1:])
         update_ms = (time.perf_counter() - started) * 1000
         line = ""
-        for text, _reason in engine.decode(entry, logits, context.heal, MAX_LINE_TOKENS):
+        for text, _reason, _count in engine.decode(entry, logits, context.heal, MAX_LINE_TOKENS):
             line = text
             if "\n" in text.lstrip("\n"):
                 break

@@ -163,7 +163,9 @@ class CompletionEngine:
             final_text = None
             text_so_far = ""
             decode_started = time.perf_counter()
-            for text_so_far, reason in self.decode(entry, logits, context.heal, max_tokens, is_cancelled):
+            for text_so_far, reason, stats.tokens_generated in self.decode(
+                entry, logits, context.heal, max_tokens, is_cancelled
+            ):
                 if reason or text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     continue
                 decision = stops.check(text_so_far)
@@ -173,7 +175,6 @@ class CompletionEngine:
                 if decision.stop_reason:
                     reason, final_text = decision.stop_reason, decision.final
                     break
-            stats.tokens_generated = len(entry.tokens) - len(context.ids)
             stats.decode_ms = (time.perf_counter() - decode_started) * 1000
 
         if final_text is None:
@@ -191,8 +192,8 @@ class CompletionEngine:
         heal: str,
         max_tokens: int,
         is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> Iterator[tuple[str, str]]:
-        """Greedy decoding from `logits`, extending entry's cache; yields (text so far, end reason or "").
+    ) -> Iterator[tuple[str, str, int]]:
+        """Greedy decoding from `logits`, extending entry's cache; yields (text so far, end reason or "", tokens).
 
         The text excludes the healed prefix. The caller may stop early; the cache then holds
         every generated token but the last (which was never fed).
@@ -203,16 +204,16 @@ class CompletionEngine:
                 logits = logits.masked_fill(~self.runner.tokens_starting_with(heal), float("-inf"))
             token = int(torch.argmax(logits))
             if token in self.eos_ids:
-                yield self._generated_text(generated, heal), "eos"
+                yield self._generated_text(generated, heal), "eos", len(generated)
                 return
             generated.append(token)
             text = self._generated_text(generated, heal)
             if len(generated) >= max_tokens:
-                yield text, "max_tokens"
+                yield text, "max_tokens", len(generated)
                 return
-            yield text, ""
+            yield text, "", len(generated)
             if is_cancelled():
-                yield text, "cancelled"
+                yield text, "cancelled", len(generated)
                 return
             logits = self.runner.forward([token], entry.cache, len(entry.tokens))
             entry.tokens.append([token])
