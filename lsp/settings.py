@@ -9,7 +9,7 @@ the Neovim defaults table).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 COMPLETION_MODES = ("auto", "singleLine", "multiLine")

@@ -10,7 +10,6 @@ connect an editor.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
