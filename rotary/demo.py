@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 DEMO_WORKER = "127.0.0.1:50151"
-SAMPLE = Path(__file__).parent / "samples" / "inventory.py"
+# Ends mid-statement on purpose (the demo types the rest), so it is not a .py file of the package.
+SAMPLE = Path(__file__).parent / "samples" / "inventory.py.in"
 
 
 def _say(msg: str) -> None:
@@ -51,7 +52,7 @@ async def _drive_lsp(worker_address: str) -> str:
     _say(f"  daemon connected to the worker in {time.perf_counter() - started:.1f} s")
 
     text = SAMPLE.read_text()
-    uri = SAMPLE.resolve().as_uri()
+    uri = SAMPLE.resolve().as_uri().removesuffix(".in")
     # Open the file without its last characters, then type them as an editor would (incremental edits).
     typed = "item."
     head = text.rstrip("\n")[: -len(typed)]
@@ -73,7 +74,7 @@ async def _drive_lsp(worker_address: str) -> str:
         )
     column += len(typed)
     cursor_line = head.split("\n")[-1] + typed
-    _say(f"\n  typed into {SAMPLE.name}; cursor at the end of:\n      {cursor_line}")
+    _say(f"\n  typed into {SAMPLE.stem}; cursor at the end of:\n      {cursor_line}")
     started = time.perf_counter()
     result = await client.text_document_inline_completion_async(
         types.InlineCompletionParams(
