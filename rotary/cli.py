@@ -132,7 +132,7 @@ def _spawn_worker(model: str | None):
 def cmd_demo(args: argparse.Namespace) -> int:
     from rotary.demo import run_demo
 
-    return run_demo(serve_after=not args.no_serve, model=args.model)
+    return run_demo(serve_after=not args.no_serve, model=args.model, listen=args.listen)
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start worker and daemon, complete a sample file through real LSP, then keep serving")
     d.add_argument("--model", default=None)
     d.add_argument("--no-serve", action="store_true", help="exit after the demo completion")
+    d.add_argument("--listen", default=DEFAULT_LISTEN, help=f"where the demo's worker serves (default {DEFAULT_LISTEN})")
     d.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("prepare-model", help="convert the model once into the cache dir (done by make)")

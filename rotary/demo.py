@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_WORKER = "127.0.0.1:50151"
+DEMO_WORKER = "127.0.0.1:50151"  # rotary.cli.DEFAULT_LISTEN
 # Ends mid-statement on purpose (the demo types the rest), so it is not a .py file of the package.
 SAMPLE = Path(__file__).parent / "samples" / "inventory.py.in"
 
@@ -92,16 +92,16 @@ async def _drive_lsp(worker_address: str) -> str:
     return suggestion
 
 
-def run_demo(serve_after: bool = True, model: str | None = None) -> int:
+def run_demo(serve_after: bool = True, model: str | None = None, listen: str = DEMO_WORKER) -> int:
     from rotary.completion.client import WorkerClient
 
-    _say(f"Rotary demo: starting the model worker on {DEMO_WORKER} (embedded model unless --model)")
-    cmd = [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", DEMO_WORKER]
+    _say(f"Rotary demo: starting the model worker on {listen} (embedded model unless --model)")
+    cmd = [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", listen]
     if model:
         cmd += ["--model", model]
     worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     try:
-        client = WorkerClient(DEMO_WORKER)
+        client = WorkerClient(listen)
         try:
             health = client.wait_ready(timeout=600, on_message=lambda m: _say(f"  [worker] {m}"))
         except (RuntimeError, TimeoutError) as exc:
@@ -109,7 +109,7 @@ def run_demo(serve_after: bool = True, model: str | None = None) -> int:
             return 1
         _say(f"  worker ready: {health.model} on {health.device}")
         _say("Starting the LSP daemon (rotary lsp, stdio) and completing through it:")
-        suggestion = asyncio.run(_drive_lsp(DEMO_WORKER))
+        suggestion = asyncio.run(_drive_lsp(listen))
         if not suggestion:
             _say("  (the model offered no suggestion here)")
         if not serve_after:
@@ -117,9 +117,9 @@ def run_demo(serve_after: bool = True, model: str | None = None) -> int:
         exe = Path(sys.executable).parent / "rotary"
         _say(
             "The worker keeps serving. Connect an editor (see README):\n"
-            f"  - any LSP client: run `{exe} lsp --worker {DEMO_WORKER}` (or plain `{exe} lsp`, which starts its own worker)\n"
+            f"  - any LSP client: run `{exe} lsp --worker {listen}` (or plain `{exe} lsp`, which starts its own worker)\n"
             "  - VS Code: editors/vscode (rotary.serverPath), Neovim: editors/nvim, Emacs: eglot\n"
-            f"  - one-shot: `{exe} complete FILE --line L --worker {DEMO_WORKER}`\n"
+            f"  - one-shot: `{exe} complete FILE --line L --worker {listen}`\n"
             "Press Ctrl-C to stop."
         )
         worker.wait()
