@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_WORKER = "127.0.0.1:50151"  # rotary.cli.DEFAULT_LISTEN
+from rotary.cli import DEFAULT_LISTEN as DEMO_WORKER
 # Ends mid-statement on purpose (the demo types the rest), so it is not a .py file of the package.
 SAMPLE = Path(__file__).parent / "samples" / "inventory.py.in"
 
