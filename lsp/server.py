@@ -46,7 +46,6 @@ COMMANDS = (
     "rotary.suggestionShown",
     "rotary.suggestionAccepted",
 )
-PROGRESS_TOKEN = "rotary/worker"
 
 
 class RotaryProtocol(LanguageServerProtocol):
@@ -69,7 +68,7 @@ class RotaryServer(LanguageServer):
         self.requests = itertools.count(1)
         self.latest_request: dict[str, int] = {}  # uri -> newest request number (older ones give up)
         self.calls: dict[str, Any] = {}  # uri -> the gRPC call in flight
-        self.progress_open = False
+        self.progress_token: str | None = None  # the open $/progress of a worker start; one token per start
         self.last_latency_ms: float | None = None
         self.counters = {
             "requests": 0,
@@ -123,17 +122,17 @@ class RotaryServer(LanguageServer):
         if not (caps and caps.work_done_progress):
             return
         try:
-            if state in (STARTING, LOADING) and not self.progress_open:
-                self.progress_open = True
-                await self.work_done_progress.create_async(PROGRESS_TOKEN)
+            if state in (STARTING, LOADING) and self.progress_token is None:
+                token = self.progress_token = f"rotary/worker/{uuid.uuid4().hex[:8]}"
+                await self.work_done_progress.create_async(token)
                 self.work_done_progress.begin(
-                    PROGRESS_TOKEN, types.WorkDoneProgressBegin(title="Rotary", message=message, cancellable=False)
+                    token, types.WorkDoneProgressBegin(title="Rotary", message=message, cancellable=False)
                 )
             elif state in (STARTING, LOADING):
-                self.work_done_progress.report(PROGRESS_TOKEN, types.WorkDoneProgressReport(message=message))
-            elif self.progress_open:
-                self.progress_open = False
-                self.work_done_progress.end(PROGRESS_TOKEN, types.WorkDoneProgressEnd(message=message))
+                self.work_done_progress.report(self.progress_token, types.WorkDoneProgressReport(message=message))
+            elif self.progress_token is not None:
+                token, self.progress_token = self.progress_token, None
+                self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
         except Exception as exc:  # a client that refuses progress still gets completions
             log.debug("progress not shown: %s", exc)
 

@@ -90,6 +90,9 @@ async def test_inline_completion_after_incremental_edits_matches_transformers(cl
     assert caps.inline_completion_provider is not None
     assert "rotary.stats" in caps.execute_command_provider.commands
     await wait_ready(client)
+    # The model load was reported as work-done progress: begin ... end.
+    reports = [r for token, values in client.progress_reports.items() if token.startswith("rotary/") for r in values]
+    assert reports and reports[0].kind == "begin" and reports[-1].kind == "end"
 
     text = ORIGINAL
     client.text_document_did_open(
