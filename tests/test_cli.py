@@ -1,0 +1,46 @@
+"""`make run`'s demo, for real: a worker, the LSP daemon over stdio, a completion printed."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.model
+def test_demo_prints_a_suggestion_through_lsp():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "rotary", "demo", "--no-serve", "--listen", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "suggestion (" in out.stdout and "through LSP + gRPC" in out.stdout
+    assert "daemon connected to the worker" in out.stdout
+
+
+@pytest.mark.model
+def test_complete_one_shot_prints_the_completion(tmp_path):
+    from tests.conftest import first_line, greedy_continuation
+
+    source = tmp_path / "example.py"
+    text = "def area(width, height):\n    return width"
+    source.write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", "rotary", "--log-level", "warning", "complete", str(source), "--line", "2",
+         "--mode", "single_line", "--max-tokens", "16"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == first_line(greedy_continuation(text, 16))
+
+
+def test_complete_rejects_positions_outside_the_file(tmp_path):
+    source = tmp_path / "short.py"
+    source.write_text("x = 1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "rotary", "complete", str(source), "--line", "9"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "outside" in out.stderr
