@@ -104,8 +104,11 @@ def find_default_gguf() -> Path:
 
 
 def _file_fingerprint(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    """Content-based, so every venv that installs the same wheel shares one converted copy."""
+    digest = hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(4 << 20))  # the header and first tensors: enough to tell files apart
+    return digest.hexdigest()[:16]
 
 
 def converted_dir_for(gguf: Path) -> Path:
