@@ -27,12 +27,15 @@ from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 STARTING, LOADING, READY, ERROR, STOPPED = "starting", "loading", "ready", "error", "stopped"
+KEEP_WORKER_LOGS = 20
 
 
 def worker_log_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = Path(base) / "rotary" / "logs"
     folder.mkdir(parents=True, exist_ok=True)
+    for old in sorted(folder.glob("worker-*.log"), key=lambda p: p.stat().st_mtime)[:-KEEP_WORKER_LOGS]:
+        old.unlink(missing_ok=True)  # one log per daemon session; keep the recent ones
     return folder / f"worker-{os.getpid()}.log"
 
 
