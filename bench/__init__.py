@@ -7,6 +7,17 @@ import argparse
 BENCHMARKS = ("latency", "edits")
 
 
+def write_report(path: str | None, report: dict) -> None:
+    """Write a benchmark's machine-readable results (`--json PATH`), if asked for."""
+    if not path:
+        return
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+
+
 def add_bench_parser(sub, func) -> None:
     b = sub.add_parser("bench", help="benchmarks (baseline and new path side by side, with ratios)")
     b.add_argument("name", choices=BENCHMARKS)

@@ -23,14 +23,13 @@ encoded, and the update latency (cache update to first logits, median).
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from . import write_report
 from .corpus import python_files
 
 METHODS = ("full", "prefix", "conflict", "pie", "pie_refresh")
@@ -263,7 +262,5 @@ def main(args) -> int:
             f"prefix/pie update {rows['prefix']['update_ms_p50'] / rows['pie']['update_ms_p50']:.1f}x, "
             f"pie encodes {100 * rows['pie']['tokens_encoded_frac']:.1f}% of full's tokens"
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(args.json, report)
     return 0

@@ -14,7 +14,6 @@ The overhead is their paired difference.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import socket
@@ -24,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import write_report
 from .corpus import sample_files
 
 
@@ -211,7 +211,5 @@ def main(args) -> int:
         f"ratio lsp/direct p50 {results['lsp']['p50_ms'] / max(results['direct']['p50_ms'], 1e-9):.3f}; "
         f"same suggestion in {same}/{len(cases)} cases"
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(args.json, report)
     return 0

@@ -34,19 +34,26 @@ def read_config(path):
 '''
 
 
-def apply(text: str, start: tuple[int, int], end: tuple[int, int], new: str) -> str:
-    """Apply an LSP range edit to text (all ASCII/BMP here except where noted: character = code point)."""
-    lines = text.split("\n")
-
-    def off(pos):
-        return sum(len(ln) + 1 for ln in lines[: pos[0]]) + pos[1]
-
-    return text[: off(start)] + new + text[off(end) :]
-
-
 def change(start, end, text):
     return types.TextDocumentContentChangePartial(
         range=types.Range(start=types.Position(*start), end=types.Position(*end)), text=text
+    )
+
+
+def open_document(client: LanguageClient, text: str) -> None:
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)
+        )
+    )
+
+
+def change_document(client: LanguageClient, version: int, start, end, new: str) -> None:
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=version),
+            content_changes=[change(start, end, new)],
+        )
     )
 
 
@@ -95,11 +102,7 @@ async def test_inline_completion_after_incremental_edits_matches_transformers(cl
     assert reports and reports[0].kind == "begin" and reports[-1].kind == "end"
 
     text = ORIGINAL
-    client.text_document_did_open(
-        types.DidOpenTextDocumentParams(
-            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)
-        )
-    )
+    open_document(client, text)
     # Several incremental edits, one of them with a character outside the BMP (2 UTF-16 units).
     edits = [
         ((0, 9), (0, 9), "\nimport sys"),  # insert a line after "import os"
@@ -111,12 +114,7 @@ async def test_inline_completion_after_incremental_edits_matches_transformers(cl
     for start, end, new in edits:
         version += 1
         text = apply_utf16(text, start, end, new)
-        client.text_document_did_change(
-            types.DidChangeTextDocumentParams(
-                text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=version),
-                content_changes=[change(start, end, new)],
-            )
-        )
+        change_document(client, version, start, end, new)
     cursor_line = text.split("\n")[8]
     result = await inline(client, 8, len(cursor_line))
     assert result is not None and result.items, "no suggestion"
@@ -151,18 +149,9 @@ def apply_utf16(text: str, start, end, new: str) -> str:
 async def test_position_after_astral_character_uses_utf16_units(client: LanguageClient):
     await wait_ready(client)
     text = 'label = "🔧 spanner"\nvalue = label.upper()\nprint(val'
-    client.text_document_did_open(
-        types.DidOpenTextDocumentParams(
-            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)
-        )
-    )
+    open_document(client, text)
     # Insert after "🔧 ": column 12 in UTF-16 units (the emoji counts 2) is code point 11.
-    client.text_document_did_change(
-        types.DidChangeTextDocumentParams(
-            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=2),
-            content_changes=[change((0, 12), (0, 12), "big ")],
-        )
-    )
+    change_document(client, 2, (0, 12), (0, 12), "big ")
     text = apply_utf16(text, (0, 12), (0, 12), "big ")
     assert text.startswith('label = "🔧 big spanner"')
     result = await inline(client, 2, 9)
@@ -174,11 +163,7 @@ async def test_position_after_astral_character_uses_utf16_units(client: Language
 async def test_newer_request_supersedes_older(client: LanguageClient):
     await wait_ready(client)
     text = "def add(a, b):\n    return a"
-    client.text_document_did_open(
-        types.DidOpenTextDocumentParams(
-            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)
-        )
-    )
+    open_document(client, text)
     first = asyncio.ensure_future(inline(client, 1, 12))
     await asyncio.sleep(0)  # the first request is sent before the second
     second = await inline(client, 1, 12)
@@ -191,17 +176,8 @@ async def test_newer_request_supersedes_older(client: LanguageClient):
 async def test_worker_killed_then_next_completion_works_and_documents_survive(client: LanguageClient):
     stats = await wait_ready(client)
     text = "import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json."
-    client.text_document_did_open(
-        types.DidOpenTextDocumentParams(
-            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)
-        )
-    )
-    client.text_document_did_change(
-        types.DidChangeTextDocumentParams(
-            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=2),
-            content_changes=[change((3, 9), (3, 13), "path_to_file")],
-        )
-    )
+    open_document(client, text)
+    change_document(client, 2, (3, 9), (3, 13), "path_to_file")
     text = text.replace("load(path)", "load(path_to_file)")
     before = await inline(client, 5, 20)
     assert before is not None
