@@ -39,13 +39,7 @@ MODES = {
     "single_line": pb.COMPLETION_MODE_SINGLE_LINE,
     "multi_line": pb.COMPLETION_MODE_MULTI_LINE,
 }
-COMMANDS = (
-    "rotary.stats",
-    "rotary.restartWorker",
-    "rotary.toggle",
-    "rotary.suggestionShown",
-    "rotary.suggestionAccepted",
-)
+COMPLETION_TIMEOUT_S = 60
 
 
 class RotaryProtocol(LanguageServerProtocol):
@@ -183,7 +177,8 @@ class RotaryServer(LanguageServer):
                             mode=MODES[mode],
                             cache=pb.CACHE_MODE_EDIT_AWARE if self.settings.editAwareCache else pb.CACHE_MODE_PREFIX,
                         ),
-                    )
+                    ),
+                    timeout=COMPLETION_TIMEOUT_S,  # a hung worker must not hang the editor's request
                 )
                 self.calls[uri] = call
                 parts, last = [], None
