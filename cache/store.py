@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,38 +58,45 @@ class KVStore:
         self.new_cache = new_cache
         self.device = device
         self._docs: OrderedDict[str, DocumentKV] = OrderedDict()
+        # Completions and background work hold the model lock; closing a document does not, so the
+        # mapping itself has its own lock.
+        self._lock = threading.RLock()
         self.counters = {"evictions": 0, "spilled": 0, "restored": 0, "refused": 0, "snapshots_written": 0}
 
     # -- lookup ------------------------------------------------------------
 
     def get(self, uri: str) -> DocumentKV | None:
-        entry = self._docs.get(uri)
-        if entry is not None:
-            self._docs.move_to_end(uri)
+        with self._lock:
+            entry = self._docs.get(uri)
+            if entry is not None:
+                self._docs.move_to_end(uri)
+                return entry
+            entry = self._restore(uri)
+            if entry is not None:
+                self.put(uri, entry)
             return entry
-        entry = self._restore(uri)
-        if entry is not None:
-            self.put(uri, entry)
-        return entry
 
     def put(self, uri: str, entry: DocumentKV) -> None:
-        self._docs[uri] = entry
-        self._docs.move_to_end(uri)
-        self._evict_over_budget(keep=uri)
+        with self._lock:
+            self._docs[uri] = entry
+            self._docs.move_to_end(uri)
+            self._evict_over_budget(keep=uri)
 
     def drop(self, uri: str, forget_snapshot: bool = True) -> None:
-        self._docs.pop(uri, None)
-        if forget_snapshot and self.spill_dir is not None:
-            self.snapshot_path(uri).unlink(missing_ok=True)
+        with self._lock:
+            self._docs.pop(uri, None)
+            if forget_snapshot and self.spill_dir is not None:
+                self.snapshot_path(uri).unlink(missing_ok=True)
 
     def items(self) -> list[tuple[str, DocumentKV]]:
-        return list(self._docs.items())
+        with self._lock:
+            return list(self._docs.items())
 
     def total_bytes(self) -> int:
-        return sum(e.nbytes() for e in self._docs.values())
+        return sum(e.nbytes() for _, e in self.items())
 
     def stale_tokens(self) -> int:
-        return sum(e.tokens.stale_count for e in self._docs.values())
+        return sum(e.tokens.stale_count for _, e in self.items())
 
     def __len__(self) -> int:
         return len(self._docs)
