@@ -19,8 +19,21 @@ from .loader import LoadedModel
 
 def configure_threads() -> None:
     """Use every core for matmuls but keep inter-op threads at 1: one request runs at a time."""
-    wanted = int(os.environ.get("ROTARY_THREADS", "0")) or (os.cpu_count() or 1)
-    torch.set_num_threads(wanted)
+    torch.set_num_threads(prefill_threads())
+
+
+def prefill_threads() -> int:
+    return int(os.environ.get("ROTARY_THREADS", "0")) or (os.cpu_count() or 1)
+
+
+def decode_threads() -> int:
+    """Threads for one-token steps: half the cores.
+
+    A one-token step is hundreds of small matrix-vector products whose cost is mostly per-op
+    overhead: on 2 cores it runs as fast on 1 thread as on 2 (measured: 61 vs 60 ms/token),
+    and the idle core then serves the LSP daemon and gRPC instead of a spinning OpenMP thread.
+    """
+    return max(1, prefill_threads() // 2)
 
 
 class ModelRunner:
@@ -30,6 +43,7 @@ class ModelRunner:
         self.tokenizer = loaded.tokenizer
         self.info = loaded.info
         self.device = next(self.model.parameters()).device
+        self._prefill_threads, self._decode_threads = prefill_threads(), decode_threads()
         # The model is shared by every request; one forward at a time.
         self.lock = threading.Lock()
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
@@ -48,6 +62,8 @@ class ModelRunner:
         The cache must hold exactly `start_position` tokens; it is extended in place.
         """
         assert token_ids, "forward needs at least one token"
+        if self.device.type == "cpu":
+            torch.set_num_threads(self._decode_threads if len(token_ids) == 1 else self._prefill_threads)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, S]
         positions = torch.arange(start_position, start_position + len(token_ids), device=self.device)
         out = self.model(

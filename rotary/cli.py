@@ -22,18 +22,7 @@ def _setup_logging(level: str, stream=None) -> None:
     )
 
 
-def _prefer_passive_omp() -> None:
-    """Idle OpenMP threads sleep instead of spinning (set before torch loads).
-
-    The worker shares the machine's cores with the LSP daemon and the editor; spinning
-    OpenMP threads after every forward pass starve them and add milliseconds to every
-    keystroke (measured with `rotary bench latency`), for no gain in decoding speed.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
-    _prefer_passive_omp()
     _setup_logging(args.log_level)
     from rotary.completion.service import serve
 
@@ -74,7 +63,6 @@ def cmd_lsp(args: argparse.Namespace) -> int:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
-    _prefer_passive_omp()
     _setup_logging(args.log_level)
     from pathlib import Path
 
@@ -150,7 +138,6 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _prefer_passive_omp()  # the in-process baselines run the way the worker does
     from rotary.bench import run_benchmark
 
     return run_benchmark(args)
