@@ -11,6 +11,7 @@ cancelled request stops within one token.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -88,6 +89,7 @@ class CompletionEngine:
         # Models whose RoPE rotations do not compose cannot re-rotate cached keys exactly.
         self.edit_aware_supported = runner.info.rope.composable and self.inv_freq is not None
         self.waiting = 0  # completions waiting for the model; background work yields to them
+        self._waiting_lock = threading.Lock()  # gRPC threads count concurrently
         self.background_refreshed = 0
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
@@ -135,9 +137,11 @@ class CompletionEngine:
         stops = StopRules(context.text_before, context.text_after, options.mode)
         stats = CompletionStats(context_tokens=len(context.ids))
 
-        self.waiting += 1
+        with self._waiting_lock:
+            self.waiting += 1
         with self.runner.lock:
-            self.waiting -= 1
+            with self._waiting_lock:
+                self.waiting -= 1
             entry = self.kv_store.get(uri) if options.cache_mode != NO_CACHE else None
             if entry is None or entry.cache is None:
                 entry = DocumentKV(cache=self.runner.new_cache())
@@ -245,7 +249,9 @@ class CompletionEngine:
         truncate(entry.cache, keep)
         if keep < len(ids):
             self.runner.forward(ids[keep:], entry.cache, keep)
-        entry.tokens = DocumentTokens(ids)
+        # Staleness of the kept prefix (from earlier edit-aware updates) stays recorded.
+        stale = [(s, min(e, keep)) for s, e in entry.tokens.stale_intervals if s < keep]
+        entry.tokens = DocumentTokens(ids, stale=stale)
         counts.reused, counts.encoded = keep, len(ids) - keep
         return counts
 

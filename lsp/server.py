@@ -93,8 +93,9 @@ class RotaryServer(LanguageServer):
         for warning in warnings:
             log.warning(warning)
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=warning))
-        old, self.settings = self.settings, new
-        if self.worker.reconfigure(new.workerAddress, new.model) and old is not new:
+        self.settings = new
+        # Before `initialized` the worker is not started yet and simply starts with these settings.
+        if self.worker.reconfigure(new.workerAddress, new.model) and self.worker.started:
             asyncio.ensure_future(self.worker.restart())
 
     def send_status(self, state: str, message: str, last_result: str | None = None) -> None:

@@ -64,6 +64,10 @@ class WorkerConnection:
 
     # -- public ------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self._supervisor is not None and not self._supervisor.done()
+
     def start(self) -> None:
         if self._supervisor is None or self._supervisor.done():
             self._supervisor = asyncio.ensure_future(self._supervise())
@@ -79,6 +83,7 @@ class WorkerConnection:
     async def restart(self) -> None:
         await self.stop()
         self.restarts += 1
+        self.on_restart()  # a new worker knows no documents: resend them whole
         self.start()
 
     async def stop(self) -> None:
