@@ -82,10 +82,11 @@ class KVStore:
             self._docs.move_to_end(uri)
             self._evict_over_budget(keep=uri)
 
-    def drop(self, uri: str, forget_snapshot: bool = True) -> None:
+    def drop(self, uri: str) -> None:
+        """Forget a document's cache, its snapshot included (it was closed)."""
         with self._lock:
             self._docs.pop(uri, None)
-            if forget_snapshot and self.spill_dir is not None:
+            if self.spill_dir is not None:
                 self.snapshot_path(uri).unlink(missing_ok=True)
 
     def items(self) -> list[tuple[str, DocumentKV]]:
@@ -115,6 +116,13 @@ class KVStore:
         self.counters["snapshots_written"] += 1
         self._prune_snapshots()
         return True
+
+    def write_dirty_snapshot(self) -> str | None:
+        """Write the snapshot of one document changed since its last one; return its uri, or None."""
+        for uri, entry in self.items():
+            if entry.dirty and self.write_snapshot(uri, entry):
+                return uri
+        return None
 
     def _prune_snapshots(self) -> None:
         """Keep the snapshot folder under its budget (several times the memory budget), oldest out first."""

@@ -276,10 +276,8 @@ class CompletionEngine:
                     entry.dirty = True
                     self.background_refreshed += end - start
                     return f"refreshed {uri} [{start}, {end})"
-            for uri, entry in self.kv_store.items():
-                if entry.dirty and self.kv_store.write_snapshot(uri, entry):
-                    return f"snapshot of {uri}"
-            return None
+            written = self.kv_store.write_dirty_snapshot()
+            return f"snapshot of {written}" if written else None
         finally:
             self.runner.lock.release()
 

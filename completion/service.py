@@ -116,9 +116,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self.engine is None:
             return
         with self.engine.runner.lock:
-            for uri, entry in self.engine.kv_store.items():
-                if entry.dirty:
-                    self.engine.kv_store.write_snapshot(uri, entry)
+            while self.engine.kv_store.write_dirty_snapshot():
+                pass
 
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._load, name="rotary-model-load", daemon=True)
