@@ -216,7 +216,7 @@ class RotaryServer(LanguageServer):
         self.last_latency_ms = round(latency, 1)
         self.latencies_ms = (self.latencies_ms + [latency])[-1000:]
         stats = {"stop_reason": last.stop_reason if last else "", **_stats_dict(last.stats if last else None)}
-        self.last_completion = {"uri": uri, "latency_ms": round(latency, 1), "chars": len(text), **stats}
+        self.last_completion = {"uri": uri, "latency_ms": round(latency, 1), "chars": len(text), "text": text, **stats}
         log.info("completion %s: %d chars in %.0f ms (%s) %s", number, len(text), latency, stats["stop_reason"], stats)
         self.counters["suggestions" if text else "empty"] += 1
         self.send_status("ready", self.worker.message, "suggestion" if text else "empty")
