@@ -31,7 +31,8 @@ M.defaults = {
   },
 
   ghost_text = {
-    -- Request suggestions while typing. When false, only keymaps.trigger asks for one.
+    -- Request suggestions while typing and on entering insert mode (so a line opened with
+    -- `o` gets one at its indentation). When false, only keymaps.trigger asks for one.
     auto_trigger = true,
     -- Client-side wait after a keystroke before sending a request; the server debounces
     -- too (settings.debounceMs), this only keeps the request count down while typing fast.

@@ -376,6 +376,16 @@ function M.attach(client, bufnr)
     group = group, buffer = bufnr,
     callback = function() on_cursor_moved(bufnr) end,
   })
+  -- Entering insert mode asks as typing does: a line opened with `o` (or Enter from
+  -- normal mode), already auto-indented, gets a suggestion before the first keystroke.
+  vim.api.nvim_create_autocmd("InsertEnter", {
+    group = group, buffer = bufnr,
+    callback = function()
+      if config.options.ghost_text.auto_trigger then
+        schedule_request(bufnr)
+      end
+    end,
+  })
   vim.api.nvim_create_autocmd({ "InsertLeave", "BufLeave" }, {
     group = group, buffer = bufnr,
     callback = function() M.dismiss(bufnr) end,
