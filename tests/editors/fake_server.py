@@ -9,11 +9,15 @@ only on the text before the cursor:
 - the item's range starts at the beginning of the word under the cursor, and its
   insertText repeats that word (so clients must handle a range that starts before
   the cursor), followed by SUGGESTION;
+- with only whitespace before the cursor (column 0, or an auto-indented empty line) the
+  item is INDENTED, inserted at the cursor (an empty range), like the real server's;
 - a line ending in "nothing" gets no suggestion;
 - a document containing "# two" gets two items (for cycling).
 
 It records everything the editor tells it (shown/accepted reports, settings) and
-returns it from `rotary.stats`.
+returns it from `rotary.stats`, with the real server's `daemon` counters
+(shown, accepted, accepted_partial, accepted_chars, settings, last_completion.text)
+computed the same way, so the editor tests assert the same things against both.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pygls.lsp.server import LanguageServer
 
 SUGGESTION = "(a, b):\n    return a + b"
 SECOND = "(x):\n    pass"
+INDENTED = "pass"
 COMMANDS = ["rotary.stats", "rotary.restartWorker", "rotary.toggle", "rotary.suggestionShown", "rotary.suggestionAccepted"]
 
 server = LanguageServer("rotary", "fake")
@@ -39,7 +44,35 @@ state = {
     "requests": 0,
     "restarts": 0,
     "worker": {"state": "ready", "address": "fake", "modelLoaded": True},
+    "last_completion": None,
 }
+
+
+def _as_dict(arg) -> dict:
+    """A command argument as pygls hands it over: a dict, or an object with attributes."""
+    if isinstance(arg, dict):
+        return arg
+    if isinstance(arg, (list, tuple)):
+        return next((d for d in map(_as_dict, arg) if d), {})
+    return dict(vars(arg)) if hasattr(arg, "__dict__") else {}
+
+
+def _daemon() -> dict:
+    """The real server's `daemon` counters (lsp/server.py), from what the editor reported."""
+    accepted = [_as_dict(a) for a in state["accepted"]]
+    shown = [_as_dict(a) for a in state["shown"]]
+    settings = state["settings"] or {}
+    if isinstance(settings, dict) and "rotary" in settings:
+        settings = settings["rotary"]
+    return {
+        "shown": len(shown),
+        "shown_chars": sum(int(a.get("length", 0) or 0) for a in shown),
+        "accepted": sum(1 for a in accepted if a.get("full", True)),
+        "accepted_partial": sum(1 for a in accepted if not a.get("full", True)),
+        "accepted_chars": sum(int(a.get("acceptedLength", 0) or 0) for a in accepted),
+        "settings": {**(state["initializationOptions"] or {}), **(settings or {})},
+        "last_completion": state["last_completion"],
+    }
 
 
 def status(state_name: str, message: str = "", latency=None, last=None) -> None:
@@ -76,12 +109,12 @@ def _items(uri: str, position: types.Position) -> list[types.InlineCompletionIte
     doc = server.workspace.get_text_document(uri)
     line = doc.lines[position.line] if position.line < len(doc.lines) else ""
     before = line[: position.character]
-    if not before.strip() or before.rstrip().endswith("nothing"):
+    if before.rstrip().endswith("nothing"):
         return []
     word = re.search(r"\w*$", before).group(0)
     start = types.Position(line=position.line, character=position.character - len(word))
     rng = types.Range(start=start, end=position)
-    texts = [word + SUGGESTION]
+    texts = [INDENTED] if not before.strip() else [word + SUGGESTION]
     if "# two" in doc.source:
         texts.append(word + SECOND)
     items = []
@@ -107,6 +140,8 @@ def inline_completion(params: types.InlineCompletionParams):
     if not state["enabled"]:
         return None
     items = _items(params.text_document.uri, params.position)
+    if items:
+        state["last_completion"] = {"uri": params.text_document.uri, "text": items[0].insert_text}
     status("ready", "ready", 5, "suggestion" if items else "empty")
     return types.InlineCompletionList(items=items)
 
@@ -129,7 +164,7 @@ def completion(params: types.CompletionParams):
 
 @server.command("rotary.stats")
 def stats(*args):
-    return dict(state)
+    return {**state, "daemon": _daemon()}
 
 
 @server.command("rotary.restartWorker")
