@@ -2,7 +2,13 @@
 
 - unit: the plugin's own text logic (editors/nvim/tests/unit.lua), no server;
 - fake server: every UI path against tests/editors/fake_server.py, whose answer is known;
-- real server (marked model): the same scenario with `rotary lsp` and the embedded model.
+- real server (marked model): the same scenario with `rotary lsp` and the embedded model;
+- Enter then accept (editors/nvim/tests/indent.lua): Python's own indentation opens the
+  line, the suggestion is accepted, and the line must keep exactly that indentation
+  followed by the server's suggestion; with both servers.
+
+Every Lua script compares what Neovim shows and inserts with the server's own reply
+(recorded in the driven Neovim, editors/nvim/tests/child.lua).
 """
 
 from __future__ import annotations
@@ -84,6 +90,31 @@ def test_with_real_server(nvim, real_server_cmd, tmp_path):
     run_lua(
         nvim,
         NVIM_TESTS / "e2e.lua",
+        env={
+            "ROTARY_TEST_CMD": json.dumps(real_server_cmd),
+            "ROTARY_TEST_TIMEOUT": os.environ.get("ROTARY_TEST_TIMEOUT", "240"),
+            "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")),
+        },
+        timeout=900,
+    )
+
+
+def test_enter_then_accept_with_fake_server(nvim, fake_server_cmd):
+    run_lua(
+        nvim,
+        NVIM_TESTS / "indent.lua",
+        env={"ROTARY_TEST_CMD": json.dumps(fake_server_cmd), "ROTARY_TEST_TIMEOUT": "30"},
+        timeout=180,
+    )
+
+
+@pytest.mark.model
+def test_enter_then_accept_keeps_the_editors_indentation(nvim, real_server_cmd):
+    """Issue 7: Enter after `    with open(path) as f:` puts 8 spaces; the accepted
+    suggestion must not add its own (a suggestion of "    return ..." gave 12)."""
+    run_lua(
+        nvim,
+        NVIM_TESTS / "indent.lua",
         env={
             "ROTARY_TEST_CMD": json.dumps(real_server_cmd),
             "ROTARY_TEST_TIMEOUT": os.environ.get("ROTARY_TEST_TIMEOUT", "240"),
