@@ -1,0 +1,382 @@
+"""Rotary's own forward for the Llama family (Llama, SmolLM2, Qwen2 with its QKV bias, Mistral).
+
+One plain loop over layers, in the style of gpt-fast's model.py, so that a caller can
+run a slice of layers (early exit), get logits for every new position (verifying a
+draft), take the hidden state after any layer (exit classifiers), and decode several
+documents in one batched forward. It takes the weights of a loaded Hugging Face model
+(`Transformer.from_hf`), which stays the test oracle and the fallback for other
+architectures (`supports` says which path a model can take, and why).
+
+The KV cache is not owned here: `forward` writes each new token's K/V into the slot
+equal to its position of any object with the `KVCache` attribute protocol below
+(cache/buffer.py's KVBuffer is the one Rotary uses), and attends to slots [0, position].
+It does not move the cache's fill pointers; the cache does that around the call
+(KVBuffer.extend), so token ids and tensors always change together.
+
+Speed on a CPU (measured, see bench/decode.py): one token's decode step reads every
+weight once, so it is bound by memory bandwidth plus per-op overhead. Hence fused
+projections (one QKV matmul, one gate/up matmul: fewer and larger reads), K/V written
+in place into a preallocated buffer (no torch.cat of the whole cache per step, which is
+what a DynamicCache does), GQA through SDPA's enable_gqa (no repeated K/V), RoPE tables
+built once, and the LM head run only on the positions whose logits are asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+# RoPE types whose inverse frequencies are fixed at load time ("dynamic" NTK and "longrope"
+# recompute them from the sequence length in every forward).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+Logits = Literal["last", "all"] | None
+
+
+class KVCache(Protocol):
+    """What `Transformer.forward` needs from a cache (cache/buffer.py's KVBuffer has it).
+
+    kv: [layers, 2, kv_heads, capacity, head_dim]; kv[l, 0] keys, kv[l, 1] values. Slot p holds position p.
+    filled: per layer, how many leading positions hold valid K/V.
+    reserve(n): make capacity >= n (may replace `kv`).
+    """
+
+    kv: torch.Tensor
+    filled: list[int]
+
+    def reserve(self, length: int) -> None: ...
+
+
+class ForwardOutput(NamedTuple):
+    logits: torch.Tensor | None  # [B, vocab] ("last"), [B, S, vocab] ("all"), None
+    hidden: torch.Tensor | None  # [B, S, dim] after the last layer run, before the final norm (return_hidden)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    sliding_windows: tuple[int | None, ...]  # per layer: attend to the last w positions (self included); None: all
+    rope_scaling: float = 1.0  # yarn's attention factor: multiplies cos and sin
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf(cls, config: Any) -> TransformerConfig:
+        n_heads = int(config.num_attention_heads)
+        n_layers = int(config.num_hidden_layers)
+        return cls(
+            vocab_size=int(config.vocab_size),
+            dim=int(config.hidden_size),
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // n_heads),
+            intermediate_size=int(config.intermediate_size),
+            norm_eps=float(config.rms_norm_eps),
+            sliding_windows=sliding_windows(config),
+        )
+
+
+def sliding_windows(config: Any) -> tuple[int | None, ...]:
+    """Per layer, the attention window as transformers applies it (None: full causal attention).
+
+    Qwen2 names its sliding layers in `layer_types` (and sets sliding_window to None unless
+    use_sliding_window); Mistral applies `sliding_window` to every layer; Llama has none.
+    """
+    n_layers = int(config.num_hidden_layers)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "model_type", "") == "llama" or not window:
+        return (None,) * n_layers
+    if layer_types is not None:
+        return tuple(int(window) if kind == "sliding_attention" else None for kind in layer_types)
+    return (int(window),) * n_layers
+
+
+def supports(hf_model: Any) -> tuple[bool, str]:
+    """Whether `hf_model` can run on this forward; the reason names what decided it (for the loader's log)."""
+    config = getattr(hf_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return False, f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return False, f"activation {config.hidden_act!r} is not silu"
+    if getattr(config, "mlp_bias", False):
+        return False, "MLP biases are not supported"
+    if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
+        return False, "pretraining_tp > 1 is not supported"
+    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None:
+        return False, "no rotary embedding with inv_freq found at model.rotary_emb"
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        return False, f"RoPE type {rope_type!r} recomputes its frequencies per sequence length"
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    if 2 * inv_freq.numel() != head_dim:
+        return False, f"partial rotary ({2 * inv_freq.numel()} of {head_dim} dims) is not supported"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and set(layer_types) - {"full_attention", "sliding_attention"}:
+        return False, f"layer types {sorted(set(layer_types))} are not supported"
+    windows = [w for w in sliding_windows(config) if w]
+    detail = f", sliding window {windows[0]} on {len(windows)} layers" if windows else ""
+    return True, f"{model_type}, RoPE {rope_type}{detail}"
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [dim]
+    wqkv: torch.Tensor  # [(n_heads + 2 * n_kv_heads) * head_dim, dim]
+    bqkv: torch.Tensor | None  # [(n_heads + 2 * n_kv_heads) * head_dim] (Qwen2, Llama attention_bias)
+    wo: torch.Tensor  # [dim, n_heads * head_dim]
+    bo: torch.Tensor | None  # [dim] (Llama attention_bias)
+    mlp_norm: torch.Tensor  # [dim]
+    w_gate_up: torch.Tensor  # [2 * intermediate, dim]
+    w_down: torch.Tensor  # [dim, intermediate]
+
+
+def _fuse(linears: Sequence[Any], share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears stacked on their output rows.
+
+    share=True points the original modules' parameters at row slices of the fused tensor,
+    so the Hugging Face model keeps working, unchanged, without a second copy of its weights.
+    """
+    weight = torch.cat([m.weight.detach() for m in linears], dim=0).contiguous()
+    biases = [m.bias for m in linears]
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases], dim=0).contiguous()
+    if share:
+        row = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight.data = weight[row : row + rows]
+            if bias is not None:
+                m.bias.data = bias[row : row + rows]
+            row += rows
+    return weight, bias
+
+
+class Transformer:
+    """The forward pass over weights taken from a Hugging Face Llama-family model."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        embed: torch.Tensor,
+        layers: list[LayerWeights],
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        inv_freq: torch.Tensor,
+    ):
+        assert len(layers) == config.n_layers and len(config.sliding_windows) == config.n_layers
+        self.config = config
+        self.embed = embed  # [vocab, dim]
+        self.layers = layers
+        self.norm = norm  # [dim]
+        self.lm_head = lm_head  # [vocab, dim]; the embedding itself when tied
+        self.inv_freq = inv_freq.to(device=embed.device, dtype=torch.float32)  # [head_dim / 2]
+        self.dtype = embed.dtype
+        self.device = embed.device
+        # cos/sin of position * inv_freq for positions [0, len), grown by doubling: decoding reads a view.
+        self._cos = torch.empty(0, config.head_dim // 2, dtype=self.dtype, device=self.device)
+        self._sin = self._cos
+
+    @classmethod
+    @torch.no_grad()
+    def from_hf(cls, hf_model: Any, *, share_weights: bool = True) -> Transformer:
+        """Take the weights of a loaded transformers Llama/Qwen2/Mistral causal LM (see `supports`).
+
+        q/k/v and gate/up are fused into one weight each; share_weights=True leaves the
+        HF model's own parameters as views of the fused tensors (same values, no second copy).
+        """
+        ok, reason = supports(hf_model)
+        if not ok:
+            raise ValueError(f"this model cannot take Rotary's own forward: {reason}")
+        base = hf_model.model
+        config = TransformerConfig.from_hf(hf_model.config)
+        rotary = base.rotary_emb
+        config = TransformerConfig(**{**config.__dict__, "rope_scaling": float(getattr(rotary, "attention_scaling", 1.0))})
+        layers = []
+        for block in base.layers:
+            attn, mlp = block.self_attn, block.mlp
+            wqkv, bqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], share_weights)
+            w_gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj], share_weights)
+            layers.append(
+                LayerWeights(
+                    attn_norm=block.input_layernorm.weight.detach(),
+                    wqkv=wqkv,
+                    bqkv=bqkv,
+                    wo=attn.o_proj.weight.detach(),
+                    bo=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+                    mlp_norm=block.post_attention_layernorm.weight.detach(),
+                    w_gate_up=w_gate_up,
+                    w_down=mlp.down_proj.weight.detach(),
+                )
+            )
+        embed = base.embed_tokens.weight.detach()
+        lm_head = hf_model.lm_head.weight.detach()  # the same tensor as `embed` when tied
+        return cls(config, embed, layers, base.norm.weight.detach(), lm_head, rotary.inv_freq.detach())
+
+    # ------------------------------------------------------------------
+    # The forward pass
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor | None,
+        caches: KVCache | Sequence[KVCache],
+        *,
+        starts: Sequence[int] | None = None,
+        lengths: Sequence[int] | None = None,
+        layers: range | None = None,
+        hidden: torch.Tensor | None = None,
+        logits: Logits = "last",
+        return_hidden: bool = False,
+    ) -> ForwardOutput:
+        """Run new tokens through `layers`, writing their K/V into `caches`; return logits and/or hidden.
+
+        ids: [B, S] token ids, row b for caches[b] (one cache: B = 1; a 1-D [S] is taken as one row);
+            or None with `hidden`.
+        starts: per row, the position of its first new token; its K/V go to slots [start, start + S)
+            and it attends to slots [0, position]. Default: each cache's fill depth at the first layer run.
+        lengths: per row, how many of the S tokens are real (rows right-padded to S: the padding
+            writes K/V past the real tokens, which the cache does not count, and is never attended to
+            by real tokens). Default: S for every row.
+        layers: which layers to run, a range with step 1 (default: all). Not starting at 0, the input
+            is `hidden` [B, S, dim] (the hidden state after layer layers.start - 1), not ids.
+        logits: "last" (each row's last real token: [B, vocab]), "all" ([B, S, vocab]) or None.
+            A slice that stops early still gets logits: the final norm and LM head on its last hidden state.
+        return_hidden: also return the hidden state after the last layer run, [B, S, dim].
+        """
+        config = self.config
+        layers = range(config.n_layers) if layers is None else layers
+        assert layers.step == 1 and 0 <= layers.start < layers.stop <= config.n_layers, f"bad layer range {layers}"
+        caches = [caches] if not isinstance(caches, (list, tuple)) else list(caches)
+        if hidden is None:
+            assert layers.start == 0, "a slice that does not start at layer 0 takes `hidden`"
+            ids = ids.view(1, -1) if ids.dim() == 1 else ids  # [B, S]
+            x = F.embedding(ids, self.embed)  # [B, S, dim]
+        else:
+            x = hidden  # [B, S, dim]
+        batch, seq = x.shape[0], x.shape[1]
+        assert batch == len(caches), f"{batch} rows for {len(caches)} caches"
+        starts = [cache.filled[layers.start] for cache in caches] if starts is None else [int(s) for s in starts]
+        for cache, start in zip(caches, starts):
+            cache.reserve(start + seq)
+        cos, sin = self._rope(starts, seq)  # [B, S, 1, head_dim / 2] each
+        masks = self._masks(starts, seq, {config.sliding_windows[i] for i in layers})
+
+        for i in layers:
+            x = self._layer(i, x, caches, starts, cos, sin, masks[config.sliding_windows[i]])
+
+        out_logits = None
+        if logits == "last":
+            if lengths is None:
+                last = x[:, -1]  # [B, dim]
+            else:
+                rows = torch.arange(batch, device=x.device)
+                last = x[rows, torch.tensor([n - 1 for n in lengths], device=x.device)]  # [B, dim]
+            out_logits = self._head(last)  # [B, vocab]
+        elif logits == "all":
+            out_logits = self._head(x)  # [B, S, vocab]
+        else:
+            assert logits is None, f"logits must be 'last', 'all' or None, not {logits!r}"
+        return ForwardOutput(out_logits, x if return_hidden else None)
+
+    __call__ = forward
+
+    def _layer(self, i: int, x: torch.Tensor, caches: list, starts: list[int], cos, sin, masks: list) -> torch.Tensor:
+        config, w = self.config, self.layers[i]
+        batch, seq = x.shape[0], x.shape[1]
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+
+        h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)  # [B, S, dim]
+        qkv = F.linear(h, w.wqkv, w.bqkv).view(batch, seq, heads + 2 * kv_heads, head_dim)  # [B, S, H + 2KV, Dh]
+        qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)  # [B, S, H + KV, Dh]
+        attn = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)  # [B, S, H, Dh]
+        # Attention per sequence: each row reads only its own cache, as long as it really is
+        # (padding every row to the longest would copy every cache into one tensor per layer).
+        for b, cache in enumerate(caches):
+            start, end = starts[b], starts[b] + seq
+            layer_kv = cache.kv[i]  # [2, KV, capacity, Dh]
+            layer_kv[0, :, start:end].copy_(qk[b, :, heads:].transpose(0, 1))  # [KV, S, Dh]
+            layer_kv[1, :, start:end].copy_(qkv[b, :, heads + kv_heads :].transpose(0, 1))
+            low, mask, causal = masks[b]
+            q = qk[b, :, :heads].transpose(0, 1).unsqueeze(0)  # [1, H, S, Dh]
+            k = layer_kv[0, :, low:end].unsqueeze(0)  # [1, KV, T, Dh]
+            v = layer_kv[1, :, low:end].unsqueeze(0)  # [1, KV, T, Dh]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)  # [1, H, S, Dh]
+            attn[b].copy_(out[0].transpose(0, 1))  # [S, H, Dh]
+        x = x + F.linear(attn.view(batch, seq, heads * head_dim), w.wo, w.bo)  # [B, S, dim]
+
+        h = F.rms_norm(x, (config.dim,), w.mlp_norm, config.norm_eps)  # [B, S, dim]
+        gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)  # [B, S, I] each
+        return x + F.linear(F.silu(gate) * up, w.w_down)  # [B, S, dim]
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.rms_norm(x, (self.config.dim,), self.norm, self.config.norm_eps), self.lm_head)
+
+    # ------------------------------------------------------------------
+    # Positions: RoPE tables and attention masks, built once per forward and shared by every layer
+
+    def _rope(self, starts: list[int], seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each row's positions, [B, S, 1, head_dim / 2] each."""
+        needed = max(starts) + seq
+        if needed > self._cos.shape[0]:
+            size = max(needed, 2 * self._cos.shape[0], 1024)
+            # Exactly as transformers computes them: fp32 position * inv_freq, cos/sin in fp32,
+            # times the attention factor, then cast to the model dtype.
+            freqs = torch.arange(size, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+            self._cos = (freqs.cos() * self.config.rope_scaling).to(self.dtype)  # [positions, Dh / 2]
+            self._sin = (freqs.sin() * self.config.rope_scaling).to(self.dtype)
+        if len(starts) == 1:
+            start = starts[0]
+            return self._cos[start : start + seq][None, :, None], self._sin[start : start + seq][None, :, None]
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(seq, device=self.device)  # [B, S]
+        return self._cos[positions][:, :, None], self._sin[positions][:, :, None]
+
+    def _masks(self, starts: list[int], seq: int, windows: set[int | None]) -> dict:
+        """Per window, per row: (first slot attended, bool mask [S, T] or None, is_causal)."""
+        return {window: [attention_span(start, seq, window, self.device) for start in starts] for window in windows}
+
+
+def attention_span(start: int, seq: int, window: int | None, device) -> tuple[int, torch.Tensor | None, bool]:
+    """Which cached slots queries at positions [start, start + seq) attend to.
+
+    Returns (low, mask, causal): keys are slots [low, start + seq); mask [seq, start + seq - low]
+    (True: attend) or None; causal=True when SDPA's own causal mask is exactly right (no mask
+    tensor, and the faster kernel path).
+    """
+    end = start + seq
+    low = 0 if window is None else max(0, end - window if seq == 1 else start + 1 - window)
+    if seq == 1:
+        return low, None, False  # one query attends to every slot in [low, end)
+    if start == 0 and (window is None or window >= seq):
+        return 0, None, True  # square and top-left aligned: SDPA's is_causal is the causal mask
+    key_pos = torch.arange(low, end, device=device)  # [T]
+    query_pos = torch.arange(start, end, device=device)[:, None]  # [S, 1]
+    mask = key_pos <= query_pos  # [S, T]
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return low, mask, False
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the "half" convention (transformers' rotate_half): pair i is (i, i + head_dim / 2).
+
+    x [B, S, heads, Dh]; cos, sin [B, S, 1, Dh / 2]. Bit-identical to x * cos + rotate_half(x) * sin.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # [B, S, heads, Dh / 2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
