@@ -395,6 +395,13 @@ class DocumentTokens:
         """Record tokens encoded right after the cached ones (decoding): fresh, nothing moves."""
         self._ids = self._ids + tuple(new_ids)
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens (rejected draft tokens rolled back); their staleness is kept."""
+        assert 0 <= length <= len(self._ids), f"cannot truncate {len(self._ids)} tokens to {length}"
+        if length < len(self._ids):
+            self._stale = _subtract(self._stale, (length, len(self._ids)))
+            self._ids = self._ids[:length]
+
     def slide_window(self, drop: int, appended_ids: Sequence[int] = ()) -> UpdatePlan:
         """Drop `drop` leading tokens, append `appended_ids`, and return the plan to execute."""
         plan = plan_window_slide(len(self._ids), drop, len(appended_ids))

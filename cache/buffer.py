@@ -1,0 +1,366 @@
+"""The KV cache Rotary owns: one document's token ids and their K/V, changed only together.
+
+A KVBuffer holds one preallocated tensor, kv [layers, 2, kv_heads, capacity, head_dim]
+(kv[l, 0] keys, kv[l, 1] values of layer l; slot p holds position p), the token ids
+whose K/V it holds (a DocumentTokens, with their staleness), and per layer a fill depth:
+`filled[l]` leading positions hold valid K/V in layer l. A token that exited early at
+layer k is recorded (its id is held) with layers k.. left unfilled until `fill` runs them.
+
+The invariant "these ids and these tensors describe the same text" is kept here and
+nowhere else: every change goes through a method that moves both (`extend`, `fill`,
+`rollback`, `apply`, `refresh`, and `extend_batch` for several documents at once). The
+model is reached only through a `Forward` callable (models/transformer.py's
+Transformer.forward), so cache/ never imports models/.
+
+Costs. Appending writes the new slots only (no copy of the cache per token). Capacity grows
+by half again, in whole chunks, so growth is amortised O(1) per token. `rollback` is O(1) on
+the tensors: slots past the new length are simply no longer counted (the next extend
+overwrites them). Moving reused K/V for an edit (PIE) is one gather and one scatter over
+every layer at once, and re-rotating moved keys is one `shift_keys` call on the stacked keys.
+
+Every write happens under torch.inference_mode() (here and in the forward), so the buffer's
+tensors may be inference tensors; read them freely, write them only through this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from rotary.kernels import shift_keys
+
+from .plan import DocumentTokens, UpdatePlan
+
+DEFAULT_CHUNK = 256  # capacity grows in whole chunks of this many positions
+
+
+class Forward(Protocol):
+    """The model's forward as the buffer calls it (models/transformer.py's Transformer.forward).
+
+    Writes the K/V of the new tokens of row b into caches[b].kv at slots [starts[b], starts[b] + S)
+    for every layer in `layers`, attending to slots [0, position]; never moves `filled`.
+    """
+
+    def __call__(
+        self,
+        ids: torch.Tensor | None,
+        caches: Sequence[KVBuffer],
+        *,
+        starts: Sequence[int],
+        lengths: Sequence[int] | None = None,
+        layers: range | None = None,
+        hidden: torch.Tensor | None = None,
+        logits: str | None = "last",
+        return_hidden: bool = False,
+    ) -> Any: ...
+
+
+class KVBuffer:
+    """One document's K/V in one stacked tensor, with the token ids it describes."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        capacity: int = 0,
+        chunk: int = DEFAULT_CHUNK,
+    ):
+        assert num_layers > 0 and kv_heads > 0 and head_dim > 0 and chunk > 0
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device, self.chunk = dtype, torch.device(device), chunk
+        self.kv = self._allocate(_round_up(capacity, chunk))  # [layers, 2, kv_heads, capacity, head_dim]
+        self.filled = [0] * num_layers  # per layer: positions [0, filled[l]) hold valid K/V
+        self.tokens = DocumentTokens()  # the ids of positions [0, length), and which are stale
+
+    def __repr__(self) -> str:
+        depth = "" if self.is_complete() else f", filled={self.filled}"
+        return f"KVBuffer({self.length} tokens, capacity {self.capacity}{depth})"
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        """How many tokens the buffer holds (their ids; every layer up to here unless an early exit left gaps)."""
+        return len(self.tokens)
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.tokens.token_ids
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[3]
+
+    def is_complete(self) -> bool:
+        """Every layer holds K/V for every token (no early exit waiting to be filled)."""
+        return all(depth == self.length for depth in self.filled)
+
+    def unfilled(self, layer: int) -> tuple[int, int]:
+        """The positions [start, end) whose K/V layer `layer` still lacks."""
+        return self.filled[layer], self.length
+
+    def nbytes(self) -> int:
+        """Bytes held (the whole capacity)."""
+        return self.kv.nbytes
+
+    def keys(self) -> torch.Tensor:
+        """The stacked keys of every layer, [layers, 1, kv_heads, length, head_dim]: a view, for shift_keys.
+
+        kernels/rope_shift.py's shift_keys takes exactly this layout ([layers, batch, kv_heads, seq,
+        head_dim], the K/V axis sliced to keys as a batch of one), so one call re-rotates all layers.
+        Valid until the buffer next grows.
+        """
+        return self.kv[:, 0:1, :, : self.length]
+
+    def values(self) -> torch.Tensor:
+        """The stacked values, [layers, 1, kv_heads, length, head_dim] (a view)."""
+        return self.kv[:, 1:2, :, : self.length]
+
+    # -- capacity ---------------------------------------------------------
+
+    @torch.inference_mode()
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions: grow by at least half the capacity, in whole chunks."""
+        if length <= self.capacity:
+            return
+        grown = self._allocate(_round_up(max(length, self.capacity + self.capacity // 2), self.chunk))
+        used = max(self.filled)
+        grown[:, :, :, :used].copy_(self.kv[:, :, :, :used])
+        self.kv = grown
+
+    @torch.inference_mode()
+    def shrink_to_fit(self) -> None:
+        """Give back the capacity past the tokens held (rounded up to a chunk), e.g. for an idle document."""
+        size = _round_up(max(self.filled), self.chunk)
+        if size < self.capacity:
+            self.kv = self.kv[:, :, :, :size].clone()
+
+    def _allocate(self, capacity: int) -> torch.Tensor:
+        shape = (self.num_layers, 2, self.kv_heads, capacity, self.head_dim)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    # -- the model: ids and tensors change together ------------------------
+
+    def extend(
+        self,
+        ids: Sequence[int],
+        forward: Forward,
+        *,
+        layers: range | None = None,
+        logits: str | None = "last",
+        return_hidden: bool = False,
+        chunk: int | None = None,
+    ) -> Any:
+        """Run `ids` after the tokens held, append their K/V and their ids; return the forward's output.
+
+        layers: range(0, k) stops after layer k - 1 (early exit): layers k.. stay unfilled for these
+        tokens until `fill` runs them, and no later token can run those layers before that.
+        chunk: at most this many tokens per forward (prefill in pieces); the output is the last piece's.
+        """
+        ids = [int(i) for i in ids]
+        assert ids, "extend needs at least one token"
+        layers = self._layers(layers)
+        assert layers.start == 0, "extend starts at layer 0; use fill() to complete later layers"
+        step = chunk or len(ids)
+        out = None
+        for first in range(0, len(ids), step):
+            piece = ids[first : first + step]
+            start = self.length
+            self._check_depth(layers, start)
+            out = forward(
+                torch.tensor([piece], device=self.device), [self], starts=[start], layers=layers,
+                logits=logits if first + step >= len(ids) else None, return_hidden=return_hidden,
+            )
+            self.tokens.append(piece)
+            self._mark_filled(layers, start + len(piece))
+        return out
+
+    def fill(
+        self, hidden: torch.Tensor, forward: Forward, layers: range, *, logits: str | None = None, return_hidden: bool = False
+    ) -> Any:
+        """Complete `layers` for held tokens that an early exit left unfilled there.
+
+        hidden [1, n, dim]: the hidden state entering layers.start for the n positions starting at
+        filled[layers.start] (what the exited forward returned with return_hidden=True).
+        """
+        layers = self._layers(layers)
+        start, count = self.filled[layers.start], hidden.shape[1]
+        assert start + count <= self.length, f"fill of {count} positions from {start} runs past {self.length} tokens"
+        self._check_depth(layers, start)
+        out = forward(None, [self], starts=[start], layers=layers, hidden=hidden, logits=logits, return_hidden=return_hidden)
+        self._mark_filled(layers, start + count)
+        return out
+
+    def rollback(self, length: int) -> None:
+        """Forget every token from `length` on (rejected draft tokens): O(1) on the tensors."""
+        assert 0 <= length <= self.length, f"cannot roll {self.length} tokens back to {length}"
+        self.tokens.truncate(length)
+        self.filled = [min(depth, length) for depth in self.filled]
+
+    def refresh(self, start: int, end: int | None, forward: Forward, *, chunk: int | None = None) -> int:
+        """Re-encode positions [start, end) in place against the current prefix; return how many.
+
+        Exactly what a full recompute gives for [start, end) when [0, start) already is; positions
+        after `end` keep their K/V. Clears their staleness.
+        """
+        assert self.is_complete(), "refresh needs every layer filled"
+        end = self.length if end is None else min(end, self.length)
+        if start >= end:
+            return 0
+        ids = self.tokens.token_ids
+        step = chunk or end - start
+        for first in range(start, end, step):
+            last = min(first + step, end)
+            forward(torch.tensor([ids[first:last]], device=self.device), [self], starts=[first], logits=None)
+        self.tokens.mark_refreshed(start, end)
+        return end - start
+
+    def apply(
+        self,
+        plan: UpdatePlan,
+        new_ids: Sequence[int],
+        forward: Forward,
+        *,
+        inv_freq: torch.Tensor | None,
+        convention: str = "half",
+        rerotate: bool = True,
+        chunk: int | None = None,
+    ) -> Any:
+        """Turn the buffer (holding the old ids) into one holding `new_ids`, as `plan` says (PIE).
+
+        Reused pieces that moved are gathered and scattered in one step for every layer, their keys
+        re-rotated by their delta in one shift_keys call (values untouched); then every ENCODE piece
+        runs through the model left to right, attending to the new text before it. Returns the output
+        of the last forward when the plan ends with an ENCODE piece (its logits="last"), else None.
+        rerotate=False leaves moved keys at their old rotation (the PIE paper's "conflict" baseline).
+        On an error the buffer is emptied (consistent, to be rebuilt by encoding).
+        """
+        new_ids = [int(i) for i in new_ids]
+        assert self.is_complete(), "apply needs every layer filled"
+        assert plan.old_length == self.length and plan.new_length == len(new_ids), (plan, self.length, len(new_ids))
+        try:
+            self.reserve(plan.new_length)
+            moves = [(s.old_start, s.old_end, s.new_start) for s in plan.segments if s.is_reused and s.delta]
+            self.move(moves)
+            shifts = plan.shifts_at_new_positions()
+            if shifts and rerotate:
+                assert inv_freq is not None, "moved keys need the model's inv_freq to be re-rotated"
+                self.rotate(shifts, inv_freq, convention)
+            out = None
+            encodes = plan.encode_ranges()
+            for start, end in encodes:
+                step = chunk or end - start
+                for first in range(start, end, step):
+                    last = min(first + step, end)
+                    wants_logits = last == plan.new_length
+                    out = forward(
+                        torch.tensor([new_ids[first:last]], device=self.device), [self], starts=[first],
+                        logits="last" if wants_logits else None,
+                    )
+            if not encodes or encodes[-1][1] != plan.new_length:
+                out = None
+        except BaseException:
+            self.rollback(0)
+            raise
+        self.tokens.apply(plan, new_ids)
+        self.filled = [plan.new_length] * self.num_layers
+        return out
+
+    # -- tensor helpers for a PIE executor ----------------------------------
+
+    @torch.inference_mode()
+    def move(self, moves: Sequence[tuple[int, int, int]]) -> None:
+        """Copy slots [old_start, old_end) to [new_start, ...) for each move, all layers, keys and values.
+
+        All sources are read before any destination is written, so moves may overlap each other's
+        old and new ranges (a plan never reuses one old slot twice). The capacity must already fit.
+        """
+        moves = [(s, e, n) for s, e, n in moves if e > s and n != s]
+        if not moves:
+            return
+        assert max(n + e - s for s, e, n in moves) <= self.capacity, "reserve() before moving past the capacity"
+        old = torch.cat([torch.arange(s, e) for s, e, _ in moves]).to(self.device)
+        new = torch.cat([torch.arange(n, n + e - s) for s, e, n in moves]).to(self.device)
+        self.kv.index_copy_(3, new, self.kv.index_select(3, old))
+
+    @torch.inference_mode()
+    def gather(self, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """A copy of the K/V at `positions`, [layers, 2, kv_heads, n, head_dim]."""
+        return self.kv.index_select(3, torch.as_tensor(positions, dtype=torch.long, device=self.device))
+
+    @torch.inference_mode()
+    def scatter(self, positions: Sequence[int] | torch.Tensor, kv: torch.Tensor) -> None:
+        """Write kv [layers, 2, kv_heads, n, head_dim] into slots `positions` (bookkeeping is the caller's)."""
+        self.kv.index_copy_(3, torch.as_tensor(positions, dtype=torch.long, device=self.device), kv)
+
+    def rotate(self, segments: Sequence[tuple[int, int, int]], inv_freq: torch.Tensor, convention: str = "half") -> None:
+        """Re-rotate the keys of slots [start, end) by delta positions, every layer in one shift_keys call."""
+        end = max((e for _, e, _ in segments), default=0)
+        shift_keys(self.kv[:, 0:1, :, : max(end, self.length)], segments, inv_freq, convention)
+
+    # -- checks -------------------------------------------------------------
+
+    def _layers(self, layers: range | None) -> range:
+        layers = range(self.num_layers) if layers is None else layers
+        assert layers.step == 1 and 0 <= layers.start < layers.stop <= self.num_layers, f"bad layer range {layers}"
+        return layers
+
+    def _check_depth(self, layers: range, start: int) -> None:
+        for layer in layers:
+            assert self.filled[layer] == start, (
+                f"layer {layer} holds {self.filled[layer]} positions, not {start}: "
+                "fill() the positions an early exit skipped before running it again"
+            )
+
+    def _mark_filled(self, layers: range, end: int) -> None:
+        for layer in layers:
+            self.filled[layer] = end
+
+
+def extend_batch(
+    buffers: Sequence[KVBuffer],
+    ids: Sequence[Sequence[int]],
+    forward: Forward,
+    *,
+    layers: range | None = None,
+    logits: str | None = "last",
+    return_hidden: bool = False,
+) -> Any:
+    """`extend` for several documents in one batched forward: row b appends ids[b] to buffers[b].
+
+    Rows may have different numbers of tokens: shorter ones are right-padded (the padding's K/V
+    land past the tokens held, where nothing counts them). logits="last" gives each row's last real
+    token, [B, vocab]; "all" gives [B, S, vocab] with padded positions meaningless.
+    """
+    assert len(buffers) == len(ids) and buffers, "one list of ids per buffer"
+    assert len({id(b) for b in buffers}) == len(buffers), "a buffer appears twice in one batch"
+    rows = [[int(i) for i in row] for row in ids]
+    assert all(rows), "every row needs at least one token"
+    counts = [len(row) for row in rows]
+    width = max(counts)
+    layers = buffers[0]._layers(layers)
+    assert layers.start == 0
+    starts = [b.length for b in buffers]
+    for buffer, start in zip(buffers, starts):
+        buffer._check_depth(layers, start)
+    padded = [row + [row[-1]] * (width - len(row)) for row in rows]
+    out = forward(
+        torch.tensor(padded, device=buffers[0].device), list(buffers), starts=starts,
+        lengths=None if min(counts) == width else counts, layers=layers, logits=logits, return_hidden=return_hidden,
+    )
+    for buffer, row, start in zip(buffers, rows, starts):
+        buffer.tokens.append(row)
+        buffer._mark_filled(layers, start + len(row))
+    return out
+
+
+def _round_up(n: int, chunk: int) -> int:
+    return -(-n // chunk) * chunk
