@@ -30,6 +30,14 @@ def test_vscode_declares_the_server_settings():
     assert declared["rotary.completionMode"]["enum"] == list(settings_mod.COMPLETION_MODES)
 
 
+def test_vscode_settings_that_redirect_text_or_load_code_are_user_only():
+    # A repository's .vscode/settings.json must not send the user's code elsewhere
+    # (workerAddress) or load a model of its choosing (model): machine or application scope.
+    declared = json.loads((EDITORS / "vscode" / "package.json").read_text())["contributes"]["configuration"]["properties"]
+    for key in ("rotary.workerAddress", "rotary.model"):
+        assert declared[key].get("scope") in ("machine", "application"), key
+
+
 def test_vscode_extension_defaults_match_package_json():
     # src/settings.ts holds the defaults sent when a user has not set a key.
     source = (EDITORS / "vscode" / "src" / "settings.ts").read_text()

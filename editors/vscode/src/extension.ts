@@ -16,7 +16,7 @@ import {
 } from "vscode-languageclient/node";
 import { AcceptanceTracker, AcceptedArgs, acceptedArgsOf, charCount } from "./acceptance";
 import { commandPicks } from "./commands";
-import { documentSelector, resolveServerPath, sameSettings, serverSettings, ServerSettings } from "./settings";
+import { documentSelector, resolveServerPath, sameSettings, serverSettings, ServerSettings, userScopedReader } from "./settings";
 import { Progress, ServerStatus, statusView } from "./status";
 
 const SECTION = "rotary";
@@ -36,9 +36,25 @@ function config(): vscode.WorkspaceConfiguration {
   return vscode.workspace.getConfiguration(SECTION);
 }
 
+/** Workspace values of user-only settings already warned about (once per key and session). */
+const warnedWorkspaceKeys = new Set<string>();
+
 function currentServerSettings(): ServerSettings {
   const cfg = config();
-  return serverSettings((key, fallback) => cfg.get(key, fallback));
+  const read = userScopedReader(
+    (key, fallback) => cfg.get(key, fallback),
+    (key) => cfg.inspect(key),
+    (key) => {
+      if (warnedWorkspaceKeys.has(key)) {
+        return;
+      }
+      warnedWorkspaceKeys.add(key);
+      const message = `${SECTION}.${key} is set in this workspace's settings and was ignored: it is read only from your user settings.`;
+      output.warn(message);
+      void vscode.window.showWarningMessage(`Rotary: ${message}`);
+    },
+  );
+  return serverSettings(read);
 }
 
 function isExecutable(file: string): boolean {

@@ -23,6 +23,42 @@ export const CLIENT_ONLY_KEYS = ["serverPath", "languages", "trace.server"] as c
 /** A reader of the "rotary" configuration section (vscode.WorkspaceConfiguration.get). */
 export type ConfigReader = <T>(key: string, fallback: T) => T;
 
+/**
+ * Settings that send the user's text somewhere (workerAddress) or load code (model): read
+ * only from the user's own settings, never from a workspace's .vscode/settings.json, which
+ * any cloned repository can bring. package.json declares them with machine scope as well.
+ */
+export const USER_ONLY_KEYS: readonly ServerSettingKey[] = ["workerAddress", "model"];
+
+/** The fields of vscode.WorkspaceConfiguration.inspect() read here. */
+export interface InspectedSetting<T> {
+  globalValue?: T;
+  workspaceValue?: T;
+  workspaceFolderValue?: T;
+  workspaceLanguageValue?: T;
+  workspaceFolderLanguageValue?: T;
+}
+export type ConfigInspector = <T>(key: string) => InspectedSetting<T> | undefined;
+
+/**
+ * A reader that takes USER_ONLY_KEYS from the user's settings alone (the default when
+ * unset there) and reports each workspace value it ignores to `ignored`; other keys are
+ * read as `get` reads them.
+ */
+export function userScopedReader(get: ConfigReader, inspect: ConfigInspector, ignored: (key: string) => void): ConfigReader {
+  return <T>(key: string, fallback: T): T => {
+    if (!(USER_ONLY_KEYS as readonly string[]).includes(key)) {
+      return get(key, fallback);
+    }
+    const seen = inspect<T>(key);
+    if (seen && [seen.workspaceValue, seen.workspaceFolderValue, seen.workspaceLanguageValue, seen.workspaceFolderLanguageValue]
+      .some((v) => v !== undefined)) {
+      ignored(key);
+    }
+    return seen?.globalValue ?? fallback;
+  };
+}
+
 /** The object sent as initializationOptions and in didChangeConfiguration's {settings: {rotary}}. */
 export function serverSettings(get: ConfigReader): ServerSettings {
   const out: Record<string, unknown> = {};

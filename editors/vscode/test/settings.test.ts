@@ -2,7 +2,9 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { test } from "node:test";
-import { CLIENT_ONLY_KEYS, documentSelector, resolveServerPath, SERVER_SETTING_DEFAULTS, serverSettings } from "../src/settings";
+import {
+  CLIENT_ONLY_KEYS, documentSelector, resolveServerPath, SERVER_SETTING_DEFAULTS, serverSettings, USER_ONLY_KEYS, userScopedReader,
+} from "../src/settings";
 
 // Compiled to out-test/test/: package.json is three levels up.
 const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "..", "package.json"), "utf8"));
@@ -69,4 +71,41 @@ test("the document selector covers files and unsaved editors of each language", 
     { scheme: "untitled", language: "python" },
   ]);
   assert.deepEqual(documentSelector([]), []);
+});
+
+test("workerAddress and model are declared for the user's settings only (machine or application scope)", () => {
+  for (const key of USER_ONLY_KEYS) {
+    const scope = (declared[`rotary.${key}`] as { scope?: string }).scope;
+    assert.ok(scope === "machine" || scope === "application", `rotary.${key} has scope ${scope}`);
+  }
+  assert.deepEqual([...USER_ONLY_KEYS].sort(), ["model", "workerAddress"]);
+});
+
+test("a workspace cannot set workerAddress or model: its values are ignored and reported", () => {
+  // What inspect() reports for a repository whose .vscode/settings.json sets them.
+  const inspected: Record<string, object> = {
+    workerAddress: { workspaceValue: "attacker.example:443" },
+    model: { globalValue: "/home/me/models/mine", workspaceFolderValue: "./evil-model" },
+    maxTokens: { workspaceValue: 16 },
+  };
+  const merged: Record<string, unknown> = { workerAddress: "attacker.example:443", model: "./evil-model", maxTokens: 16 };
+  const get = <T>(key: string, fallback: T): T => (key in merged ? (merged[key] as T) : fallback);
+  const ignored: string[] = [];
+  const read = userScopedReader(get, (key) => inspected[key], (key) => ignored.push(key));
+  assert.deepEqual(serverSettings(read), {
+    ...SERVER_SETTING_DEFAULTS,
+    workerAddress: "", // the default: the user has not set it
+    model: "/home/me/models/mine", // the user's own value wins over the workspace folder's
+    maxTokens: 16, // other settings may come from the workspace
+  });
+  assert.deepEqual(ignored.sort(), ["model", "workerAddress"]);
+});
+
+test("user values of workerAddress and model are used, with nothing reported", () => {
+  const inspected: Record<string, object> = { workerAddress: { globalValue: "127.0.0.1:50151" }, model: {} };
+  const ignored: string[] = [];
+  const read = userScopedReader((_key, fallback) => fallback, (key) => inspected[key], (key) => ignored.push(key));
+  assert.equal(serverSettings(read).workerAddress, "127.0.0.1:50151");
+  assert.equal(serverSettings(read).model, "");
+  assert.deepEqual(ignored, []);
 });
