@@ -1,7 +1,7 @@
 """VS Code extension: its unit tests (`npm test`), the offline .vsix build, and the
-end-to-end test in a real VS Code (code-server 4.100.3 in Debian's Chromium), which
-editors/vscode/scripts/e2e.sh runs; install its tooling once with `e2e.sh install`
-(`make editors-setup`)."""
+end-to-end tests in a real VS Code (code-server 4.100.3 in Debian's Chromium), which
+editors/vscode/scripts/e2e.sh runs (scenarios of e2e-driver.mjs: basic, indent); install
+its tooling once with `e2e.sh install` (`make editors-setup`)."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def test_package_builds_a_small_vsix(npm):
     assert not any("node_modules" in n or n.endswith(".ts") or "/test/" in n for n in names), names
 
 
-@pytest.mark.model
-def test_end_to_end_in_code_server(npm):
+def run_e2e(scenario: str) -> tuple[str, Path]:
+    """editors/vscode/scripts/e2e.sh run, one scenario of e2e-driver.mjs; its output and artifacts folder."""
     if not (cache_dir() / "code-server-4.100.3" / ".rotary-installed").exists() or not shutil.which("chromium"):
         pytest.skip("code-server/chromium not installed: editors/vscode/scripts/e2e.sh install")
     server = rotary_executable()
@@ -69,7 +69,23 @@ def test_end_to_end_in_code_server(npm):
     out = run(
         [str(EXT / "scripts" / "e2e.sh"), "run"],
         timeout=900,
-        env={"ROTARY_SERVER": server, "ROTARY_ARTIFACTS": str(artifacts)},
+        env={"ROTARY_SERVER": server, "ROTARY_ARTIFACTS": str(artifacts), "ROTARY_E2E_SCENARIO": scenario},
     )
-    assert "[driver] PASS" in out, out
-    assert (artifacts / "02-ghost-text.png").exists()
+    assert "[driver] PASS" in out and "not ok" not in out, out
+    return out, artifacts
+
+
+@pytest.mark.model
+def test_end_to_end_in_code_server(npm):
+    """Type, ghost text, Tab, accept word then Tab, the server's counters: every file compared
+    byte for byte with the server's reply (from the language client's trace)."""
+    _, artifacts = run_e2e("basic")
+    assert (artifacts / "02-basic-ghost-text.png").exists()
+
+
+@pytest.mark.model
+def test_enter_then_accept_in_code_server(npm):
+    """Issue 7: Enter after `def add(a, b):` / `    with open(path) as f:` (VS Code's Python
+    onEnter rule indents), Tab: the line is the editor's indentation followed by exactly the
+    server's suggestion."""
+    run_e2e("indent")

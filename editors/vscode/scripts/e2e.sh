@@ -4,8 +4,9 @@
 # code-server 4.100.3 (it is VS Code 1.100.3; the last release that runs on
 # node 20) is driven by Debian's Chromium through playwright-core: the script
 # installs the freshly built .vsix, opens a Python file, types, waits for
-# Rotary's ghost text, accepts it with Tab and checks the buffer.  A
-# screenshot of each step is kept under artifacts/vscode-e2e/.
+# Rotary's ghost text, accepts it with Tab and checks the file against the
+# server's own reply (read from the language client's trace, see
+# e2e-driver.mjs).  A screenshot of each step is kept under artifacts/vscode-e2e/.
 #
 # Usage:  editors/vscode/scripts/e2e.sh [install|run|all]   (default: all)
 #   install  only install the tooling (idempotent; run once per machine/CI image)
@@ -18,6 +19,9 @@
 #                         (default: the repo's .venv/bin/rotary, else `rotary` on PATH)
 #   ROTARY_E2E_TIMEOUT_S  how long to wait for ghost text (default 180: first load of the model)
 #   ROTARY_ARTIFACTS      where screenshots and logs go (default <repo>/artifacts/vscode-e2e)
+#   ROTARY_E2E_SCENARIO   basic (type, Tab, accept word, stats) or indent (Enter after a
+#                         Python block opener, then Tab: the line keeps the editor's
+#                         indentation) [basic]
 #
 # Everything listens on 127.0.0.1 only; every process started here is stopped on exit.
 set -euo pipefail
@@ -32,6 +36,7 @@ CS_DIR="$CACHE/code-server-$CS_VERSION"
 DRIVER_DIR="$CACHE/driver"
 PLAYWRIGHT_VERSION="1.65.1"
 ARTIFACTS="${ROTARY_ARTIFACTS:-$REPO/artifacts/vscode-e2e}"
+SCENARIO="${ROTARY_E2E_SCENARIO:-basic}"
 export npm_config_fund=false npm_config_audit=false npm_config_update_notifier=false
 
 log() { printf '[e2e] %s\n' "$*" >&2; }
@@ -134,7 +139,7 @@ cleanup() {
   fi
   if [ -n "$WORK" ]; then
     # Keep VS Code's logs (extension host, the Rotary output channel) with the screenshots.
-    [ -d "$WORK/ud/logs" ] && rm -rf "$ARTIFACTS/logs" && cp -r "$WORK/ud/logs" "$ARTIFACTS/logs" 2>/dev/null
+    [ -d "$WORK/ud/logs" ] && rm -rf "$ARTIFACTS/logs-$SCENARIO" && cp -r "$WORK/ud/logs" "$ARTIFACTS/logs-$SCENARIO" 2>/dev/null
     rm -rf "$WORK"
   fi
   exit $rc
@@ -150,6 +155,7 @@ run_test() {
   trap cleanup EXIT INT TERM
   WORK="$(mktemp -d "${TMPDIR:-/tmp}/rotary-vscode-e2e.XXXXXX")"
   mkdir -p "$WORK/home" "$WORK/ud/User" "$WORK/ext" "$WORK/project" "$ARTIFACTS"
+  rm -f "$ARTIFACTS"/*-"$SCENARIO"-*.png
   # A private HOME: code-server writes ~/.config/code-server/config.yaml.
   # The model cache stays the user's (XDG_CACHE_HOME): the first run converts the model once.
   export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$HOME/.cache}"
@@ -169,30 +175,40 @@ run_test() {
   "extensions.autoCheckUpdates": false,
   "extensions.autoUpdate": false,
   "update.mode": "none",
-  "python.languageServer": "None"
+  "python.languageServer": "None",
+  "rotary.trace.server": "verbose"
 }
 JSON
   printf 'import math\n\n\ndef add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n' > "$WORK/project/main.py"
-  cp "$WORK/project/main.py" "$WORK/main.py.orig"
   cp "$WORK/project/main.py" "$WORK/project/other.py"
+  # A repository's own settings try to send the code elsewhere and load another model: the
+  # extension must ignore both (they are read from the user's settings only).
+  mkdir -p "$WORK/project/.vscode"
+  printf '{"rotary.workerAddress": "127.0.0.1:9", "rotary.model": "%s/not-a-model"}\n' "$WORK/project" \
+    > "$WORK/project/.vscode/settings.json"
+  printf 'import math\n\n\n' > "$WORK/project/indent_def.py"
+  cp "$WORK/project/indent_def.py" "$WORK/project/indent_with.py"
   log "installing $vsix into code-server"
   node "$CS_DIR/out/node/entry.js" --user-data-dir "$WORK/ud" --extensions-dir "$WORK/ext" \
     --install-extension "$vsix" > "$ARTIFACTS/install.log" 2>&1 || { cat "$ARTIFACTS/install.log" >&2; die "extension install failed"; }
   log "starting code-server on 127.0.0.1:$port"
+  # --log trace: the Rotary output channel logs at trace level, so the language client
+  # writes the LSP traffic there (rotary.trace.server above); the driver reads the
+  # server's replies from it.
   setsid node "$CS_DIR/out/node/entry.js" --auth none --bind-addr "127.0.0.1:$port" \
-    --disable-telemetry --disable-update-check --disable-workspace-trust \
+    --disable-telemetry --disable-update-check --disable-workspace-trust --log trace \
     --user-data-dir "$WORK/ud" --extensions-dir "$WORK/ext" "$WORK/project" \
-    > "$ARTIFACTS/code-server.log" 2>&1 &
+    > "$ARTIFACTS/code-server-$SCENARIO.log" 2>&1 &
   CS_PID=$!
   for _ in $(seq 1 120); do
     if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" 2>/dev/null; then break; fi
-    kill -0 "$CS_PID" 2>/dev/null || { cat "$ARTIFACTS/code-server.log" >&2; die "code-server exited"; }
+    kill -0 "$CS_PID" 2>/dev/null || { cat "$ARTIFACTS/code-server-$SCENARIO.log" >&2; die "code-server exited"; }
     sleep 0.5
   done
-  log "driving chromium"
+  log "driving chromium ($SCENARIO)"
   NODE_PATH="$DRIVER_DIR/node_modules" node "$HERE/e2e-driver.mjs" \
-    --url "http://127.0.0.1:$port/?folder=$WORK/project" \
-    --project "$WORK/project" --file main.py --file2 other.py --orig "$WORK/main.py.orig" --artifacts "$ARTIFACTS" \
+    --url "http://127.0.0.1:$port/?folder=$WORK/project" --scenario "$SCENARIO" \
+    --project "$WORK/project" --logs "$WORK/ud/logs" --artifacts "$ARTIFACTS" \
     --driver "$DRIVER_DIR/node_modules/playwright-core/index.mjs" \
     --timeout-s "${ROTARY_E2E_TIMEOUT_S:-180}"
   log "passed; screenshots in $ARTIFACTS"
