@@ -3,8 +3,10 @@
 --
 -- A second Neovim, driven over RPC (child.lua), loads the plugin and starts the server, so
 -- keys go through its ordinary input loop as typed by a user. Every check compares with the
--- server's own answer to the request that produced the ghost text (recorded in the child),
--- and every check runs, with the fake server and with the real one.
+-- server's own answer to the request that produced the ghost text (recorded in the child).
+-- Every check runs with both servers, none depends on what the model happened to suggest;
+-- only the fake server's extras (two items to cycle through, the raw settings payload it
+-- recorded) are checked with the fake server alone.
 --
 -- Environment:
 --   ROTARY_TEST_CMD      JSON list: the server command (required)
