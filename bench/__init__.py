@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-BENCHMARKS = ("latency", "edits")
+BENCHMARKS = ("quality", "latency", "edits", "decode")
 
 
 def write_report(path: str | None, report: dict) -> None:
@@ -18,6 +18,13 @@ def write_report(path: str | None, report: dict) -> None:
     Path(path).write_text(json.dumps(report, indent=2))
 
 
+def edit_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein distance / longer length: the ES of the PIE paper and of code-completion papers."""
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.normalized_similarity(a, b)
+
+
 def add_bench_parser(sub, func) -> None:
     b = sub.add_parser("bench", help="benchmarks (baseline and new path side by side, with ratios)")
     b.add_argument("name", choices=BENCHMARKS)
@@ -28,16 +35,25 @@ def add_bench_parser(sub, func) -> None:
     b.add_argument("--corpus", default=None, metavar="DIR", help="folder of source files to draw cases from (default: the standard library)")
     b.add_argument("--model", default=None)
     b.add_argument("--contexts", default=None, help="edits: context sizes in tokens with optional case counts, e.g. 1024:200,4096:60 (the default)")
+    b.add_argument("--cursor", choices=("indent", "col0"), default="indent", help="quality: cursor after the auto-indentation (the editor's case) or at column 0")
     b.set_defaults(func=func)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    if args.name == "quality":
+        from .quality import main
+
+        return main(args)
     if args.name == "latency":
         from .latency import main
 
         return main(args)
     if args.name == "edits":
         from .edits import main
+
+        return main(args)
+    if args.name == "decode":
+        from .decode import main
 
         return main(args)
     raise SystemExit(f"unknown benchmark {args.name}")

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import write_report
+from . import edit_similarity, write_report
 from .corpus import python_files
 
 METHODS = ("full", "prefix", "conflict", "pie", "pie_refresh")
@@ -65,21 +65,6 @@ class MethodResult:
             "update_ms_p50": round(statistics.median(self.update_ms), 2),
             "cases": len(self.em),
         }
-
-
-def edit_similarity(a: str, b: str) -> float:
-    """1 - Levenshtein distance / longer length (the paper's ES, as a fraction)."""
-    if a == b:
-        return 1.0
-    if not a or not b:
-        return 0.0
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return 1.0 - previous[-1] / max(len(a), len(b))
 
 
 def _perturb(lines: list[str], kind: str, rng: random.Random, donor: list[str]) -> list[str] | None:
@@ -190,7 +175,7 @@ def run_case(engine, case: Case) -> dict[str, dict]:
         entry.tokens.append(after_ids[-1:])
         update_ms = (time.perf_counter() - started) * 1000
         line = ""
-        for text, _reason, _count in engine.decode(entry, logits, context.heal, MAX_LINE_TOKENS):
+        for text, _reason, _count in engine.decode(entry, logits, context, MAX_LINE_TOKENS):
             line = text
             if "\n" in text.lstrip("\n"):
                 break

@@ -10,6 +10,7 @@ cancelled request stops within one token.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -23,14 +24,13 @@ from rotary.cache.plan import DocumentTokens, common_prefix_length
 from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
 
+from .prompt import WINDOW_HOP, HealingConstraint, Prompt, Vocabulary, forbidden_after, heal_length
 from .stops import AUTO, StopRules
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 512
-# The context window slides in hops, so a growing document re-rotates its cache once per hop, not per keystroke.
-WINDOW_HOP = 256
 
 EDIT_AWARE, PREFIX, NO_CACHE, CONFLICT = "edit_aware", "prefix", "none", "conflict"
 
@@ -67,18 +67,6 @@ class Chunk:
     stats: CompletionStats | None = None
 
 
-@dataclass
-class Context:
-    ids: list[int]
-    text_before: str
-    text_after: str
-    truncated: bool = False
-    # Token healing: the text of the context's last token, taken off the context; the first
-    # generated token must start with it. A context ending in "\n" or mid-identifier ends on a
-    # token the model rarely saw there ("\n" + "    return" is tokenized "\n   " + " return").
-    heal: str = ""
-
-
 class CompletionEngine:
     def __init__(self, runner: ModelRunner, kv_store: KVStore, max_context_tokens: int = 2048, stale_budget: int = 1024):
         self.runner = runner
@@ -93,35 +81,46 @@ class CompletionEngine:
         self.background_refreshed = 0
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
+        self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
+        self.vocabulary  # indexed once here rather than on the first keystroke
 
     def over_stale_budget(self) -> bool:
         return any(entry.tokens.stale_count > self.stale_budget for _, entry in self.kv_store.items())
 
-    def build_context(self, text: str, offset: int, max_tokens: int) -> Context:
-        """Token ids the model sees: the text before the cursor, or FIM form when the model has FIM tokens."""
+    def build_context(self, text: str, offset: int, max_tokens: int) -> Prompt:
+        """Token ids the model sees (the text before the cursor, or FIM form when the model has FIM
+        tokens and there is code after the cursor), with the end of the text before the cursor
+        taken off for token healing (see prompt.py)."""
         before, after = text[:offset], text[offset:]
         budget = max(16, self.max_context_tokens - max_tokens)
         ids = self.runner.encode_text(before)
+        cut = heal_length(ids, before, self.runner.token_text, self.runner.special_ids)
+        heal = self.runner.decode_ids(ids[len(ids) - cut :]) if cut else ""
+        ids = ids[: len(ids) - cut]
         fim = self.runner.info.fim_tokens
-        truncated = False
-        if fim and after.strip():
+        use_fim = bool(fim and after.strip())
+        if use_fim:
             suffix_ids = self.runner.encode_text(after)[: budget // 4]
             keep = budget - len(suffix_ids) - 3
             truncated = len(ids) > keep
-            ids = [fim["prefix"], *ids[-keep:], fim["suffix"], *suffix_ids, fim["middle"]]
+            ids = [fim["prefix"], *ids[max(0, len(ids) - keep) :], fim["suffix"], *suffix_ids, fim["middle"]]
         else:
             truncated = len(ids) > budget
             if truncated:  # start the window on a hop boundary so it moves rarely
                 start = -(-(len(ids) - budget) // WINDOW_HOP) * WINDOW_HOP
                 ids = ids[start:]
-        heal = ""
-        if not fim and len(ids) >= 2 and ids[-1] not in self.runner.special_ids:
-            heal = self.runner.token_text(ids[-1])
-            ids = ids[:-1]
         if not ids:
             # An empty document: start from the document separator so the model has a position 0.
             ids = [min(self.eos_ids)]
-        return Context(ids=ids, text_before=before, text_after=after, truncated=truncated, heal=heal)
+        return Prompt(
+            ids=ids,
+            text_before=before,
+            text_after=after,
+            truncated=truncated,
+            heal=heal,
+            forbidden_after_heal=forbidden_after(before, after),
+            fim=use_fim,
+        )
 
     def complete(
         self,
@@ -168,7 +167,7 @@ class CompletionEngine:
             text_so_far = ""
             decode_started = time.perf_counter()
             for text_so_far, reason, stats.tokens_generated in self.decode(
-                entry, logits, context.heal, max_tokens, is_cancelled
+                entry, logits, context, max_tokens, is_cancelled
             ):
                 if reason or text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     continue
@@ -193,38 +192,56 @@ class CompletionEngine:
         self,
         entry: DocumentKV,
         logits: torch.Tensor,
-        heal: str,
+        context: Prompt,
         max_tokens: int,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> Iterator[tuple[str, str, int]]:
-        """Greedy decoding from `logits`, extending entry's cache; yields (text so far, end reason or "", tokens).
+        """Greedy decoding from `logits`, extending entry's cache; yields (visible text, end reason or "", tokens).
 
-        The text excludes the healed prefix. The caller may stop early; the cache then holds
-        every generated token but the last (which was never fed).
+        The first tokens are constrained by token healing (prompt.py); the visible text is what
+        comes after the healed text. The caller may stop early; the cache then holds every
+        generated token but the last (which was never fed).
         """
+        constraint = HealingConstraint(context.heal, context.forbidden_after_heal)
         generated: list[int] = []
+        text = ""
         while True:
-            if not generated and heal:
-                logits = logits.masked_fill(~self.runner.tokens_starting_with(heal), float("-inf"))
+            remaining = constraint.remaining(text)
+            if remaining is not None:
+                logits = logits.masked_fill(~self.healing_mask(remaining, constraint.forbidden_next), float("-inf"))
             token = int(torch.argmax(logits))
             if token in self.eos_ids:
-                yield self._generated_text(generated, heal), "eos", len(generated)
+                yield constraint.visible(text), "eos", len(generated)
                 return
             generated.append(token)
-            text = self._generated_text(generated, heal)
+            text = self.runner.decode_ids(generated)
+            visible = constraint.visible(text)
             if len(generated) >= max_tokens:
-                yield text, "max_tokens", len(generated)
+                yield visible, "max_tokens", len(generated)
                 return
-            yield text, "", len(generated)
+            yield visible, "", len(generated)
             if is_cancelled():
-                yield text, "cancelled", len(generated)
+                yield visible, "cancelled", len(generated)
                 return
             logits = self.runner.forward([token], entry.cache, len(entry.tokens))
             entry.tokens.append([token])
 
-    def _generated_text(self, generated: list[int], heal: str) -> str:
-        text = self.runner.decode_ids(generated)
-        return text[len(heal) :] if text.startswith(heal) else text
+    def healing_mask(self, remaining: str, forbidden_next: str) -> torch.Tensor:
+        """[vocab] bool: the tokens token healing allows next (end of sequence always allowed)."""
+        key = (remaining, forbidden_next)
+        mask = self._healing_masks.get(key)
+        if mask is None:
+            mask = torch.zeros(self.runner.info.vocab_size, dtype=torch.bool, device=self.runner.device)
+            allowed = [i for i in self.vocabulary.allowed(remaining, forbidden_next) if i < len(mask)]
+            mask[allowed + [i for i in self.eos_ids if i < len(mask)]] = True
+            if len(self._healing_masks) >= 1024:
+                self._healing_masks.clear()
+            self._healing_masks[key] = mask
+        return mask
+
+    @functools.cached_property
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(self.runner.token_texts, self.runner.special_ids)
 
     def prepare_cache(self, entry: DocumentKV, ids: list[int], options: CompletionOptions) -> UpdateCounts:
         """Make entry.cache hold K/V for `ids` (positions 0..len-1), reusing what the chosen mode allows."""

@@ -15,7 +15,8 @@ Rules:
   at top level;
 - never repeat what follows the cursor: when the line being completed ends
   with the text after the cursor on that line, that text is cut off, and when
-  a generated line equals the next line of the document, stop before it.
+  a generated line equals the next line of the document, stop before it (a
+  single-line suggestion that would only duplicate the next line is dropped).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class StopRules:
         cut = self._suffix_cut(lines[0]) if len(lines) == 1 else None
         if cut is not None:
             return self._stop(lines[0][:cut], "suffix")
+        if (self.mode == SINGLE_LINE or self.line_suffix) and self._repeats_next_line(generated.lstrip("\r\n"), not generated.startswith(("\n", "\r"))):
+            return self._stop("", "suffix")
         if self.mode == MULTI_LINE and not self.line_suffix and len(lines) > 1:
             # An unfinished last line is dropped unless it is all there is after the first line.
             body = "\n".join(lines[:-1]) if lines[-1].strip() and reason == "max_tokens" and len(lines) > 2 else generated
@@ -114,8 +117,15 @@ class StopRules:
         while content < len(lines) - 1 and not lines[content].strip() and not self.line_suffix:
             content += 1
         if content < len(lines) - 1:  # the line with content is complete
+            if self._repeats_next_line(lines[content], content == 0):
+                return self._stop("", "suffix")
             return self._stop("\n".join(lines[: content + 1]), "end_of_line")
         return StopDecision(committed="")
+
+    def _repeats_next_line(self, line: str, on_cursor_line: bool) -> bool:
+        """True when a completed line would read exactly as the next non-blank line of the document."""
+        whole = (self.line_prefix + line) if on_cursor_line else line
+        return bool(self.next_line) and not self.line_suffix and whole.strip() == self.next_line
 
     def _multi_line(self, lines: list[str]) -> StopDecision:
         complete = lines[:-1]  # the last element is still being written

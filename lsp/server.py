@@ -40,6 +40,8 @@ MODES = {
     "multi_line": pb.COMPLETION_MODE_MULTI_LINE,
 }
 COMPLETION_TIMEOUT_S = 60
+# An explicitly invoked request made while the model loads waits this long for it (automatic ones do not wait).
+INVOKED_WAIT_S = 30
 
 
 class RotaryProtocol(LanguageServerProtocol):
@@ -133,8 +135,13 @@ class RotaryServer(LanguageServer):
 
     # -- completion ---------------------------------------------------------
 
-    async def complete(self, uri: str, position: types.Position, mode: str) -> tuple[str, dict] | None:
-        """The shared path of both completion requests: debounce, cancel older, flush edits, stream from the worker."""
+    async def complete(self, uri: str, position: types.Position, mode: str, invoked: bool = False) -> tuple[str, dict] | None:
+        """The shared path of both completion requests: debounce, cancel older, flush edits, stream from the worker.
+
+        `invoked`: the user asked explicitly (a key press, not typing). Such a request made while
+        the worker starts or loads its model waits for it (bounded, cancellable; the client sees
+        the load as $/progress) instead of returning nothing at once.
+        """
         self.counters["requests"] += 1
         started = time.perf_counter()
         if not self.settings.enabled:
@@ -153,6 +160,12 @@ class RotaryServer(LanguageServer):
             self.counters["superseded"] += 1
             return None
         stub = self.worker.ready_stub()
+        if stub is None and invoked:
+            self.send_status("loading", f"waiting for the model: {self.worker.message}")
+            stub = await self.worker.wait_ready(INVOKED_WAIT_S)
+            if self.latest_request.get(uri) != number:
+                self.counters["superseded"] += 1
+                return None
         if stub is None:
             self.counters["worker_unavailable"] += 1
             self.send_status("loading" if self.worker.state in (STARTING, LOADING) else "error", self.worker.message)
@@ -314,7 +327,8 @@ def create_server(worker_address: str = "", model: str = "") -> RotaryServer:
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(ls: RotaryServer, params: types.InlineCompletionParams):
-        result = await ls.complete(params.text_document.uri, params.position, ls.settings.worker_mode())
+        invoked = params.context is not None and params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+        result = await ls.complete(params.text_document.uri, params.position, ls.settings.worker_mode(), invoked)
         if result is None:
             return None
         text, _stats = result
@@ -336,7 +350,8 @@ def create_server(worker_address: str = "", model: str = "") -> RotaryServer:
 
     @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))
     async def completion(ls: RotaryServer, params: types.CompletionParams):
-        result = await ls.complete(params.text_document.uri, params.position, "single_line")
+        invoked = params.context is not None and params.context.trigger_kind == types.CompletionTriggerKind.Invoked
+        result = await ls.complete(params.text_document.uri, params.position, "single_line", invoked)
         if result is None:
             return types.CompletionList(is_incomplete=True, items=[])
         text, _stats = result

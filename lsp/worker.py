@@ -61,6 +61,7 @@ class WorkerConnection:
         self._supervisor: asyncio.Task | None = None
         self._socket_dir: str | None = None
         self._wake = asyncio.Event()
+        self.last_failure: str | None = None  # why the last start failed; cleared once ready
 
     # -- public ------------------------------------------------------------
 
@@ -74,6 +75,20 @@ class WorkerConnection:
 
     def ready_stub(self) -> pb_grpc.WorkerStub | None:
         return self.stub if self.state == READY else None
+
+    async def wait_ready(self, timeout: float) -> pb_grpc.WorkerStub | None:
+        """The ready stub once the worker is ready, waiting at most `timeout` s while it starts or loads.
+
+        Returns None at once when the worker is not on its way (stopped, in its error state, or
+        retrying after a failed start: an unreachable worker must not hold the request), and None
+        after the timeout. Cancelling the caller's task cancels the wait.
+        """
+        deadline = time.monotonic() + timeout
+        while self.state == LOADING or (self.state == STARTING and not self.last_failure):
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.1)
+        return self.ready_stub()
 
     def report_failure(self, exc: BaseException) -> None:
         """A call failed as if the worker were gone: check it now rather than at the next poll."""
@@ -124,6 +139,7 @@ class WorkerConnection:
                 raise
             except Exception as exc:
                 log.warning("worker problem: %s", exc)
+                self.last_failure = str(exc)
                 self._set_state(ERROR if "failed to load" in str(exc) else STARTING, str(exc))
                 if "failed to load" in str(exc):
                     # A model that cannot load will not load on retry; wait for new settings or a restart command.
@@ -228,5 +244,7 @@ class WorkerConnection:
     def _set_state(self, state: str, message: str) -> None:
         changed = (state, message) != (self.state, self.message)
         self.state, self.message = state, message
+        if state == READY:
+            self.last_failure = None
         if changed:
             self.on_state(state, message)

@@ -85,7 +85,7 @@ class ModelRunner:
         return inv_freq.detach().to(torch.float32)
 
     def warm_up(self) -> None:
-        self._token_texts  # built once here rather than on the first keystroke
+        self.token_texts  # built once here rather than on the first keystroke
         cache = self.new_cache()
         logits = self.forward(self.encode_text("def main():\n    return 0\n") or [0], cache, 0)
         self.forward([int(logits.argmax())], cache, cache.get_seq_length())
@@ -95,20 +95,11 @@ class ModelRunner:
         return frozenset(int(i) for i in self.tokenizer.all_special_ids)
 
     @functools.cached_property
-    def _token_texts(self) -> list[str]:
+    def token_texts(self) -> list[str]:
         return [self.tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(len(self.tokenizer))]
 
     def token_text(self, token_id: int) -> str:
-        return self._token_texts[token_id]
-
-    @functools.lru_cache(maxsize=512)
-    def tokens_starting_with(self, prefix: str) -> torch.Tensor:
-        """Mask [vocab] of the tokens whose text starts with `prefix` (token healing's first step)."""
-        vocab = self.model.config.vocab_size
-        mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-        allowed = [i for i, t in enumerate(self._token_texts[:vocab]) if t.startswith(prefix) and i not in self.special_ids]
-        mask[allowed] = True
-        return mask
+        return self.token_texts[token_id]
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

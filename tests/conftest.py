@@ -25,44 +25,118 @@ def reference_model():
     return model, tokenizer
 
 
-def greedy_continuation(text_before: str, max_new_tokens: int = 48) -> str:
-    """Greedy decoding after `text_before` with plain transformers, with token healing as Rotary does it.
+@functools.lru_cache(maxsize=1)
+def reference_token_texts() -> tuple[str, ...]:
+    _, tokenizer = reference_model()
+    return tuple(tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tokenizer)))
 
-    Token healing: the last token of the text is taken off; the first generated token must be one
-    whose text starts with it; the returned text does not repeat it.
+
+def _char_class(ch: str) -> int:
+    return 0 if ch.isspace() else 1 if (ch.isalnum() or ch == "_") else 2
+
+
+def healing_split(ids: list[int], text_before: str) -> int:
+    """The documented healing rule, stated here on its own: how many trailing tokens to take back.
+
+    Whole tokens come off the end until their text covers the trailing run of characters of the
+    last character's class (whitespace, word characters, anything else), at least one, at most
+    6 tokens and 48 characters; never a special token or one that is part of a character, and
+    never the whole context.
+    """
+    _, tokenizer = reference_model()
+    texts = reference_token_texts()
+    run = 0
+    while run < len(text_before) and _char_class(text_before[-1 - run]) == _char_class(text_before[-1]):
+        run += 1
+    taken = chars = 0
+    for token in reversed(ids[1:]):
+        text = texts[token]
+        if taken == 6 or token in tokenizer.all_special_ids or "\ufffd" in text or chars + len(text) > 48:
+            break
+        taken, chars = taken + 1, chars + len(text)
+        if chars >= run:
+            break
+    return taken
+
+
+def forbidden_first(text_before: str, text_after: str) -> str:
+    """The documented rule for the first character after the healed text, stated here on its own."""
+    if text_after.split("\n", 1)[0].strip():
+        return ""
+    line = text_before.replace("\r\n", "\n").replace("\r", "\n").rsplit("\n", 1)[-1]
+    if line and not line.strip():
+        return " \t\r\n\f\v"  # after indentation: no more whitespace
+    if not line and text_before:
+        return "\r\n"  # column 0 of an empty line: stay on this line
+    return ""
+
+
+def greedy_continuation(
+    text_before: str,
+    max_new_tokens: int = 48,
+    text_after: str = "",
+    model_and_tokenizer=None,
+    fim: dict[str, int] | None = None,
+    eos: set[int] | frozenset[int] = frozenset({0, 2, 5}),
+) -> str:
+    """Greedy decoding after `text_before` with plain transformers `generate`, healing as documented.
+
+    Independent of Rotary's code: the tokens taken back are chosen by `healing_split`, and the
+    constraint is a brute-force check of every token's text in `prefix_allowed_tokens_fn`: the
+    generated text must stay a prefix of the healed text, or start with it, and its first
+    character past it must not be in `forbidden_first`. End of sequence is always allowed.
+    The returned text starts after the healed text.
+
+    By default the embedded model; `model_and_tokenizer` takes another one. With `fim`
+    ({"prefix", "suffix", "middle"} token ids) the prompt is prefix-suffix-middle: the healed
+    text before the cursor, then the text after it. `eos`: the ids that end generation
+    (default: SmolLM2's <|endoftext|>, <|im_end|> and <file_sep>).
     """
     import torch
 
-    model, tokenizer = reference_model()
+    model, tokenizer = model_and_tokenizer or reference_model()
+    texts = reference_token_texts() if model_and_tokenizer is None else tuple(
+        tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tokenizer))
+    )
     ids = tokenizer.encode(text_before, add_special_tokens=False)
-    heal = tokenizer.decode(ids[-1:], clean_up_tokenization_spaces=False) if len(ids) >= 2 else ""
-    if heal:
-        ids = ids[:-1]
+    cut = healing_split(ids, text_before)
+    heal = tokenizer.decode(ids[len(ids) - cut :], clean_up_tokenization_spaces=False) if cut else ""
+    ids = ids[: len(ids) - cut]
+    if fim is not None:
+        ids = [fim["prefix"], *ids, fim["suffix"], *tokenizer.encode(text_after, add_special_tokens=False), fim["middle"]]
+    forbidden = forbidden_first(text_before, text_after)
+    vocab = range(model.config.vocab_size)
+    special = set(tokenizer.all_special_ids)
+
+    def allowed(_batch, input_ids):
+        so_far = tokenizer.decode(input_ids[len(ids) :], clean_up_tokenization_spaces=False)
+        if len(so_far) > len(heal) or (len(so_far) == len(heal) and not forbidden):
+            return list(vocab)
+        ok = list(eos)
+        for token in vocab:
+            if token in special or "\ufffd" in texts[token] or not texts[token]:
+                continue  # special tokens and pieces of a character never take part in healing
+            text = so_far + texts[token]
+            if len(text) <= len(heal):
+                fits = heal.startswith(text)
+            else:
+                fits = text.startswith(heal) and text[len(heal)] not in forbidden
+            if fits:
+                ok.append(token)
+        return ok
+
     with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0, -1]
-        if heal:
-            allowed = [
-                i
-                for i in range(model.config.vocab_size)
-                if i not in tokenizer.all_special_ids
-                and tokenizer.decode([i], clean_up_tokenization_spaces=False).startswith(heal)
-            ]
-            masked = torch.full_like(logits, float("-inf"))
-            masked[allowed] = logits[allowed]
-            logits = masked
-        first = int(logits.argmax())
         out = model.generate(
-            torch.tensor([ids + [first]]), max_new_tokens=max_new_tokens - 1, do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.eos_token_id, prefix_allowed_tokens_fn=allowed,
         )
     generated = out[0, len(ids) :].tolist()
-    eos = {0, 2, 5}  # <|endoftext|>, <|im_end|>, <file_sep>: SmolLM2's end-of-text tokens
     for i, token in enumerate(generated):
         if token in eos:
             generated = generated[:i]
             break
     text = tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return text[len(heal) :] if text.startswith(heal) else text
+    return text[len(heal) :] if text.startswith(heal) else ""
 
 
 def first_line(text: str) -> str:

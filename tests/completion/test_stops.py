@@ -74,3 +74,14 @@ def test_budget_exhausted_multi_line_drops_the_unfinished_line():
 def test_whitespace_only_completion_is_empty():
     rules = StopRules("x = 1", "", SINGLE_LINE)
     assert rules.finish("   ", "eos").final == ""
+
+
+def test_single_line_that_only_repeats_the_next_line_is_dropped():
+    # The cursor on an empty indented line; the model writes the line that follows instead of this one.
+    rules = StopRules("def f(x):\n    ", "\n    return y\n", SINGLE_LINE)
+    assert final(rules, "return y\n") == ("", "suffix")
+    assert final(rules, "return y", reason="eos") == ("", "suffix")
+    assert final(rules, "y = x * 2\n") == ("y = x * 2", "end_of_line")
+    # Filling the next line from the end of a line: the same rule on that line.
+    rules = StopRules("def f(x):", "\n    return y\n", SINGLE_LINE)
+    assert final(rules, "\n    return y\n") == ("", "suffix")

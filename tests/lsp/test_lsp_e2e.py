@@ -68,12 +68,13 @@ async def wait_ready(client: LanguageClient, timeout: float = 240.0) -> dict:
         await asyncio.sleep(0.5)
 
 
-async def inline(client: LanguageClient, line: int, character: int):
+async def inline(client: LanguageClient, line: int, character: int, invoked: bool = False):
+    kind = types.InlineCompletionTriggerKind.Invoked if invoked else types.InlineCompletionTriggerKind.Automatic
     return await client.text_document_inline_completion_async(
         types.InlineCompletionParams(
             text_document=types.TextDocumentIdentifier(uri=URI),
             position=types.Position(line=line, character=character),
-            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+            context=types.InlineCompletionContext(trigger_kind=kind),
         )
     )
 
@@ -90,6 +91,20 @@ async def client(lsp_client: LanguageClient):
     lsp_client.init_result = result
     yield
     await lsp_client.shutdown_session()
+
+
+async def test_invoked_request_waits_for_the_loading_model_and_automatic_does_not(client: LanguageClient):
+    text = "def add(a, b):\n    return a"
+    open_document(client, text)
+    stats = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="rotary.stats"))
+    assert stats["worker"]["state"] in ("starting", "loading"), "the test must start while the model loads"
+    # Typing while the model loads: nothing, at once.
+    assert await inline(client, 1, 12) is None
+    # The user pressed the trigger key: the request waits for the model and answers.
+    result = await inline(client, 1, 12, invoked=True)
+    expected = first_line(greedy_continuation(text))
+    assert expected.strip(), "the oracle produced nothing; the test would be vacuous"
+    assert result is not None and result.items and result.items[0].insert_text == expected
 
 
 async def test_inline_completion_after_incremental_edits_matches_transformers(client: LanguageClient):

@@ -89,7 +89,7 @@ def open_doc(client: RawClient, uri: str, text: str, version: int = 1) -> None:
 def inline(client: RawClient, uri: str, line: int, character: int) -> dict:
     return client.request(
         "textDocument/inlineCompletion",
-        {"textDocument": {"uri": uri}, "position": {"line": line, "character": character}, "context": {"triggerKind": 1}},
+        {"textDocument": {"uri": uri}, "position": {"line": line, "character": character}, "context": {"triggerKind": 2}},
     )
 
 
