@@ -2,7 +2,8 @@
 
 The model loads in a background thread so Health answers at once (with the
 load progress in its message); Complete answers UNAVAILABLE until it is ready.
-Typed document errors map to status codes the daemon acts on.
+Typed document errors map to status codes the daemon acts on. The standard health and
+reflection services beside rotary.v1.Worker are set up in standard_services.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .documents import (
 )
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
+from .standard_services import add_standard_services, is_local_address, report_load
 
 log = logging.getLogger(__name__)
 
@@ -328,20 +330,25 @@ def serve(
     max_context_tokens: int = 2048,
     refresh_window: int = 128,
     stale_budget: int = 1024,
+    reflection: bool | None = None,
 ) -> None:
-    """Serve until interrupted (or until the parent process, when given, is gone)."""
+    """Serve until interrupted (or until the parent process, when given, is gone).
+
+    Beside rotary.v1.Worker: grpc.health.v1.Health, and server reflection when `reflection`
+    (None: on for loopback and unix sockets, off elsewhere)."""
     service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window, stale_budget)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rotary-rpc"),
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_WorkerServicer_to_server(service, server)
+    health = add_standard_services(server, is_local_address(listen) if reflection is None else reflection)
     port = server.add_insecure_port(listen)
     if port == 0 and not listen.startswith("unix:"):
         raise SystemExit(f"could not listen on {listen}")
     bound = listen if listen.startswith("unix:") or not listen.endswith(":0") else f"{listen.rsplit(':', 1)[0]}:{port}"
     server.start()
-    service.load_in_background()
+    report_load(health, service.load_in_background(), service.ready)
     stop = threading.Event()
     threading.Thread(target=service.run_maintenance, args=(stop,), name="rotary-maintenance", daemon=True).start()
     # SIGTERM (the daemon stopping its worker) ends the loop below like Ctrl-C, so snapshots get written.
@@ -357,6 +364,7 @@ def serve(
         pass
     finally:
         stop.set()
+        health.enter_graceful_shutdown()
         server.stop(grace=0.5)
         service.flush_snapshots()
 

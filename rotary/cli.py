@@ -42,6 +42,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_context_tokens=args.context_tokens,
         refresh_window=args.refresh_window,
         stale_budget=args.stale_budget,
+        reflection=args.reflection,
     )
     return 0
 
@@ -167,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (used by the daemon)")
     w.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --listen address")
+    w.add_argument(
+        "--reflection", action=argparse.BooleanOptionalAction, default=None,
+        help="serve gRPC server reflection, for grpcurl (default: on for loopback and unix sockets, off elsewhere)",
+    )
     w.set_defaults(func=cmd_worker)
 
     lsp = sub.add_parser("lsp", help="the language server an editor starts (stdio by default)")
