@@ -2,8 +2,9 @@
 
 The model loads in a background thread so Health answers at once (with the
 load progress in its message); Complete answers UNAVAILABLE until it is ready.
-Typed document errors map to status codes the daemon acts on. The standard health and
-reflection services beside rotary.v1.Worker are set up in standard_services.py.
+Typed document errors map to status codes the daemon acts on. CompleteText serves
+tools that have a text but no document; the standard health and reflection services
+beside rotary.v1.Worker are set up in standard_services.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import grpc
 
 from .documents import (
     Change,
+    Document,
     DocumentNotOpen,
     DocumentStore,
     DocumentTooLarge,
@@ -31,6 +33,7 @@ from .documents import (
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
 from .standard_services import add_standard_services, is_local_address, report_load
+from .text_request import InvalidArgument, cache_uri, check_complete_text
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +250,40 @@ class WorkerService(pb_grpc.WorkerServicer):
             chunks.put(exc)
         finally:
             chunks.put(None)
+
+    def CompleteText(self, request, context):
+        """Complete with no document: the text comes in the request (limits in worker.proto)."""
+        from .engine import MAX_TOKENS_LIMIT, NO_CACHE, CompletionOptions
+
+        try:
+            check_complete_text(request, MAX_TOKENS_LIMIT)
+        except InvalidArgument as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self.ready.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.load_message)
+        opts = request.options
+        options = CompletionOptions(
+            max_tokens=opts.max_tokens,
+            mode=MODE_NAMES[opts.mode],
+            # Without a cache key nothing is kept: the engine neither reads nor stores a cache.
+            cache_mode=CACHE_MODES[opts.cache] if request.cache_key else NO_CACHE,
+            refresh_window=self.refresh_window,
+        )
+        doc = Document(cache_uri(request.cache_key), 0, request.language_id or "plaintext", request.text)
+        self.last_request = time.monotonic()
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        chunks: queue.Queue = queue.Queue()
+        threading.Thread(
+            target=self._run_completion,
+            args=(doc, request, options, cancelled, chunks),
+            name=f"rotary-complete-text-{request.request_id}",
+            daemon=True,
+        ).start()
+        while (item := chunks.get()) is not None:
+            if isinstance(item, Exception):
+                context.abort(grpc.StatusCode.INTERNAL, f"completion failed: {item}")
+            yield item
 
     # -- health and stats --------------------------------------------------
 

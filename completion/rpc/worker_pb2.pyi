@@ -164,3 +164,19 @@ class StatsReply(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class CompleteTextRequest(_message.Message):
+    __slots__ = ("text", "offset", "language_id", "options", "cache_key", "request_id")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    offset: int
+    language_id: str
+    options: CompleteOptions
+    cache_key: str
+    request_id: str
+    def __init__(self, text: _Optional[str] = ..., offset: _Optional[int] = ..., language_id: _Optional[str] = ..., options: _Optional[_Union[CompleteOptions, _Mapping]] = ..., cache_key: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,11 @@ class WorkerStub:
                 request_serializer=worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=worker__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.CompleteText = channel.unary_stream(
+                '/rotary.v1.Worker/CompleteText',
+                request_serializer=worker__pb2.CompleteTextRequest.SerializeToString,
+                response_deserializer=worker__pb2.CompletionChunk.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -115,6 +120,19 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompleteText(self, request, context):
+        """Complete a text at an offset without opening a document: for tools,
+        scripts and notebooks. The same engine and stop rules as Complete: on the
+        same text and offset both return the same completion. Chunks stream as in
+        Complete. Nothing is kept between calls unless cache_key is set.
+        Errors: INVALID_ARGUMENT, its message naming the field, for a request that
+        breaks a limit of CompleteTextRequest; UNAVAILABLE while the model loads
+        (retry; wait for SERVING on grpc.health.v1.Health) or after it failed to load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +165,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=worker__pb2.StatsRequest.FromString,
                     response_serializer=worker__pb2.StatsReply.SerializeToString,
+            ),
+            'CompleteText': grpc.unary_stream_rpc_method_handler(
+                    servicer.CompleteText,
+                    request_deserializer=worker__pb2.CompleteTextRequest.FromString,
+                    response_serializer=worker__pb2.CompletionChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +334,33 @@ class Worker:
             '/rotary.v1.Worker/Stats',
             worker__pb2.StatsRequest.SerializeToString,
             worker__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteText(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rotary.v1.Worker/CompleteText',
+            worker__pb2.CompleteTextRequest.SerializeToString,
+            worker__pb2.CompletionChunk.FromString,
             options,
             channel_credentials,
             insecure,
