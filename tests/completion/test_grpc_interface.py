@@ -5,6 +5,7 @@ errors."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -35,13 +36,20 @@ def free_port() -> int:
 
 
 def spawn_worker(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """Start `rotary worker` and return once it listens (its model is then still loading)."""
+    """Start `rotary worker` and return once it listens (its model is then still loading).
+
+    Its caches and their snapshots live under tmp_path, so no state is carried between runs
+    (a cache key's cache, like a document's, would otherwise outlive the worker); the model is
+    the embedded one, already converted, unless `extra` names another."""
+    from rotary.models.loader import resolve_model_dir
+
     address = f"127.0.0.1:{free_port()}"
     log = tmp_path / f"worker-{address.rsplit(':', 1)[1]}.log"
+    model = [] if "--model" in extra else ["--model", str(resolve_model_dir(None))]
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, *extra],
-            stdin=subprocess.DEVNULL, stderr=stderr,
+            [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, *model, *extra],
+            stdin=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
         )
     deadline = time.monotonic() + 60
     while "listening on" not in log.read_text():
@@ -237,13 +245,14 @@ def test_complete_text_equals_complete_on_the_same_text_and_offset(worker, where
 
 @pytest.mark.model
 def test_cache_key_reuses_work_on_a_growing_text(worker):
+    key, other_key = "notebook-7", "notebook-8"
     text = CODE.rstrip("\n")
     kept = cache_documents(worker)
-    first, last = complete_text(worker.stub, text, cache_key="notebook-7", request_id="r1")
+    first, last = complete_text(worker.stub, text, cache_key=key, request_id="r1")
     assert last.request_id == "r1" and last.stats.tokens_reused == 0
     assert cache_documents(worker) == kept + 1
     grown = text + first + '")\n\n\ndef main():\n    '
-    second, last = complete_text(worker.stub, grown, cache_key="notebook-7")
+    second, last = complete_text(worker.stub, grown, cache_key=key)
     assert last.stats.tokens_reused > 0
     assert last.stats.tokens_encoded < last.stats.context_tokens // 2
     # The same text without a key encodes everything and gets the same answer (a growing text
@@ -252,13 +261,13 @@ def test_cache_key_reuses_work_on_a_growing_text(worker):
     assert fresh == second and fresh_last.stats.tokens_reused == 0
     assert cache_documents(worker) == kept + 1
     # Another key starts from nothing.
-    _, other = complete_text(worker.stub, grown, cache_key="notebook-8")
+    _, other = complete_text(worker.stub, grown, cache_key=other_key)
     assert other.stats.tokens_reused == 0
     # A document named like the key has a cache of its own: completing another text there
     # leaves the key's cache as it was (the same text again encodes only its last token).
-    worker.open("notebook-7", "SELECT name FROM users WHERE")
-    worker.complete("notebook-7", 1, len("SELECT name FROM users WHERE"), max_tokens=4)
-    _, again = complete_text(worker.stub, grown, cache_key="notebook-7")
+    worker.open(key, "SELECT name FROM users WHERE")
+    worker.complete(key, 1, len("SELECT name FROM users WHERE"), max_tokens=4)
+    _, again = complete_text(worker.stub, grown, cache_key=key)
     assert again.stats.tokens_encoded == 1 and again.stats.tokens_reused == again.stats.context_tokens - 1
 
 
