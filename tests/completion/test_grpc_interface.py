@@ -1,6 +1,6 @@
 """gRPC as a product interface, over real gRPC on loopback: the standard health service across the
 worker's life, server reflection, CompleteText (stateless, with an optional cache key) and its
-errors."""
+errors, and examples/grpc_client.py end to end."""
 
 from __future__ import annotations
 
@@ -306,3 +306,22 @@ def test_complete_text_limits_that_are_accepted(worker):
     _, last = complete_text(worker.stub, "x = 1\n", language_id="plaintext", max_tokens=512)
     assert last.done
 
+
+# -- the example client ---------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_example_client_waits_for_a_loading_worker_and_prints_a_completion(worker, tmp_path):
+    text = "def is_even(n):\n    return"
+    expected, _ = complete_text(worker.stub, text, language_id="python", max_tokens=0, mode=pb.COMPLETION_MODE_AUTO)
+    assert expected.strip()
+    proc, address = spawn_worker(tmp_path)  # its model is still loading when the example starts
+    try:
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "grpc_client.py"), address, text],
+            capture_output=True, text=True, timeout=400,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == expected + "\n"
+    finally:
+        stop(proc)
