@@ -1,0 +1,334 @@
+"""`rotary bench decode`: the Hugging Face forward and Rotary's own forward, side by side in one run.
+
+Both methods run the same weights on the same real code (files from the corpus, fixed seed),
+interleaved step by step so that whatever else the machine does slows both alike:
+
+- decode ms/token at ~1k and ~4k tokens of context (median over steps), greedy;
+- prefill tokens/s at 1k and 4k (the whole context in one forward; best of the runs);
+- verify cost (own forward): one forward over k = 4, 8, 16 new tokens at ~1k context, divided
+  by one token's (medians), the price of checking a draft of k tokens;
+- batched decode (own forward): total tokens/s with 1, 4 and 8 documents (contexts of 400-1200
+  tokens) decoding one token each per forward;
+- exactness: every greedy completion (the decode cases above plus short completions at random
+  places in the corpus, at least 50 in a full run) identical between the methods, and the largest
+  logit difference seen at any step.
+
+The HF method is models/runner.py's ModelRunner.forward (a DynamicCache grown by torch.cat);
+the own method is models/transformer.py's Transformer over cache/buffer.py's KVBuffer. Threads
+follow the runner's policy for both: one-token steps (and verify steps) on decode_threads(),
+prefill on prefill_threads(); the own decode is also timed on 1 and on all cores.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+from . import write_report
+from .corpus import python_files
+
+
+@contextmanager
+def _threads(count: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
+
+
+class Methods:
+    """The two forwards over one loaded model, each with its own cache type."""
+
+    def __init__(self, model: str | None):
+        from rotary.cache.buffer import KVBuffer
+        from rotary.models.loader import load_model
+        from rotary.models.runner import ModelRunner, decode_threads, prefill_threads
+        from rotary.models.transformer import Transformer, supports
+
+        self.loaded = load_model(model)
+        ok, reason = supports(self.loaded.model)
+        if not ok:
+            raise SystemExit(f"bench decode: this model cannot take the own forward: {reason}")
+        self.runner = ModelRunner(self.loaded)
+        self.own = Transformer.from_hf(self.loaded.model)  # HF params become views of the fused weights
+        self.decode_threads, self.prefill_threads = decode_threads(), prefill_threads()
+        c = self.own.config
+        self.new_buffer = lambda: KVBuffer(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.own.dtype, device=self.own.device)
+
+    # Each returns (logits [vocab], seconds); the state object is the method's cache.
+
+    def hf_prefill(self, ids: list[int]):
+        cache = self.runner.new_cache()
+        with _threads(self.prefill_threads):
+            started = time.perf_counter()
+            logits = self.runner.forward(ids, cache, 0)
+            return cache, logits, time.perf_counter() - started
+
+    def own_prefill(self, ids: list[int]):
+        buffer = self.new_buffer()
+        buffer.reserve(len(ids) + 64)
+        with _threads(self.prefill_threads):
+            started = time.perf_counter()
+            logits = buffer.extend(ids, self.own.forward).logits[0]
+            return buffer, logits, time.perf_counter() - started
+
+    def hf_step(self, cache, token: int, threads: int | None = None):
+        with _threads(threads or self.decode_threads):
+            started = time.perf_counter()
+            logits = self.runner.forward([token], cache, cache.get_seq_length())
+            return logits, time.perf_counter() - started
+
+    def own_step(self, buffer, tokens: list[int], threads: int | None = None, logits: str = "last"):
+        with _threads(threads or self.decode_threads):
+            started = time.perf_counter()
+            out = buffer.extend(tokens, self.own.forward, logits=logits).logits[0]
+            return out, time.perf_counter() - started
+
+
+def _contexts(corpus: str | None, tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` contexts of exactly `length` tokens of real code: a random file (continued by more files when short)."""
+    files = python_files(corpus)
+    rng = random.Random(seed * 1000 + length)
+    contexts = []
+    for _ in range(count):
+        ids: list[int] = []
+        first = rng.randrange(len(files))
+        for k in range(len(files)):
+            text = files[(first + k) % len(files)].read_text(encoding="utf-8")
+            ids += tokenizer.encode(text + "\n\n", add_special_tokens=False)
+            if len(ids) >= length + 512:
+                break
+        start = rng.randrange(0, max(1, len(ids) - length - 256))  # not always the file header
+        contexts.append(ids[start : start + length])
+    return contexts
+
+
+class Exactness:
+    def __init__(self):
+        self.completions = 0
+        self.identical = 0
+        self.max_logit_diff = 0.0
+        self.first_mismatch: dict | None = None
+
+    def logits(self, hf, own) -> None:
+        self.max_logit_diff = max(self.max_logit_diff, float((hf.float() - own.float()).abs().max()))
+
+    def completion(self, hf_tokens: list[int], own_tokens: list[int], where: str) -> None:
+        self.completions += 1
+        if hf_tokens == own_tokens:
+            self.identical += 1
+        elif self.first_mismatch is None:
+            self.first_mismatch = {"where": where, "hf": hf_tokens, "own": own_tokens}
+
+
+def _decode_side_by_side(methods: Methods, ids: list[int], steps: int, exact: Exactness, where: str, own_first: bool = False):
+    """Prefill both (in the order asked), then `steps` greedy steps alternating HF and own;
+    return (prefill s, step s) per method."""
+    if own_first:
+        own_buffer, own_logits, own_prefill = methods.own_prefill(ids)
+        hf_cache, hf_logits, hf_prefill = methods.hf_prefill(ids)
+    else:
+        hf_cache, hf_logits, hf_prefill = methods.hf_prefill(ids)
+        own_buffer, own_logits, own_prefill = methods.own_prefill(ids)
+    exact.logits(hf_logits, own_logits)
+    hf_tokens, own_tokens, hf_times, own_times = [], [], [], []
+    for _ in range(steps):
+        hf_tokens.append(int(hf_logits.argmax()))
+        own_tokens.append(int(own_logits.argmax()))
+        if hf_tokens[-1] != own_tokens[-1]:
+            break
+        hf_logits, seconds = methods.hf_step(hf_cache, hf_tokens[-1])
+        hf_times.append(seconds)
+        own_logits, seconds = methods.own_step(own_buffer, [own_tokens[-1]])
+        own_times.append(seconds)
+        exact.logits(hf_logits, own_logits)
+    exact.completion(hf_tokens, own_tokens, where)
+    return {"hf": (hf_prefill, hf_times), "own": (own_prefill, own_times), "buffer": own_buffer}
+
+
+def main(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    quick = bool(args.quick)
+    methods = Methods(args.model)
+    tokenizer = methods.loaded.tokenizer
+    plan = {
+        "decode_cases": {1024: 1 if quick else 3, 4096: 1 if quick else 2},
+        "decode_steps": 8 if quick else 24,
+        "completions": args.limit or (6 if quick else 50),
+        "completion_tokens": 12 if quick else 16,
+        "verify_repeats": 5 if quick else 15,
+        "batched_steps": 6 if quick else 16,
+    }
+    if args.limit:
+        plan["decode_cases"] = {n: min(c, args.limit) for n, c in plan["decode_cases"].items()}
+    print(
+        f"decode: {methods.loaded.info.name}, decode on {methods.decode_threads} thread(s), prefill on "
+        f"{methods.prefill_threads}; corpus {args.corpus or 'the standard library'} (seed {args.seed})",
+        file=sys.stderr,
+    )
+    total = (
+        sum(plan["decode_cases"].values()) + plan["completions"] + 3 * 4 + 3 + (2 if methods.prefill_threads > 1 else 1)
+    )
+    load_before = os.getloadavg()[0]
+    bar = tqdm(total=total, desc="decode", unit="step", file=sys.stderr)
+    exact = Exactness()
+    started = time.perf_counter()
+
+    # Decode and prefill speed at ~1k and ~4k, with every case also a greedy completion.
+    speed = {"hf": {}, "own": {}}
+    last_1k_buffer = None
+    for length, count in plan["decode_cases"].items():
+        prefill = {"hf": [], "own": []}
+        steps = {"hf": [], "own": []}
+        for i, ids in enumerate(_contexts(args.corpus, tokenizer, count, length, args.seed)):
+            run = _decode_side_by_side(methods, ids, plan["decode_steps"], exact, f"{length} tokens, case {i}", own_first=i % 2 == 1)
+            for name in ("hf", "own"):
+                prefill[name].append(length / run[name][0])
+                steps[name] += run[name][1]
+            if length == 1024:
+                last_1k_buffer = run["buffer"]
+            bar.update(1)
+        key = "1k" if length == 1024 else "4k"
+        for name in ("hf", "own"):
+            speed[name][f"decode_ms_per_token_{key}"] = round(statistics.median(steps[name]) * 1000, 2)
+            speed[name][f"prefill_tok_s_{key}"] = round(max(prefill[name]), 1)
+
+    # Short completions at random places: the bulk of the exactness check.
+    rng = random.Random(args.seed)
+    for i in range(plan["completions"]):
+        length = rng.randint(200, 1000)
+        ids = _contexts(args.corpus, tokenizer, 1, length, args.seed + 7919 * (i + 1))[0]
+        _decode_side_by_side(methods, ids, plan["completion_tokens"], exact, f"completion {i} ({length} tokens)")
+        bar.update(1)
+
+    # Verify cost: one forward over k tokens against one token, same buffer, rolled back each time.
+    buffer = last_1k_buffer
+    base = buffer.length
+    draft = list(buffer.token_ids[-16:])  # any ids: the cost does not depend on them
+    verify_times: dict[int, list[float]] = {1: [], 4: [], 8: [], 16: []}
+    for _ in range(plan["verify_repeats"]):
+        for k in verify_times:
+            _, seconds = methods.own_step(buffer, draft[:k], logits="all")
+            buffer.rollback(base)
+            verify_times[k].append(seconds)
+    one = statistics.median(verify_times[1])
+    verify_cost = {str(k): round(statistics.median(verify_times[k]) / one, 2) for k in (4, 8, 16)}
+    bar.update(3 * 4)
+
+    # Batched decode through the batched forward: 1, 4, 8 documents, one token each per forward.
+    # The three batch sizes take turns step by step (medians), so load changes hit them alike.
+    from rotary.cache.buffer import extend_batch
+
+    lengths = [400 + 100 * j for j in range(8)]  # different lengths, 400..1100
+    docs = [_contexts(args.corpus, tokenizer, 1, n, args.seed + 31 * (j + 1))[0] for j, n in enumerate(lengths)]
+    groups = {}
+    for size in (1, 4, 8):
+        buffers, next_ids = [], []
+        for ids in docs[:size]:
+            b, logits, _ = methods.own_prefill(ids)
+            buffers.append(b)
+            next_ids.append([int(logits.argmax())])
+        groups[size] = [buffers, next_ids, []]
+        bar.update(1)
+    with _threads(methods.decode_threads):
+        for _ in range(plan["batched_steps"]):
+            for size, group in groups.items():
+                buffers, next_ids, times = group
+                t0 = time.perf_counter()
+                out = extend_batch(buffers, next_ids, methods.own.forward)
+                times.append(time.perf_counter() - t0)
+                group[1] = [[int(i)] for i in out.logits.argmax(-1).tolist()]
+    batched = {str(size): round(size / statistics.median(group[2]), 2) for size, group in groups.items()}
+    del groups
+
+    # Own decode on 1 thread and on all cores, step by step in turn (the runner's decode_threads picks one).
+    ids = _contexts(args.corpus, tokenizer, 1, 1024, args.seed + 1)[0]
+    runs = {}
+    for threads in sorted({1, methods.prefill_threads}):
+        buffer, logits, _ = methods.own_prefill(ids)
+        runs[threads] = [buffer, logits, []]
+        bar.update(1)
+    for _ in range(plan["decode_steps"]):
+        for threads, run in runs.items():
+            logits, seconds = methods.own_step(run[0], [int(run[1].argmax())], threads=threads)
+            run[1] = logits
+            run[2].append(seconds)
+    by_threads = {str(t): round(statistics.median(run[2]) * 1000, 2) for t, run in runs.items()}
+    bar.close()
+
+    own = dict(speed["own"])
+    own.update(
+        identical=exact.identical == exact.completions,
+        max_logit_diff=float(f"{exact.max_logit_diff:.3g}"),
+        verify_cost=verify_cost,
+        decode_ms_per_token_1k_by_threads=by_threads,
+    )
+    results = {"hf": speed["hf"], "own": own, "batched": batched}
+    report = {
+        "benchmark": "decode",
+        "config": {
+            "model": methods.loaded.info.name,
+            "dtype": methods.loaded.info.dtype,
+            "seed": args.seed,
+            "corpus": args.corpus or "stdlib",
+            "quick": quick,
+            "cpu_count": os.cpu_count(),
+            "cpu_flags": _cpu_flags(),
+            "torch": torch.__version__,
+            "decode_threads": methods.decode_threads,
+            "prefill_threads": methods.prefill_threads,
+            **{k: (v if not isinstance(v, dict) else {str(n): c for n, c in v.items()}) for k, v in plan.items()},
+        },
+        "results": results,
+        "completions": exact.completions,
+        "identical_completions": exact.identical,
+        "first_mismatch": exact.first_mismatch,
+        "seconds": round(time.perf_counter() - started, 1),
+        # Other processes on the machine slow both methods and make 2-thread runs erratic; ratios hold better.
+        "load_average": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+    }
+    _print_table(results, exact)
+    print(f"load average {report['load_average']['start']:.1f} -> {report['load_average']['end']:.1f} on {os.cpu_count()} cores")
+    write_report(args.json, report)
+    return 0 if exact.identical == exact.completions else 1
+
+
+def _print_table(results: dict, exact: Exactness) -> None:
+    hf, own, batched = results["hf"], results["own"], results["batched"]
+    rows = [
+        ("decode ms/token, 1k context", "decode_ms_per_token_1k", True),
+        ("decode ms/token, 4k context", "decode_ms_per_token_4k", True),
+        ("prefill tokens/s, 1k", "prefill_tok_s_1k", False),
+        ("prefill tokens/s, 4k", "prefill_tok_s_4k", False),
+    ]
+    print(f"\n{'':<30}{'HF':>10}{'own':>10}{'speed-up':>10}")
+    for label, key, lower_is_better in rows:
+        ratio = hf[key] / own[key] if lower_is_better else own[key] / hf[key]
+        print(f"{label:<30}{hf[key]:>10.1f}{own[key]:>10.1f}{ratio:>9.2f}x")
+    print("verify cost (own, x one token): " + ", ".join(f"k={k}: {v:.2f}" for k, v in own["verify_cost"].items()))
+    one = batched["1"]
+    print("batched decode (own, tokens/s): " + ", ".join(f"{n} docs: {v:.1f} ({v / one:.2f}x)" for n, v in batched.items()))
+    print("own decode ms/token at 1k by threads: " + ", ".join(f"{t}: {v:.1f}" for t, v in own["decode_ms_per_token_1k_by_threads"].items()))
+    print(
+        f"exactness: {exact.identical}/{exact.completions} greedy completions identical, "
+        f"max logit difference {exact.max_logit_diff:.2e}"
+    )
