@@ -278,16 +278,25 @@ class Transformer:
         cos, sin = self._rope(starts, seq)  # [B, S, 1, head_dim / 2] each
         masks = self._masks(starts, seq, {config.sliding_windows[i] for i in layers})
 
+        # Past the last layer run, only each row's last token is needed ("last"), or nothing (None):
+        # that layer writes K/V for every token but runs attention and MLP on those rows only.
+        last_rows = [seq - 1] * batch if lengths is None else [n - 1 for n in lengths]
+        trim = not return_hidden and logits != "all" and seq > 1
         for i in layers:
-            x = self._layer(i, x, caches, starts, cos, sin, masks[config.sliding_windows[i]])
+            window = config.sliding_windows[i]
+            if trim and i == layers.stop - 1:
+                x = self._layer(i, x, caches, starts, cos, sin, masks[window], rows=last_rows if logits else [])
+            else:
+                x = self._layer(i, x, caches, starts, cos, sin, masks[window])
 
         out_logits = None
         if logits == "last":
-            if lengths is None:
+            if trim:
+                last = x[:, 0]  # [B, dim]: the last layer kept only these rows
+            elif lengths is None:
                 last = x[:, -1]  # [B, dim]
             else:
-                rows = torch.arange(batch, device=x.device)
-                last = x[rows, torch.tensor([n - 1 for n in lengths], device=x.device)]  # [B, dim]
+                last = x[torch.arange(batch, device=x.device), torch.tensor(last_rows, device=x.device)]  # [B, dim]
             out_logits = self._head(last)  # [B, vocab]
         elif logits == "all":
             out_logits = self._head(x)  # [B, S, vocab]
@@ -297,7 +306,11 @@ class Transformer:
 
     __call__ = forward
 
-    def _layer(self, i: int, x: torch.Tensor, caches: list, starts: list[int], cos, sin, masks: list) -> torch.Tensor:
+    def _layer(
+        self, i: int, x: torch.Tensor, caches: list, starts: list[int], cos, sin, masks: list, rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """One decoder layer. rows: run attention and MLP only for query row rows[b] of each sequence
+        (K/V are written for all), returning [B, 1, dim]; an empty list: write K/V only."""
         config, w = self.config, self.layers[i]
         batch, seq = x.shape[0], x.shape[1]
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -305,18 +318,28 @@ class Transformer:
         h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)  # [B, S, dim]
         qkv = F.linear(h, w.wqkv, w.bqkv).view(batch, seq, heads + 2 * kv_heads, head_dim)  # [B, S, H + 2KV, Dh]
         qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)  # [B, S, H + KV, Dh]
+        for b, cache in enumerate(caches):
+            layer_kv = cache.kv[i]  # [2, KV, capacity, Dh]
+            layer_kv[0, :, starts[b] : starts[b] + seq].copy_(qk[b, :, heads:].transpose(0, 1))  # [KV, S, Dh]
+            layer_kv[1, :, starts[b] : starts[b] + seq].copy_(qkv[b, :, heads + kv_heads :].transpose(0, 1))
+        if rows is not None:
+            if not rows:
+                return x  # nothing reads this layer's output: its K/V were all that was needed
+            index = torch.arange(batch, device=x.device), torch.tensor(rows, device=x.device)
+            x, qk = x[index].unsqueeze(1), qk[index].unsqueeze(1)  # [B, 1, dim], [B, 1, H + KV, Dh]
+            window = config.sliding_windows[i]
+            masks = [attention_span(start + row, 1, window, x.device) for start, row in zip(starts, rows)]
+            starts, seq = [start + row for start, row in zip(starts, rows)], 1
+
         attn = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)  # [B, S, H, Dh]
         # Attention per sequence: each row reads only its own cache, as long as it really is
         # (padding every row to the longest would copy every cache into one tensor per layer).
         for b, cache in enumerate(caches):
-            start, end = starts[b], starts[b] + seq
-            layer_kv = cache.kv[i]  # [2, KV, capacity, Dh]
-            layer_kv[0, :, start:end].copy_(qk[b, :, heads:].transpose(0, 1))  # [KV, S, Dh]
-            layer_kv[1, :, start:end].copy_(qkv[b, :, heads + kv_heads :].transpose(0, 1))
             low, mask, causal = masks[b]
+            end = starts[b] + seq
             q = qk[b, :, :heads].transpose(0, 1).unsqueeze(0)  # [1, H, S, Dh]
-            k = layer_kv[0, :, low:end].unsqueeze(0)  # [1, KV, T, Dh]
-            v = layer_kv[1, :, low:end].unsqueeze(0)  # [1, KV, T, Dh]
+            k = cache.kv[i, 0, :, low:end].unsqueeze(0)  # [1, KV, T, Dh]
+            v = cache.kv[i, 1, :, low:end].unsqueeze(0)  # [1, KV, T, Dh]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)  # [1, H, S, Dh]
             attn[b].copy_(out[0].transpose(0, 1))  # [S, H, Dh]
         x = x + F.linear(attn.view(batch, seq, heads * head_dim), w.wo, w.bo)  # [B, S, dim]

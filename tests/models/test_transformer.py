@@ -110,6 +110,28 @@ def test_tiny_family_matches_transformers(family):
         assert (got - expected).abs().max().item() < TOL, (family, pieces)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2_sliding_layers", "mistral_sliding"])
+def test_last_logits_and_no_logits_run_the_last_layer_on_fewer_rows(family):
+    """logits="last" runs the last layer's attention and MLP on the last token only, logits=None not at all:
+    same logits, same K/V as computing every row."""
+    overrides = dict(FAMILIES[family])
+    model = tiny(overrides.pop("kind"), **overrides)
+    tf = Transformer.from_hf(model, share_weights=False)
+    ids = random_ids(30)
+    expected = hf_logits(model, ids)
+    every, last, none = new_buffer(tf), new_buffer(tf), new_buffer(tf)
+    every.extend(ids[:20], tf.forward, logits="all")
+    got = last.extend(ids[:20], tf.forward, logits="last").logits
+    assert none.extend(ids[:20], tf.forward, logits=None).logits is None
+    assert (got[0] - expected[19]).abs().max().item() < TOL
+    got = last.extend(ids[20:], tf.forward, logits="last").logits  # a chunk after a prefix
+    none.extend(ids[20:], tf.forward, logits=None)
+    every.extend(ids[20:], tf.forward, logits="all")
+    assert (got[0] - expected[29]).abs().max().item() < TOL
+    assert torch.allclose(last.kv[:, :, :, :30], every.kv[:, :, :, :30], atol=1e-6)
+    assert torch.allclose(none.kv[:, :, :, :30], every.kv[:, :, :, :30], atol=1e-6)
+
+
 def test_yarn_scaling_is_applied():
     model = tiny("llama", rope_parameters=FAMILIES["yarn_rope"]["rope_parameters"])
     assert model.model.rotary_emb.attention_scaling != 1.0
