@@ -77,6 +77,23 @@ class KVBuffer:
         self.filled = [0] * num_layers  # per layer: positions [0, filled[l]) hold valid K/V
         self.tokens = DocumentTokens()  # the ids of positions [0, length), and which are stale
 
+    @classmethod
+    @torch.inference_mode()
+    def from_kv(cls, kv: torch.Tensor, tokens: DocumentTokens, *, chunk: int = DEFAULT_CHUNK) -> KVBuffer:
+        """A buffer holding `tokens` with K/V kv [layers, 2, kv_heads, len(tokens), head_dim] (a snapshot read back)."""
+        layers, two, kv_heads, length, head_dim = kv.shape
+        assert two == 2 and length == len(tokens), f"K/V for {length} positions, {len(tokens)} tokens"
+        buffer = cls(layers, kv_heads, head_dim, dtype=kv.dtype, device=kv.device, capacity=length, chunk=chunk)
+        buffer.kv[:, :, :, :length].copy_(kv)
+        buffer.tokens = tokens
+        buffer.filled = [length] * layers
+        return buffer
+
+    def used(self) -> torch.Tensor:
+        """K/V of the tokens held, [layers, 2, kv_heads, length, head_dim] (a view; every layer filled)."""
+        assert self.is_complete(), "an early exit left layers unfilled"
+        return self.kv[:, :, :, : self.length]
+
     def __repr__(self) -> str:
         depth = "" if self.is_complete() else f", filled={self.filled}"
         return f"KVBuffer({self.length} tokens, capacity {self.capacity}{depth})"

@@ -312,3 +312,16 @@ def test_buffer_written_under_inference_mode_can_still_be_moved_outside_it():
     buf.move([(0, 3, 4)])
     buf.scatter([7], buf.gather([0]))
     buf.rotate([(4, 7, 1)], INV_FREQ)
+
+
+def test_from_kv_round_trip():
+    buf, forward = buffer(), FakeForward()
+    buf.extend(list(range(9)), forward)
+    copy = KVBuffer.from_kv(buf.used().clone(), DocumentTokens(buf.token_ids, stale=[(3, 5)]))
+    assert copy.token_ids == buf.token_ids and copy.is_complete() and copy.tokens.stale_intervals == ((3, 5),)
+    assert_holds(copy, list(range(9)))
+    copy.extend([4], forward)
+    assert_holds(copy, list(range(9)) + [4])
+    buf.extend([1], forward, layers=range(0, 1))
+    with pytest.raises(AssertionError, match="unfilled"):
+        buf.used()
