@@ -39,6 +39,15 @@ def add_bench_parser(sub, func) -> None:
     b.set_defaults(func=func)
 
 
+def add_soak_parser(sub, func) -> None:
+    s = sub.add_parser("soak", help="long randomized checks, run on demand (docs/RELIABILITY.md)")
+    s.add_argument("name", choices=("edits",), help="edits: random LSP edit sequences, daemon vs worker vs a reference")
+    s.add_argument("--sequences", type=int, default=10_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, metavar="PATH", help="write machine-readable results here")
+    s.set_defaults(func=func)
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
     if args.name == "quality":
         from .quality import main

@@ -29,6 +29,8 @@ from .documents import (
     DocumentTooLarge,
     OffsetOutOfRange,
     VersionMismatch,
+    check_change_count,
+    text_crc32,
 )
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
@@ -172,17 +174,18 @@ class WorkerService(pb_grpc.WorkerServicer):
     def OpenDocument(self, request, context):
         # A reopened document keeps its KV cache: the next completion diffs token ids against it.
         doc = self._guard(context, self.documents.open, request.uri, request.version, request.language_id, request.text)
-        return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text))
+        return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text), crc32=text_crc32(doc.text))
 
     def EditDocument(self, request, context):
-        changes = [Change(c.start, c.end, c.text) for c in request.changes]
         try:
+            check_change_count(request.uri, len(request.changes))  # before a million objects are built
+            changes = [Change(c.start, c.end, c.text) for c in request.changes]
             doc = self.documents.edit(request.uri, request.base_version, request.new_version, changes)
         except tuple(STATUS_OF_ERROR) as exc:
             self._count("edits_rejected")
             context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
         self._count("edits")
-        return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text))
+        return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text), crc32=text_crc32(doc.text))
 
     def CloseDocument(self, request, context):
         self.documents.close(request.uri)

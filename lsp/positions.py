@@ -1,14 +1,20 @@
 """LSP positions <-> code-point offsets, in the negotiated position encoding.
 
 LSP counts a position's character in UTF-16 code units by default (or UTF-8
-bytes, or code points); the worker counts code points. Positions past the end
-of a line clamp to the line's end and lines past the end clamp to the end of
-the document, as the LSP specification asks.
+bytes, or code points); the worker counts code points. Lines end at `\\n`,
+`\\r\\n` or a lone `\\r`, as the LSP specification defines them (no other
+character breaks a line). Positions past the end of a line clamp to the line's
+end (before its line break) and lines past the end clamp to the end of the
+document, as the specification asks.
 """
 
 from __future__ import annotations
 
+import re
+
 UTF8, UTF16, UTF32 = "utf-8", "utf-16", "utf-32"
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def _units(ch: str, encoding: str) -> int:
@@ -21,12 +27,25 @@ def _units(ch: str, encoding: str) -> int:
 
 
 def line_starts(text: str) -> list[int]:
-    starts = [0]
-    pos = text.find("\n")
-    while pos >= 0:
-        starts.append(pos + 1)
-        pos = text.find("\n", pos + 1)
-    return starts
+    """Offset of the first character of every line (a `\\r\\n` is one break)."""
+    if "\r" not in text:  # the common case, without the regex
+        starts = [0]
+        pos = text.find("\n")
+        while pos >= 0:
+            starts.append(pos + 1)
+            pos = text.find("\n", pos + 1)
+        return starts
+    return [0, *(m.end() for m in _LINE_BREAK.finditer(text))]
+
+
+def _line_end(text: str, starts: list[int], line: int) -> int:
+    """Offset just before the line break that ends `line` (or the end of the text)."""
+    if line + 1 >= len(starts):
+        return len(text)
+    end = starts[line + 1] - 1
+    if text[end] == "\n" and end > starts[line] and text[end - 1] == "\r":
+        end -= 1
+    return end
 
 
 def offset_at(text: str, line: int, character: int, encoding: str = UTF16, starts: list[int] | None = None) -> int:
@@ -37,7 +56,7 @@ def offset_at(text: str, line: int, character: int, encoding: str = UTF16, start
     if line >= len(starts):
         return len(text)
     start = starts[line]
-    end = starts[line + 1] - 1 if line + 1 < len(starts) else len(text)
+    end = _line_end(text, starts, line)
     if encoding == UTF32:
         return min(start + character, end)
     units = 0
@@ -48,9 +67,17 @@ def offset_at(text: str, line: int, character: int, encoding: str = UTF16, start
     return i
 
 
+def line_start_before(text: str, offset: int) -> int:
+    """Offset of the first character of the line that holds `offset`."""
+    return max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
+
+
 def position_at(text: str, offset: int, encoding: str = UTF16) -> tuple[int, int]:
     """LSP (line, character) of a code-point offset."""
     offset = max(0, min(offset, len(text)))
-    line = text.count("\n", 0, offset)
-    start = text.rfind("\n", 0, offset) + 1
+    if offset and text[offset - 1] == "\r" and offset < len(text) and text[offset] == "\n":
+        offset -= 1  # between the two characters of a \r\n: the end of that line
+    head = text[:offset]
+    line = len(line_starts(head)) - 1
+    start = line_start_before(text, offset)
     return line, sum(_units(ch, encoding) for ch in text[start:offset])

@@ -177,6 +177,8 @@ class RotaryServer(LanguageServer):
         for attempt in range(2):
             try:
                 copy = await self.sync.flush(uri, stub)
+                if copy is None:
+                    return None  # closed meanwhile
                 if copy.pending or self.latest_request.get(uri) != number:
                     self.counters["superseded"] += 1
                     return None  # the text moved on while we flushed; a newer request will come
@@ -210,7 +212,7 @@ class RotaryServer(LanguageServer):
                     self.counters["superseded"] += 1
                     return None
                 if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND) and attempt == 0:
-                    copy.acked_version = None  # the worker lost or diverged from the document: resend it
+                    self.sync.resend(uri)  # the worker lost or diverged from the document: resend it
                     continue
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                     self.counters["worker_unavailable"] += 1
@@ -322,8 +324,9 @@ def create_server(worker_address: str = "", model: str = "") -> RotaryServer:
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     async def did_close(ls: RotaryServer, params: types.DidCloseTextDocumentParams):
-        if ls.sync.closed(params.text_document.uri) is not None and ls.worker.ready_stub() is not None:
-            await ls.sync.close_in_worker(params.text_document.uri, ls.worker.ready_stub())
+        copy = ls.sync.closed(params.text_document.uri)
+        if copy is not None and ls.worker.ready_stub() is not None:
+            await ls.sync.close_in_worker(copy, ls.worker.ready_stub())
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(ls: RotaryServer, params: types.InlineCompletionParams):

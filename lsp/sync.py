@@ -7,12 +7,28 @@ since. Edits are batched: a completion request flushes everything pending for
 its document in one EditDocument, so a burst of keystrokes costs one message.
 When the worker rejects an edit (it restarted, or a message was lost), the whole
 document is sent again with OpenDocument; nothing is lost.
+
+Versions sent to the worker are this module's own sequence numbers, never the
+editor's: they grow strictly across every document, reopen and worker restart,
+so an edit can only ever apply to the exact text it was computed against (an
+editor that repeats or reorders its versions cannot make two texts share one).
+Every acknowledgement is checked: the worker's length and CRC-32 must match the
+text the daemon expects, else the document is resent whole.
+
+The pending list is bounded. Past MAX_PENDING_CHANGES changes, or past
+MAX_PENDING_WORK_CHARS characters of copying for the worker, it collapses into
+"send the whole document on the next flush": completions turned off, a worker in
+its error state or a huge paste never make it grow without end. Skipped documents
+(binary, huge) record nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import re
+import zlib
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,18 +40,57 @@ from .positions import line_starts, offset_at
 log = logging.getLogger(__name__)
 
 MAX_DOCUMENT_CHARS = 2_000_000  # larger files are not sent to the worker (no completions there)
+MAX_PENDING_CHANGES = 1000  # about 3 minutes of typing between two completions
+MAX_PENDING_WORK_CHARS = 32_000_000  # pending changes x text length: the worker copies the text per change
+# Answers to an EditDocument that mean "send the whole document instead".
+EDIT_REFUSALS = (
+    grpc.StatusCode.FAILED_PRECONDITION,  # another base version: the worker restarted or diverged
+    grpc.StatusCode.NOT_FOUND,  # the worker does not have the document
+    grpc.StatusCode.OUT_OF_RANGE,  # an offset past its text: it diverged
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # too many changes for one edit
+)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def wire_text(text: str) -> str:
+    """The text as the worker gets it: a lone surrogate (invalid UTF-16 from a client) becomes U+FFFD.
+
+    Protobuf strings must be valid Unicode; one code point for one keeps every offset in place.
+    """
+    return text if text.isascii() or not _SURROGATE.search(text) else _SURROGATE.sub("\ufffd", text)
+
+
+def text_crc32(text: str) -> int:
+    """DocumentAck.crc32 of a text: CRC-32 of its UTF-8 bytes (as the worker computes it)."""
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def ack_matches(ack: pb.DocumentAck, text: str) -> bool:
+    """Does the worker's acknowledgement describe `text` (the wire text)?"""
+    if ack.length != len(text):
+        return False
+    return not ack.HasField("crc32") or ack.crc32 == text_crc32(text)
 
 
 @dataclass
 class WorkerCopy:
     uri: str
     language_id: str
-    version: int
+    version: int  # the editor's version (logs only; the worker gets sequence numbers)
     text: str
-    acked_version: int | None = None  # None: the worker must be sent the whole document
+    acked_version: int | None = None  # the worker's version of this text, once it acknowledged one
+    resend: bool = True  # the worker must get the whole document (never had it, refused an edit, drifted)
     pending: list[pb.TextChange] = field(default_factory=list)
+    epoch: int = 0  # bumped whenever `pending` is thrown away, so an in-flight flush leaves it alone
     skipped_reason: str | None = None  # binary or huge: never sent, never completed
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def collapse(self) -> None:
+        """Forget the pending changes: the next flush sends the whole text instead."""
+        self.pending.clear()
+        self.resend = True
+        self.epoch += 1
 
 
 def unsupported_reason(text: str) -> str | None:
@@ -50,9 +105,14 @@ class DocumentSync:
     def __init__(self):
         self.docs: dict[str, WorkerCopy] = {}
         self.reopens = 0  # documents resent whole after a rejected edit or a worker restart
+        self.drifts = 0  # acknowledgements that did not match the daemon's text (resent whole)
+        self.collapses = 0  # pending lists that hit their bound (resent whole)
+        self._versions = itertools.count(1)
 
     def opened(self, uri: str, version: int, language_id: str, text: str) -> WorkerCopy:
-        copy = WorkerCopy(uri, language_id, version, text)
+        old = self.docs.get(uri)
+        # A reopen without a close shares the old copy's lock: its flush in flight ends first.
+        copy = WorkerCopy(uri, language_id, version, text, lock=old.lock if old else asyncio.Lock())
         copy.skipped_reason = unsupported_reason(text)
         if copy.skipped_reason:
             log.warning("%s: %s; no completions for it", uri, copy.skipped_reason)
@@ -67,6 +127,7 @@ class DocumentSync:
         if version is not None and version <= copy.version:
             log.warning("%s: out-of-order change to version %s after %s; applied anyway", uri, version, copy.version)
         text = copy.text
+        record = not copy.skipped_reason  # also while resending: a flush in flight sends the text as it was
         for change in content_changes:
             rng = getattr(change, "range", None)
             if rng is None:  # whole-document replacement
@@ -78,55 +139,91 @@ class DocumentSync:
                 if end < start:
                     start, end = end, start
             text = text[:start] + change.text + text[end:]
-            copy.pending.append(pb.TextChange(start=start, end=end, text=change.text))
+            if record:
+                copy.pending.append(pb.TextChange(start=start, end=end, text=wire_text(change.text)))
         copy.text = text
         copy.version = version if version is not None else copy.version + 1
         was_skipped = copy.skipped_reason
         copy.skipped_reason = unsupported_reason(text)
-        if was_skipped and not copy.skipped_reason:
-            copy.acked_version = None  # the worker never had it
-            copy.pending.clear()
+        if copy.skipped_reason and not was_skipped:
+            log.warning("%s: %s; no completions for it", uri, copy.skipped_reason)
+        if copy.skipped_reason or was_skipped:
+            copy.collapse()  # the worker never had it, or must not keep it: the whole text when it is back
+        elif len(copy.pending) > MAX_PENDING_CHANGES or len(copy.pending) * len(text) > MAX_PENDING_WORK_CHARS:
+            log.info("%s: %d changes pending; the whole document goes on the next flush", uri, len(copy.pending))
+            self.collapses += 1
+            copy.collapse()
 
     def closed(self, uri: str) -> WorkerCopy | None:
         return self.docs.pop(uri, None)
 
+    def resend(self, uri: str) -> None:
+        """The worker lost or diverged from the document: send it whole on the next flush."""
+        copy = self.docs.get(uri)
+        if copy is not None:
+            copy.collapse()
+
     def worker_restarted(self) -> None:
         for copy in self.docs.values():
             copy.acked_version = None
-            copy.pending.clear()
+            copy.collapse()
 
-    async def flush(self, uri: str, stub) -> WorkerCopy:
-        """Bring the worker's copy of `uri` up to date; return the copy (its version is what the worker has)."""
-        copy = self.docs[uri]
+    async def flush(self, uri: str, stub) -> WorkerCopy | None:
+        """Bring the worker's copy of `uri` up to date; return the copy (its acked_version is what the
+        worker has), or None when the document was closed meanwhile.
+
+        Changes that arrive while a call is in flight stay pending for the next flush.
+        """
+        copy = self.docs.get(uri)
+        if copy is None:
+            return None
         async with copy.lock:
-            if copy.acked_version is not None and not copy.pending:
-                return copy
-            if copy.acked_version is not None:
-                changes, version = list(copy.pending), copy.version
-                try:
-                    await stub.EditDocument(
-                        pb.EditDocumentRequest(uri=uri, base_version=copy.acked_version, new_version=version, changes=changes),
-                        timeout=10,
-                    )
-                    del copy.pending[: len(changes)]
-                    copy.acked_version = version
+            for _attempt in range(3):
+                if self.docs.get(uri) is not copy:
+                    return None  # closed or reopened while we waited
+                if not copy.resend and not copy.pending:
                     return copy
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
-                        raise
-                    log.info("%s: worker refused the edit (%s); resending the document", uri, exc.details())
-            self.reopens += copy.acked_version is not None
-            # Snapshot: changes that arrive while the call is in flight stay pending for the next flush.
-            text, version, already_in_text = copy.text, copy.version, len(copy.pending)
-            await stub.OpenDocument(
-                pb.OpenDocumentRequest(uri=uri, version=version, language_id=copy.language_id, text=text), timeout=30
-            )
-            del copy.pending[:already_in_text]
-            copy.acked_version = version
-            return copy
+                epoch, text, count = copy.epoch, wire_text(copy.text), len(copy.pending)
+                version = next(self._versions)
+                if copy.resend:
+                    ack = await stub.OpenDocument(
+                        pb.OpenDocumentRequest(uri=uri, version=version, language_id=copy.language_id, text=text),
+                        timeout=30,
+                    )
+                else:
+                    try:
+                        ack = await stub.EditDocument(
+                            pb.EditDocumentRequest(
+                                uri=uri, base_version=copy.acked_version, new_version=version, changes=copy.pending[:count]
+                            ),
+                            timeout=10,
+                        )
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() not in EDIT_REFUSALS:
+                            raise
+                        log.info("%s: worker refused the edit (%s); resending the document", uri, exc.details())
+                        self.reopens += 1
+                        copy.collapse()
+                        continue
+                copy.acked_version = version
+                if copy.epoch == epoch:
+                    del copy.pending[:count]
+                    copy.resend = False
+                if ack_matches(ack, text):
+                    return copy
+                log.warning(
+                    "%s: the worker's copy drifted (length %d, expected %d); resending the document",
+                    uri, ack.length, len(text),
+                )
+                self.drifts += 1
+                self.reopens += 1
+                copy.collapse()
+            log.error("%s: the worker's copy still differs after 3 tries; no completion this time", uri)
+            return None
 
-    async def close_in_worker(self, uri: str, stub) -> None:
-        try:
-            await stub.CloseDocument(pb.CloseDocumentRequest(uri=uri), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            log.debug("close of %s not delivered: %s", uri, exc.details())
+    async def close_in_worker(self, copy: WorkerCopy, stub) -> None:
+        async with copy.lock:  # after any flush in flight, so the close is the worker's last word
+            try:
+                await stub.CloseDocument(pb.CloseDocumentRequest(uri=copy.uri), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("close of %s not delivered: %s", copy.uri, exc.details())

@@ -144,6 +144,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_benchmark(args)
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from rotary.bench.soak import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rotary",
@@ -202,9 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.set_defaults(func=cmd_prepare_model)
 
-    from rotary.bench import add_bench_parser
+    from rotary.bench import add_bench_parser, add_soak_parser
 
     add_bench_parser(sub, cmd_bench)
+    add_soak_parser(sub, cmd_soak)
     return parser
 
 

@@ -66,14 +66,16 @@ class CloseDocumentRequest(_message.Message):
     def __init__(self, uri: _Optional[str] = ...) -> None: ...
 
 class DocumentAck(_message.Message):
-    __slots__ = ("uri", "version", "length")
+    __slots__ = ("uri", "version", "length", "crc32")
     URI_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     uri: str
     version: int
     length: int
-    def __init__(self, uri: _Optional[str] = ..., version: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    crc32: int
+    def __init__(self, uri: _Optional[str] = ..., version: _Optional[int] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class CompleteOptions(_message.Message):
     __slots__ = ("max_tokens", "mode", "cache")
