@@ -34,6 +34,7 @@ from .documents import (
 )
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
+from .rpc.access import WorkerInterceptor, server_credentials, unix_socket_path
 from .standard_services import add_standard_services, is_local_address, report_load
 from .text_request import InvalidArgument, cache_uri, check_complete_text
 
@@ -371,19 +372,27 @@ def serve(
     refresh_window: int = 128,
     stale_budget: int = 1024,
     reflection: bool | None = None,
+    token: str | None = None,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> None:
     """Serve until interrupted (or until the parent process, when given, is gone).
+
+    `token`: every call but the standard health check must carry it (rpc/access.py); `tls`: a
+    (certificate, key) PEM pair to serve TLS with. The caller checks that a non-local address has both.
 
     Beside rotary.v1.Worker: grpc.health.v1.Health, and server reflection when `reflection`
     (None: on for loopback and unix sockets, off elsewhere)."""
     service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window, stale_budget)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rotary-rpc"),
+        interceptors=[WorkerInterceptor(token)],  # the access token, and a clear error for unparsable requests
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_WorkerServicer_to_server(service, server)
     health = add_standard_services(server, is_local_address(listen) if reflection is None else reflection)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, server_credentials(*tls)) if tls else server.add_insecure_port(listen)
+    if unix_socket_path(listen):
+        os.chmod(unix_socket_path(listen), 0o600)  # this user alone connects
     if port == 0 and not listen.startswith("unix:"):
         raise SystemExit(f"could not listen on {listen}")
     bound = listen if listen.startswith("unix:") or not listen.endswith(":0") else f"{listen.rsplit(':', 1)[0]}:{port}"

@@ -5,6 +5,18 @@ It tracks every edit (incremental sync), answers textDocument/inlineCompletion
 the previous request of a document down to the worker, reports the worker's
 model loading as $/progress, and sends `rotary/status` notifications that
 editors show in a status bar.
+
+Bad input gets an answer, never silence or a crash: a body that is not JSON gets
+a parse error (-32700), a request whose params do not fit its method gets
+invalid params (-32602) with its id, a request before `initialize` gets
+ServerNotInitialized (-32002), an unknown method MethodNotFound, and an
+unknown command an error that lists Rotary's commands. Nothing that goes wrong
+between the daemon and the worker reaches the editor as an error: a completion
+then comes back empty.
+
+Settings that redirect the documents' text or load code (`workerAddress`,
+`model`) are logged whenever a client changes them, and a client that is not
+trusted with them (LSP over TCP without an access token) cannot change them.
 """
 
 from __future__ import annotations
@@ -20,6 +32,14 @@ from typing import Any
 
 import grpc
 from lsprotocol import types
+from pygls.exceptions import (
+    FeatureRequestError,
+    JsonRpcException,
+    JsonRpcInvalidParams,
+    JsonRpcInvalidRequest,
+    JsonRpcParseError,
+    JsonRpcServerNotInitialized,
+)
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
@@ -44,7 +64,57 @@ COMPLETION_TIMEOUT_S = 60
 INVOKED_WAIT_S = 30
 
 
+# Settings that send the documents' text somewhere or load code: logged, and only from trusted clients.
+REDIRECTING_SETTINGS = ("workerAddress", "model")
+
+
+class _Dropped:
+    """A message that was already answered (or is not worth one); pygls ignores it (no jsonrpc version)."""
+
+    jsonrpc = None
+
+
 class RotaryProtocol(LanguageServerProtocol):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initialize_received = False
+        self.end_session = None  # LSP over TCP: `exit` ends this connection's session, not the daemon
+
+    def handle_message(self, message):
+        if isinstance(message, _Dropped):
+            return
+        if not hasattr(message, "jsonrpc"):  # JSON, but no JSON-RPC message (an array, a number, no "jsonrpc")
+            msg_id = message.get("id") if isinstance(message, dict) else None
+            error = JsonRpcInvalidRequest("Invalid request: not a JSON-RPC 2.0 message object")
+            self._send_response(msg_id if isinstance(msg_id, (int, str)) else None, None, error.to_response_error())
+            return
+        method = getattr(message, "method", None)
+        if not self.initialize_received and method not in (None, types.INITIALIZE, types.EXIT):
+            # LSP: before initialize, a request gets ServerNotInitialized and a notification is dropped.
+            if getattr(message, "id", None) is not None:
+                error = JsonRpcServerNotInitialized(f"{method}: the server is not initialized yet (send initialize first)")
+                self._send_response(message.id, None, error.to_response_error())
+            else:
+                log.warning("%s before initialize dropped", method)
+            return
+        if method == types.INITIALIZE:
+            self.initialize_received = True
+        super().handle_message(message)
+
+    def structure_message(self, data):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as exc:
+            # pygls would only log this; a request gets its answer (an id it can match), a notification is dropped.
+            method = data.get("method")
+            if "id" in data and isinstance(method, str):
+                cause = exc.__cause__ or exc
+                error = JsonRpcInvalidParams(f"{method}: invalid params ({str(cause).splitlines()[0][:300]})")
+                self._send_response(data["id"], None, error.to_response_error())
+            else:
+                log.warning("dropped a malformed message: %s", str(exc.__cause__ or exc).splitlines()[0][:300])
+            return _Dropped()
+
     @lsp_method(types.INITIALIZE)
     def lsp_initialize(self, params: types.InitializeParams):
         # Prefer UTF-8 when the client offers it (no transcoding on either side); else LSP's UTF-16 default.
@@ -53,14 +123,46 @@ class RotaryProtocol(LanguageServerProtocol):
             general.position_encodings = [types.PositionEncodingKind.Utf8]
         return (yield from super().lsp_initialize(params))
 
+    @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
+    def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams):
+        if params.command not in self.fm.commands:
+            raise JsonRpcInvalidParams(
+                f"unknown command {params.command!r}: Rotary runs only its own commands ({', '.join(sorted(self.fm.commands))})"
+            )
+        return (yield from super().lsp_workspace__execute_command(params))
+
+    @lsp_method(types.EXIT)
+    def lsp_exit(self, *args):
+        if self.end_session is None:
+            return (yield from super().lsp_exit(*args))
+        self.end_session()
+
 
 class RotaryServer(LanguageServer):
-    def __init__(self, worker_address: str = "", model: str = ""):
+    def __init__(
+        self,
+        worker_address: str = "",
+        model: str = "",
+        worker: WorkerConnection | None = None,
+        trusted: bool = True,
+        worker_token: str | None = None,
+        worker_ca: str | None = None,
+    ):
+        """`worker`: a connection shared with other sessions (LSP over TCP), else the server makes its own.
+        `trusted`: the client may change the settings that redirect text or load code (REDIRECTING_SETTINGS)."""
         super().__init__("rotary", rotary.__version__, protocol_cls=RotaryProtocol)
         self.settings = Settings(workerAddress=worker_address, model=model)
         self.cli_overrides = {k: v for k, v in {"workerAddress": worker_address, "model": model}.items() if v}
+        self.trusted = trusted
         self.sync = DocumentSync()
-        self.worker = WorkerConnection(worker_address, model, self._on_worker_state, self.sync.worker_restarted)
+        self.owns_worker = worker is None
+        if worker is None:
+            worker = WorkerConnection(worker_address, model, token=worker_token, ca_file=worker_ca)
+        else:
+            self.settings = replace(self.settings, workerAddress=worker.external_address, model=worker.model)
+        self.worker = worker
+        worker.on_state = self._on_worker_state
+        worker.on_restart = self.sync.worker_restarted
         self.requests = itertools.count(1)
         self.latest_request: dict[str, int] = {}  # uri -> newest request number (older ones give up)
         self.calls: dict[str, Any] = {}  # uri -> the gRPC call in flight
@@ -91,14 +193,37 @@ class RotaryServer(LanguageServer):
 
     def apply_settings(self, raw: Any) -> None:
         new, warnings = parse_settings(raw, self.settings)
+        for key in REDIRECTING_SETTINGS:
+            before, after = getattr(self.settings, key), getattr(new, key)
+            if before == after or key in self.cli_overrides:
+                continue
+            if not self.trusted:
+                new = replace(new, **{key: before})
+                warnings.append(
+                    f"rotary.{key} ignored: a client over TCP without the access token cannot change where the "
+                    "documents go or which model loads (start the daemon with --token-file to allow it)"
+                )
+            else:
+                log.warning("rotary.%s changed by the client: %r -> %r", key, before, after)
         new = replace(new, **self.cli_overrides)  # command-line flags win over editor settings
         for warning in warnings:
             log.warning(warning)
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=warning))
         self.settings = new
         # Before `initialized` the worker is not started yet and simply starts with these settings.
-        if self.worker.reconfigure(new.workerAddress, new.model) and self.worker.started:
+        if self.worker.reconfigure(new.workerAddress, new.model) and self.worker.wanted:
             asyncio.ensure_future(self.worker.restart())
+
+    def report_server_error(self, error: Exception, source) -> None:
+        if source is JsonRpcException and isinstance(error, ValueError):  # from the reader: not JSON, or not UTF-8
+            response = types.ResponseErrorMessage(
+                id=None, error=JsonRpcParseError(f"Parse error: {str(error)[:200]}").to_response_error()
+            )
+            self.protocol._send_data(response)
+            return
+        if source is FeatureRequestError:
+            return
+        log.error("%s", error)  # no dialog: a keystroke never raises one
 
     def send_status(self, state: str, message: str, last_result: str | None = None) -> None:
         self.protocol.notify(
@@ -207,6 +332,10 @@ class RotaryServer(LanguageServer):
                     self.counters["superseded"] += 1
                     return None
                 raise
+            except grpc.aio.UsageError as exc:  # a stub of a channel closed by a restart
+                self.counters["worker_unavailable"] += 1
+                log.info("completion %s: the worker connection was replaced (%s)", number, exc)
+                return None
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.CANCELLED and self.latest_request.get(uri) != number:
                     self.counters["superseded"] += 1
@@ -220,6 +349,10 @@ class RotaryServer(LanguageServer):
                 else:
                     self.counters["errors"] += 1
                     log.error("completion failed: %s %s", exc.code().name, exc.details())
+                return None
+            except Exception:  # whatever it is, the editor gets no suggestion rather than an error
+                self.counters["errors"] += 1
+                log.exception("completion %s failed", number)
                 return None
             finally:
                 if self.calls.get(uri) is not None and self.latest_request.get(uri) == number:
@@ -249,7 +382,10 @@ class RotaryServer(LanguageServer):
                 "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
                 "open_documents": len(self.sync.docs),
                 "skipped_documents": {u: c.skipped_reason for u, c in self.sync.docs.items() if c.skipped_reason},
+                "trusted_client": self.trusted,
                 "documents_resent": self.sync.reopens,
+                "drift_detected": self.sync.drifts,
+                "pending_collapsed": self.sync.collapses,
                 "settings": asdict(self.settings),
                 "position_encoding": self.encoding,
                 "last_completion": self.last_completion,
@@ -269,6 +405,8 @@ class RotaryServer(LanguageServer):
                 out["worker"].update(json.loads(reply.json))
             except grpc.aio.AioRpcError as exc:
                 out["worker"]["stats_error"] = exc.details()
+            except grpc.aio.UsageError as exc:
+                out["worker"]["stats_error"] = str(exc)
         return out
 
 
@@ -285,8 +423,9 @@ def _word_start(line: str, column: int) -> int:
     return start
 
 
-def create_server(worker_address: str = "", model: str = "") -> RotaryServer:
-    server = RotaryServer(worker_address, model)
+def create_server(worker_address: str = "", model: str = "", **options) -> RotaryServer:
+    """The language server with its features; `options` go to RotaryServer (shared worker, trust, worker token)."""
+    server = RotaryServer(worker_address, model, **options)
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: RotaryServer, params: types.InitializeParams):
@@ -295,10 +434,13 @@ def create_server(worker_address: str = "", model: str = "") -> RotaryServer:
     @server.feature(types.INITIALIZED)
     def initialized(ls: RotaryServer, params):
         ls.worker.start()
+        if ls.worker.state != STOPPED:  # a shared worker already on its way: tell this editor where it stands
+            ls._on_worker_state(ls.worker.state, ls.worker.message)
 
     @server.feature(types.SHUTDOWN)
     async def shutdown(ls: RotaryServer, params):
-        await ls.worker.stop()
+        if ls.owns_worker:  # a shared worker (LSP over TCP) serves the next session
+            await ls.worker.stop()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(ls: RotaryServer, params: types.DidChangeConfigurationParams):

@@ -227,3 +227,5 @@ class DocumentSync:
                 await stub.CloseDocument(pb.CloseDocumentRequest(uri=copy.uri), timeout=5)
             except grpc.aio.AioRpcError as exc:
                 log.debug("close of %s not delivered: %s", copy.uri, exc.details())
+            except grpc.aio.UsageError as exc:  # the channel was replaced; the new worker never had it
+                log.debug("close of %s not delivered: %s", copy.uri, exc)

@@ -1,11 +1,20 @@
 """The daemon's connection to its model worker: start it (or connect to one), watch it, restart it.
 
 By default the daemon starts a local worker process on a private unix socket
-and reports its model loading as progress. With a worker address it connects
-to a running worker instead. Whatever happens to the worker, completion
-requests get either a ready stub or None (the editor then shows nothing, never
-an error dialog per keystroke); a dead worker is restarted with backoff and
-the documents are sent again (the `on_restart` callback).
+(in a 0700 folder of its own) and reports its model loading as progress. With a
+worker address it connects to a running worker instead: over TLS with an access
+token unless the address is on this machine (rotary.completion.rpc.access).
+Whatever happens to the worker, completion requests get either a ready stub or
+None (the editor then shows nothing, never an error dialog per keystroke); a
+dead worker is restarted and the documents are sent again (the `on_restart`
+callback).
+
+Failed starts back off (1, 2, 4, ... s, at most MAX_BACKOFF_S) in the error
+state, whose message says when the next try comes. A worker of our own that
+fails to start or load MAX_START_FAILURES times in a row (a model that cannot
+load, a crash while loading) stops there with a clear status until the settings
+change or `rotary.restartWorker`; an external worker is retried for as long as
+it is unreachable, so the daemon recovers by itself when it comes back.
 """
 
 from __future__ import annotations
@@ -23,11 +32,15 @@ import grpc
 
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
+from rotary.completion.rpc.access import AccessError, worker_channel
 
 log = logging.getLogger(__name__)
 
 STARTING, LOADING, READY, ERROR, STOPPED = "starting", "loading", "ready", "error", "stopped"
 KEEP_WORKER_LOGS = 20
+MAX_BACKOFF_S = 30.0
+MAX_START_FAILURES = 5  # of our own worker, in a row; then stop with a clear status
+STABLE_S = 60.0  # a worker ready this long has really started: its failures count from zero again
 
 
 def worker_log_path() -> Path:
@@ -46,9 +59,13 @@ class WorkerConnection:
         model: str = "",
         on_state: Callable[[str, str], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
     ):
         self.external_address = address
         self.model = model
+        self.token = token  # sent to an external worker (ROTARY_WORKER_TOKEN)
+        self.ca_file = ca_file  # PEM that an external worker's TLS certificate must chain to
         self.on_state = on_state or (lambda state, message: None)
         self.on_restart = on_restart or (lambda: None)
         self.state = STOPPED
@@ -62,14 +79,20 @@ class WorkerConnection:
         self._socket_dir: str | None = None
         self._wake = asyncio.Event()
         self.last_failure: str | None = None  # why the last start failed; cleared once ready
+        self.failures = 0  # failed starts in a row
+        self._wanted = False
+        self.backoff_base_s = 1.0
+        self.connect_timeout_s = 10.0  # an external worker that answers nothing for this long is unreachable
 
     # -- public ------------------------------------------------------------
 
     @property
-    def started(self) -> bool:
-        return self._supervisor is not None and not self._supervisor.done()
+    def wanted(self) -> bool:
+        """start() was called and stop() was not (also while stopped after repeated failures)."""
+        return self._wanted
 
     def start(self) -> None:
+        self._wanted = True
         if self._supervisor is None or self._supervisor.done():
             self._supervisor = asyncio.ensure_future(self._supervise())
 
@@ -102,6 +125,7 @@ class WorkerConnection:
         self.start()
 
     async def stop(self) -> None:
+        self._wanted = False
         if self._supervisor:
             self._supervisor.cancel()
             try:
@@ -122,9 +146,10 @@ class WorkerConnection:
     # -- supervision -------------------------------------------------------
 
     async def _supervise(self) -> None:
-        backoff = 1.0
+        self.failures = 0
         first = True
         while True:
+            ready_at = None
             try:
                 if not first:
                     self.restarts += 1
@@ -133,30 +158,45 @@ class WorkerConnection:
                 address = await self._launch()
                 await self._open_channel(address)
                 await self._wait_ready()
-                backoff = 1.0
+                ready_at = time.monotonic()
                 await self._watch()
             except asyncio.CancelledError:
                 raise
+            except AccessError as exc:  # a setting, not a fault: trying again cannot help
+                await self._stop_after(str(exc))
+                return
             except Exception as exc:
                 log.warning("worker problem: %s", exc)
                 self.last_failure = str(exc)
-                self._set_state(ERROR if "failed to load" in str(exc) else STARTING, str(exc))
-                if "failed to load" in str(exc):
-                    # A model that cannot load will not load on retry; wait for new settings or a restart command.
-                    await self._close_channel()
-                    await self._kill_process()
-                    return
             await self._close_channel()
             await self._kill_process()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            if ready_at is not None and time.monotonic() - ready_at >= STABLE_S:
+                self.failures = 0
+            self.failures += 1
+            if not self.external_address and self.failures >= MAX_START_FAILURES:
+                await self._stop_after(
+                    f"the worker failed {self.failures} times in a row, last: {self.last_failure}. "
+                    "Stopped; fix the cause (see the worker log), then run rotary.restartWorker or change the settings"
+                )
+                return
+            delay = min(self.backoff_base_s * 2 ** (self.failures - 1), MAX_BACKOFF_S)
+            self._set_state(ERROR, f"{self.last_failure}; retrying in {delay:.0f} s")
+            await asyncio.sleep(delay)
+
+    async def _stop_after(self, message: str) -> None:
+        log.error("%s", message)
+        self.last_failure = message
+        await self._close_channel()
+        await self._kill_process()
+        self._set_state(ERROR, message)
 
     async def _launch(self) -> str:
         if self.external_address:
             self._set_state(STARTING, f"connecting to worker at {self.external_address}")
             return self.external_address
         self._set_state(STARTING, "starting the model worker")
-        self._socket_dir = tempfile.mkdtemp(prefix="rotary-")
+        self._socket_dir = tempfile.mkdtemp(prefix="rotary-")  # created 0700: only this user reaches the socket
+        os.chmod(self._socket_dir, 0o700)
         address = f"unix:{self._socket_dir}/worker.sock"
         cmd = [sys.executable, "-m", "rotary", "worker", "--listen", address, "--parent-pid", str(os.getpid())]
         if self.model:
@@ -175,7 +215,8 @@ class WorkerConnection:
 
     async def _open_channel(self, address: str) -> None:
         await self._close_channel()
-        self.channel = grpc.aio.insecure_channel(address)
+        token = self.token if self.external_address else None  # our own worker is on a private socket
+        self.channel = worker_channel(address, token, self.ca_file)
         self.stub = pb_grpc.WorkerStub(self.channel)
 
     async def _wait_ready(self) -> None:
@@ -185,16 +226,18 @@ class WorkerConnection:
             self._check_process()
             try:
                 health = await self.stub.Health(pb.HealthRequest(), timeout=2)
-            except grpc.aio.AioRpcError:
-                if self.external_address and time.monotonic() - started > 10:
-                    raise RuntimeError(f"worker at {self.external_address} is unreachable")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise AccessError(f"worker at {self.external_address} refused the access token: {exc.details()}") from exc
+                if self.external_address and time.monotonic() - started > self.connect_timeout_s:
+                    raise RuntimeError(f"worker at {self.external_address} is unreachable ({exc.code().name})")
                 await asyncio.sleep(0.2)
                 continue
             if health.ready:
                 self._set_state(READY, f"ready: {health.model} on {health.device}")
                 return
             if health.message.startswith("model failed"):
-                raise RuntimeError(health.message.replace("model failed", "model failed to load", 1))
+                raise RuntimeError(health.message)
             if health.message != last:
                 self._set_state(LOADING, health.message)
                 last = health.message

@@ -22,16 +22,40 @@ def _setup_logging(level: str, stream=None) -> None:
     )
 
 
+def _access(args: argparse.Namespace, listen: str, what: str):
+    """(token, (cert, key) PEM bytes or None) for a server, or an AccessError saying why it must not start."""
+    from rotary.completion.rpc.access import AccessError, check_listen, load_token, read_pair, self_signed_pair
+
+    token = load_token(args.token_file)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise AccessError("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert:
+        tls = read_pair(args.tls_cert, args.tls_key)
+    elif args.tls_self_signed:
+        from rotary.completion.rpc.access import split_host_port
+
+        cert, key = self_signed_pair(args.tls_self_signed, [split_host_port(listen)[0]])
+        print(f"TLS with a self-signed certificate: clients trust {cert}", file=sys.stderr, flush=True)
+        tls = read_pair(str(cert), str(key))
+    check_listen(listen, token, tls is not None, what)
+    return token, tls
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
+    from rotary.completion.rpc.access import AccessError
     from rotary.completion.service import serve
 
-    if not args.listen.startswith("unix:") and not args.listen.split(":")[0] in ("127.0.0.1", "localhost", "[::1]", "::1") and not args.allow_remote:
-        print(f"refusing to listen on {args.listen}: not loopback (pass --allow-remote to expose the worker)", file=sys.stderr)
+    try:
+        token, tls = _access(args, args.listen, "the worker")
+    except AccessError as exc:
+        print(f"rotary worker: {exc}", file=sys.stderr)
         return 2
 
     def bound(address: str) -> None:
-        print(f"rotary worker listening on {address}", file=sys.stderr, flush=True)
+        how = ", ".join(n for n, on in (("TLS", tls), ("access token required", token)) if on)
+        print(f"rotary worker listening on {address}{f' ({how})' if how else ''}", file=sys.stderr, flush=True)
 
     serve(
         args.listen,
@@ -43,6 +67,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         refresh_window=args.refresh_window,
         stale_budget=args.stale_budget,
         reflection=args.reflection,
+        token=token,
+        tls=tls,
     )
     return 0
 
@@ -52,14 +78,56 @@ def cmd_lsp(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     # pygls logs every message at INFO; keep that for --log-level debug only.
     logging.getLogger("pygls").setLevel(logging.DEBUG if args.log_level == "debug" else logging.WARNING)
+    from rotary.completion.rpc.access import WORKER_CA_ENV, WORKER_TOKEN_ENV, AccessError, load_token
+
+    try:
+        worker_token = load_token(args.worker_token_file, WORKER_TOKEN_ENV)
+    except AccessError as exc:
+        print(f"rotary lsp: {exc}", file=sys.stderr)
+        return 2
+    worker_ca = args.worker_ca or os.environ.get(WORKER_CA_ENV) or None
+    if args.tcp:
+        return _lsp_tcp(args, worker_token, worker_ca)
     from rotary.lsp.server import create_server
 
-    server = create_server(args.worker or "", args.model or "")
-    if args.tcp:
-        host, port = args.tcp.rsplit(":", 1)
-        server.start_tcp(host, int(port))
-    else:
-        server.start_io()
+    create_server(args.worker or "", args.model or "", worker_token=worker_token, worker_ca=worker_ca).start_io()
+    return 0
+
+
+def _lsp_tcp(args: argparse.Namespace, worker_token: str | None, worker_ca: str | None) -> int:
+    import ssl
+
+    from rotary.completion.rpc.access import AccessError, split_host_port
+    from rotary.lsp.tcp import TcpDaemon
+
+    host, port = split_host_port(args.tcp)
+    if port is None:
+        print(f"rotary lsp: --tcp needs HOST:PORT, got {args.tcp!r}", file=sys.stderr)
+        return 2
+    try:
+        token, tls = _access(args, args.tcp, "LSP")
+    except AccessError as exc:
+        print(f"rotary lsp: {exc}", file=sys.stderr)
+        return 2
+    context = None
+    if tls:
+        import tempfile
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with tempfile.TemporaryDirectory() as tmp:  # ssl loads a chain from files only
+            cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+            for path, data in ((cert, tls[0]), (key, tls[1])):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            context.load_cert_chain(cert, key)
+    daemon = TcpDaemon(args.worker or "", args.model or "", token, context, worker_token, worker_ca)
+
+    def bound(where: str) -> None:
+        how = ", ".join(n for n, on in (("TLS", tls), ("access token required", token)) if on)
+        print(f"rotary lsp listening on {where}{f' ({how})' if how else ''}", file=sys.stderr, flush=True)
+
+    daemon.run(host, port, bound)
     return 0
 
 
@@ -150,6 +218,21 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _add_access_arguments(parser: argparse.ArgumentParser, for_tcp: bool = False) -> None:
+    """Token and TLS of a server: needed for any address but loopback and unix sockets (docs/RELIABILITY.md)."""
+    scope = " of --tcp" if for_tcp else ""
+    parser.add_argument(
+        "--token-file", default=None, metavar="PATH",
+        help=f"file holding the access token{scope} clients must send (default: $ROTARY_TOKEN; at least 16 characters)",
+    )
+    parser.add_argument("--tls-cert", default=None, metavar="PEM", help=f"TLS certificate{scope} (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help=f"TLS private key{scope}")
+    parser.add_argument(
+        "--tls-self-signed", default=None, metavar="DIR",
+        help=f"TLS{scope} with a self-signed pair kept in DIR (made on first use); clients trust DIR/cert.pem",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rotary",
@@ -160,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("worker", help="serve the model over gRPC (the daemon starts one itself by default)")
-    w.add_argument("--listen", default=DEFAULT_LISTEN, help=f"host:port or unix:/path (default {DEFAULT_LISTEN}, loopback only)")
+    w.add_argument(
+        "--listen", default=DEFAULT_LISTEN,
+        help=f"host:port, [v6]:port or unix:/path (default {DEFAULT_LISTEN}); an address other than loopback "
+        "or a unix socket needs --token-file (or $ROTARY_TOKEN) and TLS",
+    )
     w.add_argument("--model", default=None, help="local Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M)")
     w.add_argument("--cache-mb", type=int, default=1024, help="memory budget of the per-document KV caches")
     w.add_argument("--context-tokens", type=int, default=2048, help="tokens before the cursor the model sees at most")
@@ -173,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a document with more stale cached tokens is refreshed in the background at once, not only when idle",
     )
     w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (used by the daemon)")
-    w.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --listen address")
+    w.add_argument("--allow-remote", action="store_true", help=argparse.SUPPRESS)  # older spelling; token and TLS decide
+    _add_access_arguments(w)
     w.add_argument(
         "--reflection", action=argparse.BooleanOptionalAction, default=None,
         help="serve gRPC server reflection, for grpcurl (default: on for loopback and unix sockets, off elsewhere)",
@@ -182,9 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     lsp = sub.add_parser("lsp", help="the language server an editor starts (stdio by default)")
     lsp.add_argument("--stdio", action="store_true", help="serve LSP over stdio (the default; accepted for clients that pass it)")
-    lsp.add_argument("--tcp", default=None, metavar="HOST:PORT", help="serve LSP over TCP instead of stdio")
+    lsp.add_argument(
+        "--tcp", default=None, metavar="HOST:PORT",
+        help="serve LSP over TCP instead of stdio, one editor at a time; an address other than loopback "
+        "needs --token-file (or $ROTARY_TOKEN) and TLS",
+    )
     lsp.add_argument("--worker", default=None, metavar="ADDR", help="connect to a running worker instead of starting one")
     lsp.add_argument("--model", default=None, help="model for the daemon's own worker")
+    lsp.add_argument(
+        "--worker-token-file", default=None, metavar="PATH",
+        help="access token sent to a worker (default: $ROTARY_WORKER_TOKEN); needed for a worker on another machine",
+    )
+    lsp.add_argument(
+        "--worker-ca", default=None, metavar="PEM",
+        help="certificate a remote worker's TLS certificate must chain to, e.g. its self-signed cert.pem "
+        "(default: $ROTARY_WORKER_CA, else the system's roots)",
+    )
+    _add_access_arguments(lsp, for_tcp=True)
     lsp.set_defaults(func=cmd_lsp)
 
     c = sub.add_parser("complete", help="one completion at a position of a file, printed to stdout")
