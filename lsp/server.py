@@ -85,8 +85,7 @@ class RotaryProtocol(LanguageServerProtocol):
             return
         if not hasattr(message, "jsonrpc"):  # JSON, but no JSON-RPC message (an array, a number, no "jsonrpc")
             msg_id = message.get("id") if isinstance(message, dict) else None
-            error = JsonRpcInvalidRequest("Invalid request: not a JSON-RPC 2.0 message object")
-            self._send_response(msg_id if isinstance(msg_id, (int, str)) else None, None, error.to_response_error())
+            self.send_error(msg_id, JsonRpcInvalidRequest("Invalid request: not a JSON-RPC 2.0 message object"))
             return
         method = getattr(message, "method", None)
         if not self.initialize_received and method not in (None, types.INITIALIZE, types.EXIT):
@@ -100,6 +99,14 @@ class RotaryProtocol(LanguageServerProtocol):
         if method == types.INITIALIZE:
             self.initialize_received = True
         super().handle_message(message)
+
+    def send_error(self, msg_id, error: JsonRpcException) -> None:
+        """An error response; `"id": null` when the request's id is unknown, as JSON-RPC asks."""
+        self._send_data({
+            "jsonrpc": "2.0",
+            "id": msg_id if isinstance(msg_id, (int, str)) else None,
+            "error": {"code": error.code, "message": error.message},
+        })
 
     def structure_message(self, data):
         try:
@@ -216,10 +223,7 @@ class RotaryServer(LanguageServer):
 
     def report_server_error(self, error: Exception, source) -> None:
         if source is JsonRpcException and isinstance(error, ValueError):  # from the reader: not JSON, or not UTF-8
-            response = types.ResponseErrorMessage(
-                id=None, error=JsonRpcParseError(f"Parse error: {str(error)[:200]}").to_response_error()
-            )
-            self.protocol._send_data(response)
+            self.protocol.send_error(None, JsonRpcParseError(f"Parse error: {str(error)[:200]}"))
             return
         if source is FeatureRequestError:
             return
@@ -240,7 +244,8 @@ class RotaryServer(LanguageServer):
         asyncio.ensure_future(self._progress(state, message))
 
     async def _progress(self, state: str, message: str) -> None:
-        caps = self.client_capabilities.window if self.protocol.client_capabilities else None
+        capabilities = getattr(self.protocol, "client_capabilities", None)  # none before initialize
+        caps = capabilities.window if capabilities else None
         if not (caps and caps.work_done_progress):
             return
         try:

@@ -51,17 +51,30 @@ class FakeStore:
         return 0
 
 
+class _Zero(int):
+    def __call__(self, *args, **kwargs) -> int:
+        return 0
+
+
+class _Counters:
+    """Whatever the service reads from the engine's scheduler (depths, counts, times): zero."""
+
+    def __getattr__(self, name: str) -> _Zero:
+        return _Zero(0)
+
+
 class FakeEngine:
     """Completes every request with FAKE_COMPLETION; `hang` makes it wait until cancelled instead."""
 
     edit_aware_supported = True
     background_refreshed = 0
+    scheduler = _Counters()
 
     def __init__(self):
         self.hang = False
         self.requests = 0
         self.kv_store = FakeStore()
-        self.runner = SimpleNamespace(device="cpu")
+        self.runner = SimpleNamespace(device="cpu", path="fake")
 
     def complete(self, uri, text, offset, options, is_cancelled=lambda: False):
         self.requests += 1
