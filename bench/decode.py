@@ -13,9 +13,10 @@ interleaved step by step so that whatever else the machine does slows both alike
   places in the corpus, at least 50 in a full run) identical between the methods, and the largest
   logit difference seen at any step.
 
-The HF method is models/runner.py's ModelRunner.forward (a DynamicCache grown by torch.cat);
-the own method is models/transformer.py's Transformer over cache/buffer.py's KVBuffer. Threads
-follow the runner's policy for both: one-token steps (and verify steps) on decode_threads(),
+The HF method is the call the worker made before the own forward (HFBaseline: a transformers
+DynamicCache grown by torch.cat, as models/runner.py did until issue 8); the own method is
+models/transformer.py's Transformer over cache/buffer.py's KVBuffer. Threads follow the runner's
+policy for both: one-token steps (and verify steps, to compare like with like) on decode_threads(),
 prefill on prefill_threads(); the own decode is also timed on 1 and on all cores.
 """
 
@@ -53,32 +54,66 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
 
 
+class HFBaseline:
+    """Today's HF path, as the worker ran it before the own forward (models/runner.py until issue 8):
+    the transformers model called with a DynamicCache that it grows by torch.cat, last logits only."""
+
+    def __init__(self, model):
+        import inspect
+
+        self.model = model
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, token_ids: list[int], cache, start_position: int):
+        import torch
+
+        with torch.inference_mode():
+            input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.model.device)  # [1, S]
+            positions = torch.arange(start_position, start_position + len(token_ids), device=self.model.device)
+            out = self.model(
+                input_ids=input_ids,
+                **{self._cache_kwarg: cache},
+                position_ids=positions.unsqueeze(0),
+                cache_position=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[0, -1]  # [vocab]
+
+
 class Methods:
     """The two forwards over one loaded model, each with its own cache type."""
 
     def __init__(self, model: str | None):
         from rotary.cache.buffer import KVBuffer
         from rotary.models.loader import load_model
-        from rotary.models.runner import ModelRunner, decode_threads, prefill_threads
+        from rotary.models.runner import decode_threads, prefill_threads
         from rotary.models.transformer import Transformer, supports
 
         self.loaded = load_model(model)
         ok, reason = supports(self.loaded.model)
         if not ok:
             raise SystemExit(f"bench decode: this model cannot take the own forward: {reason}")
-        self.runner = ModelRunner(self.loaded)
-        self.own = Transformer.from_hf(self.loaded.model)  # HF params become views of the fused weights
+        self.hf = HFBaseline(self.loaded.model)
+        # Its own copy of the weights: shared ones would change the layout the HF baseline reads.
+        self.own = Transformer.from_hf(self.loaded.model, share_weights=False)
         self.decode_threads, self.prefill_threads = decode_threads(), prefill_threads()
         c = self.own.config
         self.new_buffer = lambda: KVBuffer(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.own.dtype, device=self.own.device)
 
-    # Each returns (logits [vocab], seconds); the state object is the method's cache.
+    # Each returns the logits [vocab] and the seconds taken; the state object is the method's cache.
 
     def hf_prefill(self, ids: list[int]):
-        cache = self.runner.new_cache()
+        cache = self.hf.new_cache()
         with _threads(self.prefill_threads):
             started = time.perf_counter()
-            logits = self.runner.forward(ids, cache, 0)
+            logits = self.hf.forward(ids, cache, 0)
             return cache, logits, time.perf_counter() - started
 
     def own_prefill(self, ids: list[int]):
@@ -92,7 +127,7 @@ class Methods:
     def hf_step(self, cache, token: int, threads: int | None = None):
         with _threads(threads or self.decode_threads):
             started = time.perf_counter()
-            logits = self.runner.forward([token], cache, cache.get_seq_length())
+            logits = self.hf.forward([token], cache, cache.get_seq_length())
             return logits, time.perf_counter() - started
 
     def own_step(self, buffer, tokens: list[int], threads: int | None = None, logits: str = "last"):

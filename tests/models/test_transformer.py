@@ -172,15 +172,35 @@ def test_supports_refuses_what_it_cannot_run():
         Transformer.from_hf(neox)
 
 
-def test_shared_weights_leave_the_hf_model_unchanged():
+def test_shared_weights_leave_the_hf_model_working_on_the_same_values():
     model = tiny("qwen2")
     ids = random_ids(20)
     before = hf_logits(model, ids)
-    tf = Transformer.from_hf(model)  # share_weights=True: HF params become views of the fused tensors
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tf = Transformer.from_hf(model)  # share_weights=True: HF params become views of the input-major tensors
     attn = model.model.layers[0].self_attn
-    assert attn.k_proj.weight.data_ptr() == tf.layers[0].wqkv[attn.q_proj.weight.shape[0]:].data_ptr()
-    assert torch.equal(hf_logits(model, ids), before)
+    q_out = attn.q_proj.weight.shape[0]
+    assert attn.k_proj.weight.data_ptr() == tf.layers[0].wqkv[:, q_out:].data_ptr()
+    assert model.model.embed_tokens.weight.data_ptr() == tf.lm_head.data_ptr()  # tied: one tensor for both
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    # the same values, read through other matmul paths: equal within float32 rounding
+    assert (hf_logits(model, ids) - before).abs().max().item() < 1e-5
     assert (own_logits_in_pieces(tf, ids, [20]) - before).abs().max().item() < TOL
+
+
+def test_linear_matches_nn_linear_for_any_number_of_rows():
+    from rotary.models.transformer import linear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)  # nn.Linear's [out, in]
+    for shape in ((1, 64), (1, 1, 64), (2, 64), (3, 1, 64), (5, 7, 64)):
+        x = torch.randn(*shape)
+        expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+        got = linear(x, weight.t().contiguous(), bias)
+        assert got.shape == expected.shape and (got.double() - expected).abs().max().item() < 1e-5
+    odd, w = torch.randn(1, 60), torch.randn(60, 8)  # an inner size that does not split in 8: one plain product
+    assert torch.allclose(linear(odd, w), odd @ w, atol=1e-5)
 
 
 def test_batch_of_documents_equals_each_alone():
