@@ -341,3 +341,29 @@ def test_requests_before_initialize_over_tcp_are_answered_not_initialized():
         conn.close()
     finally:
         daemon.close()
+
+
+def test_lsp_over_tcp_with_tls_and_a_token(tmp_path):
+    import ssl
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    daemon = TcpDaemon("--token-file", str(token_file), "--tls-self-signed", str(tmp_path / "tls"))
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "cert.pem"))
+        raw = socket.create_connection(("127.0.0.1", daemon.port), timeout=20)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+            stream = conn.makefile("rwb")
+            client = RawClient(stream, stream)
+            initialize(client, options={"accessToken": TOKEN})
+            assert stats(client)["daemon"]["trusted_client"] is True
+        plain = socket.create_connection(("127.0.0.1", daemon.port), timeout=20)  # no TLS: nothing is served
+        with plain:
+            stream = plain.makefile("rwb")
+            client = RawClient(stream, stream)
+            with pytest.raises((EOFError, ConnectionError, ValueError, socket.timeout)):
+                client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}}, timeout=15)
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.close()
