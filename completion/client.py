@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
 
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
+from .rpc.access import WORKER_CA_ENV, WORKER_TOKEN_ENV, sync_worker_channel
 
 MODES = {
     "auto": pb.COMPLETION_MODE_AUTO,
@@ -19,9 +21,12 @@ CACHE_MODES = {"edit_aware": pb.CACHE_MODE_EDIT_AWARE, "prefix": pb.CACHE_MODE_P
 
 
 class WorkerClient:
-    def __init__(self, address: str):
+    def __init__(self, address: str, token: str | None = None, ca_file: str | None = None):
+        """`token` and `ca_file` (default: $ROTARY_WORKER_TOKEN, $ROTARY_WORKER_CA) reach a worker that needs them;
+        one on another machine always does (TLS and a token, see rpc/access.py)."""
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        token = token or os.environ.get(WORKER_TOKEN_ENV) or None
+        self.channel = sync_worker_channel(address, token, ca_file or os.environ.get(WORKER_CA_ENV) or None)
         self.stub = pb_grpc.WorkerStub(self.channel)
 
     def wait_ready(self, timeout: float = 300.0, on_message=None) -> pb.HealthReply:

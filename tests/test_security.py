@@ -367,3 +367,35 @@ def test_lsp_over_tcp_with_tls_and_a_token(tmp_path):
         assert daemon.proc.poll() is None
     finally:
         daemon.close()
+
+
+def test_ipv6_loopback_is_served_without_a_token(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rotary", "worker", "--listen", "[::1]:0", "--model", str(tmp_path / "none")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = _wait_for_line(proc, "listening on")
+        assert "[::1]:" in line and "token" not in line
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_the_blocking_client_sends_the_token_too(monkeypatch):
+    from rotary.completion.client import WorkerClient
+
+    server, _service, address = start_worker(token=TOKEN)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            WorkerClient(address).open("file:///c.py", "x")
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        monkeypatch.setenv("ROTARY_WORKER_TOKEN", TOKEN)
+        client = WorkerClient(address)
+        assert client.open("file:///c.py", "x").length == 1
+        assert "".join(c.text for c in client.stub.Complete(pb.CompleteRequest(uri="file:///c.py", version=1, offset=1)))
+        client.close()
+    finally:
+        server.stop(0)

@@ -256,14 +256,7 @@ class _TokenMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamC
         return await continuation(self._details(details), request)
 
 
-def worker_channel(address: str, token: str | None = None, ca_file: str | None = None) -> grpc.aio.Channel:
-    """The daemon's channel to a worker: plain on a local address, TLS (required) elsewhere.
-
-    Raises AccessError for a non-local address without a token: the daemon never sends documents
-    in plain text or to a worker anyone could reach without one."""
-    interceptors = [_TokenMetadata(token)] if token else None
-    if is_local_address(address):
-        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+def _remote_credentials(address: str, token: str | None, ca_file: str | None) -> grpc.ChannelCredentials:
     if not token:
         raise AccessError(
             f"worker {address} is not on this machine: set an access token ({WORKER_TOKEN_ENV} or "
@@ -275,4 +268,46 @@ def worker_channel(address: str, token: str | None = None, ca_file: str | None =
             root = Path(ca_file).expanduser().read_bytes()
         except OSError as exc:
             raise AccessError(f"cannot read the worker's CA certificate {ca_file}: {exc.strerror}") from exc
-    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), interceptors=interceptors)
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+def worker_channel(address: str, token: str | None = None, ca_file: str | None = None) -> grpc.aio.Channel:
+    """The daemon's channel to a worker: plain on a local address, TLS (required) elsewhere.
+
+    Raises AccessError for a non-local address without a token: the daemon never sends documents
+    in plain text or to a worker anyone could reach without one."""
+    interceptors = [_TokenMetadata(token)] if token else None
+    if is_local_address(address):
+        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    credentials = _remote_credentials(address, token, ca_file)
+    return grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
+
+
+class _SyncTokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self.pair = (TOKEN_METADATA, f"Bearer {token}")
+
+    def _details(self, details):
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self.pair],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+def sync_worker_channel(address: str, token: str | None = None, ca_file: str | None = None) -> grpc.Channel:
+    """The same rule for a blocking client (`rotary complete`, benchmarks, scripts)."""
+    if is_local_address(address):
+        channel = grpc.insecure_channel(address)
+    else:
+        channel = grpc.secure_channel(address, _remote_credentials(address, token, ca_file))
+    return grpc.intercept_channel(channel, _SyncTokenMetadata(token)) if token else channel
