@@ -144,16 +144,15 @@ def make_cases(corpus: str | None, counts: dict[int, int], seed: int, tokenizer)
 
 
 def run_case(engine, case: Case) -> dict[str, dict]:
+    """Each method completes the next line through the engine, starting from the cache of the text before the edit."""
+    from rotary.cache.buffer import KVBuffer
     from rotary.cache.plan import DocumentTokens
     from rotary.cache.store import DocumentKV
     from rotary.completion.engine import CompletionOptions
 
-    runner = engine.runner
-    before_ids = runner.encode_text(case.before)
-    context = engine.build_context(case.after, len(case.after), MAX_LINE_TOKENS)
-    after_ids = context.ids
-    base = DocumentKV(cache=runner.new_cache())
-    engine.prepare_cache(base, before_ids, CompletionOptions(cache_mode="none"))
+    before_ids = engine.runner.encode_text(case.before)
+    base = DocumentKV(buffer=engine.new_buffer())
+    engine.prepare_now(base, before_ids, CompletionOptions(cache_mode="none"))
     modes = {
         "full": CompletionOptions(cache_mode="none"),
         "prefix": CompletionOptions(cache_mode="prefix"),
@@ -163,24 +162,16 @@ def run_case(engine, case: Case) -> dict[str, dict]:
     }
     out = {}
     for method, options in modes.items():
-        entry = DocumentKV(cache=runner.new_cache())
-        if method != "full":  # every other method starts from the cache of the text before the edit
-            entry.tokens = DocumentTokens(before_ids)
-            for layer, src in zip(entry.cache.layers, base.cache.layers):
-                layer.lazy_initialization(src.keys, src.values)
-                layer.keys, layer.values = src.keys.clone(), src.values.clone()
-        started = time.perf_counter()
-        counts = engine.prepare_cache(entry, after_ids[:-1], options)
-        logits = runner.forward(after_ids[-1:], entry.cache, len(after_ids) - 1)
-        entry.tokens.append(after_ids[-1:])
-        update_ms = (time.perf_counter() - started) * 1000
-        line = ""
-        for text, _reason, _count in engine.decode(entry, logits, context, MAX_LINE_TOKENS):
-            line = text
-            if "\n" in text.lstrip("\n"):
-                break
-        line = line.lstrip("\n").split("\n")[0]
-        out[method] = {"line": line, "encoded": counts.encoded + counts.refreshed + 1, "update_ms": update_ms}
+        uri = f"bench-edits:{method}"
+        # Every method starts from the same cache of the text before the edit (a copy of it).
+        copy = KVBuffer.from_kv(base.buffer.used().clone(), DocumentTokens(base.buffer.token_ids))
+        engine.kv_store.put(uri, DocumentKV(buffer=copy))
+        options.max_tokens, options.mode = MAX_LINE_TOKENS, "single_line"
+        chunks = list(engine.complete(uri, case.after, len(case.after), options))
+        engine.kv_store.forget(uri)
+        stats = chunks[-1].stats
+        line = "".join(c.text for c in chunks).lstrip("\n").split("\n")[0]
+        out[method] = {"line": line, "encoded": stats.tokens_encoded + stats.stale_refreshed, "update_ms": stats.prefill_ms}
     return out
 
 
@@ -199,8 +190,8 @@ def main(args) -> int:
     contexts = list(counts)
     configure_threads()
     runner = ModelRunner(load_model(args.model))
-    runner.warm_up()
     engine = CompletionEngine(runner, KVStore(), max_context_tokens=max(contexts) + 64)
+    engine.warm_up()
     cases = make_cases(args.corpus, counts, args.seed, runner.tokenizer)
     print(f"edits: {len(cases)} cases, contexts {contexts}, corpus {args.corpus or 'stdlib'}, seed {args.seed}", file=sys.stderr)
 

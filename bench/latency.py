@@ -135,9 +135,8 @@ def _direct_path(model: str | None, max_tokens: int):
     from rotary.models.runner import ModelRunner, configure_threads
 
     configure_threads()
-    runner = ModelRunner(load_model(model))
-    runner.warm_up()
-    engine = CompletionEngine(runner, KVStore())
+    engine = CompletionEngine(ModelRunner(load_model(model)), KVStore())
+    engine.warm_up()
     options = CompletionOptions(max_tokens=max_tokens, mode="single_line")
 
     def run_case(i: int, case: dict) -> dict:

@@ -209,29 +209,13 @@ def service_suggestion(engine, task: Task, document_uri: str) -> str:
 
 def plain_suggestion(engine, task: Task) -> str:
     """Greedy from the raw text before the cursor: no healing, no suffix rules (only end of line / block)."""
-    import torch
+    from rotary.completion.engine import CompletionOptions
+    from rotary.completion.prompt import Prompt
 
-    from rotary.completion.stops import StopRules
-
-    runner = engine.runner
-    ids = runner.encode_text(task.before)[-(engine.max_context_tokens - MAX_TOKENS[task.kind]) :]
-    stops = StopRules(task.before, "", task.kind)
-    with runner.lock:
-        cache = runner.new_cache()
-        logits = runner.forward(ids, cache, 0)
-        generated: list[int] = []
-        text = ""
-        while len(generated) < MAX_TOKENS[task.kind]:
-            token = int(torch.argmax(logits))
-            if token in engine.eos_ids:
-                break
-            generated.append(token)
-            text = runner.decode_ids(generated)
-            decision = stops.check(text)
-            if decision.stop_reason:
-                return decision.final
-            logits = runner.forward([token], cache, len(ids) + len(generated) - 1)
-    return stops.finish(text, "max_tokens").final or ""
+    budget = engine.max_context_tokens - MAX_TOKENS[task.kind]
+    prompt = Prompt(ids=engine.runner.encode_text(task.before)[-budget:], text_before=task.before, text_after="")
+    options = CompletionOptions(max_tokens=MAX_TOKENS[task.kind], mode=task.kind, cache_mode="none", drafter="none")
+    return "".join(chunk.text for chunk in engine.complete_prompt(None, prompt, options))
 
 
 # -- main ----------------------------------------------------------------------
@@ -253,8 +237,8 @@ def main(args) -> int:
 
     configure_threads()
     runner = ModelRunner(load_model(args.model))
-    runner.warm_up()
     engine = CompletionEngine(runner, KVStore())
+    engine.warm_up()
     print(
         f"quality: HumanEval infilling, {len(tasks['single_line'])} single-line and {len(tasks['multi_line'])} "
         f"multi-line tasks, cursor {cursor}, seed {args.seed}, model {runner.info.name}",

@@ -1,40 +1,59 @@
-"""The tensor side of per-document KV caches: which K/V tensors belong to which document.
+"""Which K/V belong to which document: per-document caches under a memory budget, spilled to disk.
 
-cache/ owns every KV byte. A DocumentKV pairs the token ids whose K/V are cached
-(positions 0..len-1, with their staleness) with the Hugging Face cache object
-holding them. The store maps documents to them under a memory budget: the least
-recently used documents spill to disk as snapshots and come back from there
-without re-encoding. Snapshots also outlive the worker: a restarted worker
-finds a reopened document's snapshot and starts from it.
+cache/ owns every KV byte. A DocumentKV is one document's KVBuffer (token ids and K/V,
+changed only together) plus what the store needs: changed since its snapshot (dirty),
+an idle refresh in progress, and whether a request holds it right now (pinned).
+
+The store maps documents to them under a byte budget: the least recently used unpinned
+documents spill to disk as snapshots and come back from there without re-encoding.
+Snapshots also outlive the worker: a restarted worker finds a reopened document's
+snapshot and starts from it.
+
+Disk I/O never runs on the model thread: snapshots are written by the store's own
+writer thread (the model thread only copies a changed cache's K/V for it), evicted
+caches go to that thread as they are, and restoring happens on the caller's thread
+before a request reaches the model. A full disk or an unwritable folder turns
+snapshots off for a while, with one warning; serving goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import queue
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+import torch
+
+from .buffer import KVBuffer
 from .plan import DocumentTokens
-from .snapshot import SnapshotRefused, load_snapshot, save_snapshot
+from .snapshot import SnapshotRefused, load_snapshot, private_folder, save_snapshot
 
 log = logging.getLogger(__name__)
+
+WRITE_PAUSE_S = 300.0  # after a failed write (disk full, read-only folder), no snapshots for this long
+STALE_TMP_S = 3600.0  # half-written snapshot files of processes that died are removed after this long
 
 
 @dataclass
 class DocumentKV:
-    tokens: DocumentTokens = field(default_factory=DocumentTokens)  # ids whose K/V are cached, and which are stale
-    cache: Any = None  # transformers DynamicCache with len(tokens) positions
+    buffer: KVBuffer
     dirty: bool = True  # changed since its snapshot was written
     refresh_position: int | None = None  # a background refresh in progress re-encodes from here
+    pinned: bool = False  # a request holds it: not evicted, not copied for a snapshot
+
+    @property
+    def tokens(self) -> DocumentTokens:
+        return self.buffer.tokens
 
     def nbytes(self) -> int:
-        if self.cache is None:
-            return 0
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.is_initialized)
+        return self.buffer.nbytes()
 
 
 class KVStore:
@@ -46,8 +65,8 @@ class KVStore:
         spill_dir: Path | None = None,
         identity: str = "",
         dtype: str = "float32",
-        new_cache: Callable[[], Any] | None = None,
-        device: Any = "cpu",
+        layout: tuple[int, int, int] | None = None,
+        device: torch.device | str = "cpu",
         disk_budget_bytes: int | None = None,
     ):
         self.budget_bytes = budget_bytes
@@ -55,39 +74,74 @@ class KVStore:
         self.spill_dir = spill_dir
         self.identity = identity
         self.dtype = dtype
-        self.new_cache = new_cache
+        self.layout = layout  # (layers, kv_heads, head_dim) of the model: what a snapshot must fit
         self.device = device
         self._docs: OrderedDict[str, DocumentKV] = OrderedDict()
-        # Completions and background work hold the model lock; closing a document does not, so the
-        # mapping itself has its own lock.
+        # Requests (the model thread), restores (callers' threads) and closes (gRPC threads) all touch
+        # the mapping; one lock guards it, never held across model work or disk I/O.
         self._lock = threading.RLock()
-        self.counters = {"evictions": 0, "spilled": 0, "restored": 0, "refused": 0, "snapshots_written": 0}
+        self._writes: queue.Queue = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._paused_until = 0.0
+        self.counters = {
+            "evictions": 0, "spilled": 0, "restored": 0, "refused": 0, "snapshots_written": 0, "write_errors": 0,
+        }
+        if spill_dir is not None:
+            self._prune_leftovers()
 
-    # -- lookup ------------------------------------------------------------
+    # -- a request's cache -------------------------------------------------------
 
     def get(self, uri: str) -> DocumentKV | None:
+        """The document's cache, brought back from its snapshot if it was spilled (disk I/O: call off the model thread)."""
         with self._lock:
             entry = self._docs.get(uri)
             if entry is not None:
                 self._docs.move_to_end(uri)
                 return entry
-            entry = self._restore(uri)
-            if entry is not None:
-                self.put(uri, entry)
+        restored = self._restore(uri)
+        if restored is None:
+            return None
+        with self._lock:  # another thread may have created one meanwhile; the newer wins
+            entry = self._docs.setdefault(uri, restored)
+            self._docs.move_to_end(uri)
+        return entry
+
+    def acquire(self, uri: str, create: Callable[[], KVBuffer]) -> DocumentKV:
+        """Pin the document's cache for a request (creating an empty one); release() when done."""
+        with self._lock:
+            entry = self._docs.get(uri)
+            if entry is None:
+                entry = self._docs[uri] = DocumentKV(buffer=create())
+            self._docs.move_to_end(uri)
+            entry.pinned = True
             return entry
 
     def put(self, uri: str, entry: DocumentKV) -> None:
+        """Hold `entry` as the document's cache (replacing any other), most recently used."""
         with self._lock:
             self._docs[uri] = entry
             self._docs.move_to_end(uri)
-            self._evict_over_budget(keep=uri)
+            self._evict_over_budget()
+
+    def release(self, uri: str, entry: DocumentKV) -> None:
+        """A request is done with the cache: keep it, unless the document was closed meanwhile."""
+        with self._lock:
+            entry.pinned = False
+            if self._docs.get(uri) is entry:
+                self._docs.move_to_end(uri)
+                self._evict_over_budget()
 
     def drop(self, uri: str) -> None:
         """Forget a document's cache, its snapshot included (it was closed)."""
         with self._lock:
             self._docs.pop(uri, None)
-            if self.spill_dir is not None:
-                self.snapshot_path(uri).unlink(missing_ok=True)
+        if self.spill_dir is not None:
+            self.snapshot_path(uri).unlink(missing_ok=True)
+
+    def forget(self, uri: str) -> None:
+        """Forget the cache in memory (a request failed half-way through it); a snapshot stays valid."""
+        with self._lock:
+            self._docs.pop(uri, None)
 
     def items(self) -> list[tuple[str, DocumentKV]]:
         with self._lock:
@@ -102,62 +156,118 @@ class KVStore:
     def __len__(self) -> int:
         return len(self._docs)
 
-    # -- snapshots ---------------------------------------------------------
+    # -- snapshots -------------------------------------------------------------
 
     def snapshot_path(self, uri: str) -> Path:
         assert self.spill_dir is not None
         return self.spill_dir / (hashlib.sha256(uri.encode()).hexdigest()[:32] + ".msgpack")
 
-    def write_snapshot(self, uri: str, entry: DocumentKV) -> bool:
-        if self.spill_dir is None or entry.cache is None or not len(entry.tokens):
-            return False
-        save_snapshot(self.snapshot_path(uri), entry.tokens, entry.cache, self.identity)
-        entry.dirty = False
-        self.counters["snapshots_written"] += 1
-        self._prune_snapshots()
-        return True
-
-    def write_dirty_snapshot(self) -> str | None:
-        """Write the snapshot of one document changed since its last one; return its uri, or None."""
+    def snapshot_one_dirty(self) -> str | None:
+        """Model thread: copy one changed, unpinned cache and hand it to the writer; return its uri, or None."""
+        if self.spill_dir is None or time.monotonic() < self._paused_until:
+            return None
         for uri, entry in self.items():
-            if entry.dirty and self.write_snapshot(uri, entry):
+            if entry.dirty and not entry.pinned and entry.buffer.length and entry.buffer.is_complete():
+                copy = KVBuffer.from_kv(entry.buffer.used().clone(), DocumentTokens(
+                    entry.tokens.token_ids, stale=entry.tokens.stale_intervals))
+                entry.dirty = False
+                self._write_later(uri, copy)
                 return uri
         return None
 
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every snapshot handed to the writer is on disk (shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._writes.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _write_later(self, uri: str, buffer: KVBuffer) -> None:
+        self._writes.put((uri, buffer))
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._write_loop, name="rotary-snapshots", daemon=True)
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            uri, buffer = self._writes.get()
+            try:
+                if time.monotonic() >= self._paused_until:
+                    save_snapshot(self.snapshot_path(uri), buffer, self.identity)
+                    self.counters["snapshots_written"] += 1
+                    self._prune_snapshots()
+            except OSError as exc:  # disk full, read-only or vanished folder: serving goes on without snapshots
+                self.counters["write_errors"] += 1
+                self._paused_until = time.monotonic() + WRITE_PAUSE_S
+                log.warning("snapshots off for %.0f s: cannot write to %s (%s)", WRITE_PAUSE_S, self.spill_dir, exc)
+            except Exception:
+                self.counters["write_errors"] += 1
+                log.exception("snapshot of %s failed", uri)
+            finally:
+                self._writes.task_done()
+
     def _prune_snapshots(self) -> None:
         """Keep the snapshot folder under its budget (several times the memory budget), oldest out first."""
-        files = sorted(self.spill_dir.glob("*.msgpack"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
+        files = []
+        for p in self.spill_dir.glob("*.msgpack"):
+            try:
+                files.append((p.stat().st_mtime, p.stat().st_size, p))
+            except FileNotFoundError:
+                continue
+        files.sort()
+        total = sum(size for _, size, _ in files)
         limit = max(self.disk_budget_bytes, 1)
         while files and total > limit:
-            oldest = files.pop(0)
-            total -= oldest.stat().st_size
+            _, size, oldest = files.pop(0)
+            total -= size
             oldest.unlink(missing_ok=True)
 
+    def _prune_leftovers(self) -> None:
+        """Half-written files (`*.tmpPID`) of processes that are gone, or older than an hour."""
+        try:
+            private_folder(self.spill_dir)
+            for tmp in self.spill_dir.glob("*.msgpack.tmp*"):
+                pid = tmp.name.rsplit(".tmp", 1)[-1]
+                gone = not pid.isdigit() or not _alive(int(pid))
+                if gone or time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot prepare the snapshot folder %s: %s", self.spill_dir, exc)
+
     def _restore(self, uri: str) -> DocumentKV | None:
-        if self.spill_dir is None or self.new_cache is None:
+        if self.spill_dir is None or self.layout is None:
             return None
         path = self.snapshot_path(uri)
         if not path.exists():
             return None
         try:
-            tokens, cache = load_snapshot(path, self.identity, self.dtype, self.new_cache, self.device)
+            buffer = load_snapshot(path, self.identity, self.dtype, self.layout, self.device)
         except SnapshotRefused as exc:
             log.warning("snapshot of %s refused, rebuilding: %s", uri, exc)
             self.counters["refused"] += 1
             path.unlink(missing_ok=True)
             return None
         self.counters["restored"] += 1
-        return DocumentKV(tokens=tokens, cache=cache, dirty=False)
+        return DocumentKV(buffer=buffer, dirty=False)
 
-    def _evict_over_budget(self, keep: str) -> None:
-        while self.total_bytes() > self.budget_bytes and len(self._docs) > 1:
-            oldest = next(iter(self._docs))
-            if oldest == keep:
-                break
-            entry = self._docs.pop(oldest)
+    def _evict_over_budget(self) -> None:
+        while self.total_bytes() > self.budget_bytes:
+            victim = next((uri for uri, e in self._docs.items() if not e.pinned), None)
+            if victim is None or len(self._docs) <= 1:
+                return
+            entry = self._docs.pop(victim)
             self.counters["evictions"] += 1
-            if entry.dirty and self.write_snapshot(oldest, entry):
-                self.counters["spilled"] += 1
-            elif not entry.dirty and self.spill_dir is not None:
-                self.counters["spilled"] += 1
+            if self.spill_dir is None or not entry.buffer.length or not entry.buffer.is_complete():
+                continue
+            self.counters["spilled"] += 1
+            if entry.dirty:
+                self._write_later(victim, entry.buffer)  # no one else holds it now: written as it is
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,38 +1,49 @@
 """One completion request, from document text to streamed answer.
 
-text before/after the cursor -> token ids -> the document's KV cache (reuse what
-is still valid, encode the rest) -> greedy decoding -> stop rules -> chunks.
+text before/after the cursor -> prompt (prompt.py: context window, FIM form, token
+healing) -> the document's KV cache (cache/: reuse what is still valid, re-rotate what
+moved, encode the rest) -> speculative greedy decoding (decode.py: the pending token
+plus a drafter's guesses, verified in one forward) -> stop rules -> chunks.
 
-Plain greedy decoding: each step feeds the last token and takes the argmax.
-The loop checks the caller's cancel flag before every forward pass, so a
-cancelled request stops within one token.
+The model is run only by the scheduler's thread (scheduler.py): `complete` builds a
+Job and reads its chunks; the steps the scheduler runs (prefill chunks, batched decode
+rounds, background refresh) are the methods below. Prefill is cut into chunks, so a
+request's cancel is seen between chunks, and during decoding between steps.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from rotary.cache.executor import UpdateCounts, execute_plan, refresh_from, truncate
-from rotary.cache.plan import DocumentTokens, common_prefix_length
+from rotary.cache.buffer import KVBuffer, extend_batch
+from rotary.cache.plan import common_prefix_length
 from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
 
-from .prompt import WINDOW_HOP, HealingConstraint, Prompt, Vocabulary, forbidden_after, heal_length
+from .decode import DEFAULT_DRAFT_TOKENS, Generation
+from .drafters import NgramDrafter, NoDrafter
+from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
+from .scheduler import Job, Scheduler
 from .stops import AUTO, StopRules
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 512
+PREFILL_CHUNK = 256  # tokens per prefill step: the longest another request waits for the model thread
+REFRESH_CHUNK = 64  # tokens per background refresh step
+IDLE_SECONDS = 1.0  # background work waits this long after the last request
 
 EDIT_AWARE, PREFIX, NO_CACHE, CONFLICT = "edit_aware", "prefix", "none", "conflict"
+DRAFTERS = ("ngram", "none")
+
+__all__ = ["WINDOW_HOP", "CompletionEngine", "CompletionOptions", "CompletionStats", "Chunk"]
 
 
 @dataclass
@@ -44,6 +55,9 @@ class CompletionOptions:
     cache_mode: str = EDIT_AWARE
     # Re-encode stale tokens among the last N before the cursor before completing (0: never).
     refresh_window: int = 128
+    # Who guesses tokens ahead for one-forward verification: "ngram" (prompt lookup) or "none"
+    # (one token per forward). The text is the same either way.
+    drafter: str = "ngram"
 
 
 @dataclass
@@ -57,6 +71,9 @@ class CompletionStats:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    forwards: int = 0  # decoding forward passes (verify steps)
+    tokens_drafted: int = 0
+    drafts_accepted: int = 0
 
 
 @dataclass
@@ -68,24 +85,30 @@ class Chunk:
 
 
 class CompletionEngine:
-    def __init__(self, runner: ModelRunner, kv_store: KVStore, max_context_tokens: int = 2048, stale_budget: int = 1024):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        kv_store: KVStore,
+        max_context_tokens: int = 2048,
+        stale_budget: int = 1024,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ):
         self.runner = runner
         self.kv_store = kv_store
         self.max_context_tokens = min(max_context_tokens, runner.info.max_positions)
-        self.eos_ids = set(runner.info.eos_token_ids)
+        self.eos_ids = frozenset(runner.info.eos_token_ids)
         self.inv_freq = runner.rope_inv_freq()
         # Models whose RoPE rotations do not compose cannot re-rotate cached keys exactly.
         self.edit_aware_supported = runner.info.rope.composable and self.inv_freq is not None
-        self.waiting = 0  # completions waiting for the model; background work yields to them
-        self._waiting_lock = threading.Lock()  # gRPC threads count concurrently
+        self.prefill_chunk = prefill_chunk
         self.background_refreshed = 0
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
         self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
         self.vocabulary  # indexed once here rather than on the first keystroke
+        self.scheduler = Scheduler(self)
 
-    def over_stale_budget(self) -> bool:
-        return any(entry.tokens.stale_count > self.stale_budget for _, entry in self.kv_store.items())
+    # -- building a request ----------------------------------------------------
 
     def build_context(self, text: str, offset: int, max_tokens: int) -> Prompt:
         """Token ids the model sees (the text before the cursor, or FIM form when the model has FIM
@@ -124,107 +147,189 @@ class CompletionEngine:
 
     def complete(
         self,
-        uri: str,
+        uri: str | None,
         text: str,
         offset: int,
         options: CompletionOptions,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> Iterator[Chunk]:
-        started = time.perf_counter()
+        """Stream the completion at `offset`; `uri` names the document whose cache to use (None: keep none)."""
         max_tokens = max(1, min(options.max_tokens or DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT))
-        context = self.build_context(text, offset, max_tokens)
-        stops = StopRules(context.text_before, context.text_after, options.mode)
-        stats = CompletionStats(context_tokens=len(context.ids))
+        yield from self.complete_prompt(uri, self.build_context(text, offset, max_tokens), options, is_cancelled)
 
-        with self._waiting_lock:
-            self.waiting += 1
-        with self.runner.lock:
-            with self._waiting_lock:
-                self.waiting -= 1
-            entry = self.kv_store.get(uri) if options.cache_mode != NO_CACHE else None
-            if entry is None or entry.cache is None:
-                entry = DocumentKV(cache=self.runner.new_cache())
-            if is_cancelled():
-                yield self._final("", "cancelled", stats, started)
-                return
-            # Bring the cache to every context token but the last, which is fed to get the next-token logits.
-            counts = self.prepare_cache(entry, context.ids[:-1], options)
-            entry.dirty = True
-            entry.refresh_position = None  # the text moved: a background refresh starts over
-            logits = self.runner.forward(context.ids[-1:], entry.cache, len(context.ids) - 1)
-            entry.tokens.append(context.ids[-1:])
-            stats.tokens_reused = counts.reused
-            stats.tokens_encoded = counts.encoded + 1
-            stats.tokens_rerotated = counts.rerotated
-            stats.stale_refreshed = counts.refreshed
-            stats.prefill_ms = (time.perf_counter() - started) * 1000
-            if options.cache_mode != NO_CACHE:
-                self.kv_store.put(uri, entry)
-
-            sent = ""
-            reason = ""
-            final_text = None
-            text_so_far = ""
-            decode_started = time.perf_counter()
-            for text_so_far, reason, stats.tokens_generated in self.decode(
-                entry, logits, context, max_tokens, is_cancelled
-            ):
-                if reason or text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    continue
-                decision = stops.check(text_so_far)
-                if decision.committed.startswith(sent) and len(decision.committed) > len(sent):
-                    yield Chunk(text=decision.committed[len(sent) :])
-                    sent = decision.committed
-                if decision.stop_reason:
-                    reason, final_text = decision.stop_reason, decision.final
-                    break
-            stats.decode_ms = (time.perf_counter() - decode_started) * 1000
-
-        if final_text is None:
-            final_text = "" if reason == "cancelled" else stops.finish(text_so_far, reason).final or ""
-        if not final_text.startswith(sent):
-            # Cannot happen by the stop rules' contract (committed is a prefix of final); log loudly if it does.
-            log.error("stop rules broke their prefix contract: sent %r, final %r", sent, final_text)
-            final_text = sent
-        yield self._final(final_text[len(sent) :], reason, stats, started)
-
-    def decode(
+    def complete_prompt(
         self,
-        entry: DocumentKV,
-        logits: torch.Tensor,
-        context: Prompt,
-        max_tokens: int,
+        uri: str | None,
+        prompt: Prompt,
+        options: CompletionOptions,
         is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> Iterator[tuple[str, str, int]]:
-        """Greedy decoding from `logits`, extending entry's cache; yields (visible text, end reason or "", tokens).
+    ) -> Iterator[Chunk]:
+        """Stream the completion of a prompt already built (benchmarks build other prompts than build_context)."""
+        max_tokens = max(1, min(options.max_tokens or DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT))
+        key = uri if options.cache_mode != NO_CACHE else None
+        if key is not None:
+            self.kv_store.get(key)  # a spilled cache comes back from disk here, not on the model thread
+        job = Job(
+            key=key,
+            prefill=functools.partial(self._prefill, prompt=prompt, options=options),
+            generation=self.new_generation(prompt, options, max_tokens),
+            finish=self._finish,
+            is_cancelled=is_cancelled,
+            stats=CompletionStats(context_tokens=len(prompt.ids)),
+        )
+        yield from self.scheduler.submit(job).chunks()
 
-        The first tokens are constrained by token healing (prompt.py); the visible text is what
-        comes after the healed text. The caller may stop early; the cache then holds every
-        generated token but the last (which was never fed).
+    def new_generation(self, prompt: Prompt, options: CompletionOptions, max_tokens: int) -> Generation:
+        assert options.drafter in DRAFTERS, f"drafter must be one of {DRAFTERS}"
+        return Generation(
+            prompt=prompt,
+            stops=StopRules(prompt.text_before, prompt.text_after, options.mode),
+            max_tokens=max_tokens,
+            eos_ids=self.eos_ids,
+            decode_ids=self.runner.decode_ids,
+            healing_mask=self.healing_mask,
+            drafter=NgramDrafter() if options.drafter == "ngram" else NoDrafter(),
+            draft_tokens=DEFAULT_DRAFT_TOKENS,
+        )
+
+    def text_chunk(self, text: str) -> Chunk:
+        return Chunk(text=text)
+
+    # -- steps the scheduler runs on the model thread ---------------------------------
+
+    def new_buffer(self) -> KVBuffer:
+        info = self.runner.info
+        return KVBuffer(
+            info.num_layers, info.num_kv_heads, info.head_dim, dtype=self.runner.dtype, device=self.runner.device
+        )
+
+    def _prefill(self, job: Job, prompt: Prompt, options: CompletionOptions) -> Iterator[None]:
+        """The job's prefill steps on its document's cache (pinned until the job ends); returns the logits."""
+        if job.key is not None:
+            job.entry = self.kv_store.acquire(job.key, self.new_buffer)
+        else:
+            job.entry = DocumentKV(buffer=self.new_buffer())
+        logits = yield from self.prepare(job.entry, prompt.ids, options, job.stats)
+        job.stats.prefill_ms = (time.perf_counter() - job.submitted) * 1000
+        job.decode_started = time.perf_counter()
+        return logits
+
+    def prepare(self, entry: DocumentKV, ids: list[int], options: CompletionOptions, stats: CompletionStats) -> Iterator[None]:
+        """Bring a cache to `ids`, one chunk of work per step; return the logits after the last id.
+
+        Every id but the last is put in the cache as the cache mode allows; the last is fed on
+        its own to get the logits the first generated token comes from. Abandoned between steps
+        (cancelled), the cache holds a consistent prefix of the work, which the next request reuses.
         """
-        constraint = HealingConstraint(context.heal, context.forbidden_after_heal)
-        generated: list[int] = []
-        text = ""
-        while True:
-            remaining = constraint.remaining(text)
-            if remaining is not None:
-                logits = logits.masked_fill(~self.healing_mask(remaining, constraint.forbidden_next), float("-inf"))
-            token = int(torch.argmax(logits))
-            if token in self.eos_ids:
-                yield constraint.visible(text), "eos", len(generated)
-                return
-            generated.append(token)
-            text = self.runner.decode_ids(generated)
-            visible = constraint.visible(text)
-            if len(generated) >= max_tokens:
-                yield visible, "max_tokens", len(generated)
-                return
-            yield visible, "", len(generated)
-            if is_cancelled():
-                yield visible, "cancelled", len(generated)
-                return
-            logits = self.runner.forward([token], entry.cache, len(entry.tokens))
-            entry.tokens.append([token])
+        buffer = entry.buffer
+        context, last = ids[:-1], ids[-1:]
+        entry.dirty = True
+        entry.refresh_position = None  # the text moved: a background refresh starts over
+        mode = options.cache_mode
+        if mode in (EDIT_AWARE, CONFLICT) and not self.edit_aware_supported:
+            mode = PREFIX
+        plan = buffer.tokens.plan(context) if mode in (EDIT_AWARE, CONFLICT) else None
+        if plan is not None and plan.tokens_reused:
+            # Reuse what the plan keeps (moved keys re-rotated: PIE), encode the edited pieces.
+            buffer.apply(
+                plan, context, self.runner.forward, inv_freq=self.inv_freq,
+                convention=self.runner.info.rope.convention, rerotate=mode == EDIT_AWARE, chunk=self.prefill_chunk,
+            )
+            stats.tokens_reused, stats.tokens_encoded = plan.tokens_reused, plan.tokens_encoded
+            stats.tokens_rerotated = plan.tokens_rerotated
+            yield
+            stale = buffer.tokens.stale_range_before(len(context), options.refresh_window) if options.refresh_window else None
+            if stale is not None and mode == EDIT_AWARE:
+                stats.stale_refreshed = buffer.refresh(stale[0], None, self.runner.forward, chunk=self.prefill_chunk)
+                yield
+        else:
+            keep = common_prefix_length(buffer.token_ids, context) if mode != NO_CACHE and plan is None else 0
+            buffer.rollback(keep)
+            stats.tokens_reused, stats.tokens_encoded = keep, len(context) - keep
+            for first in range(keep, len(context), self.prefill_chunk):
+                buffer.extend(context[first : first + self.prefill_chunk], self.runner.forward, logits=None)
+                yield
+        out = buffer.extend(last, self.runner.forward, logits="last")
+        stats.tokens_encoded += 1
+        return out.logits[0]  # [vocab]
+
+    def prepare_now(self, entry: DocumentKV, ids: list[int], options: CompletionOptions) -> tuple[torch.Tensor, CompletionStats]:
+        """`prepare` to the end, on the model thread (benchmarks and tests that set up a cache by hand)."""
+
+        def run() -> tuple[torch.Tensor, CompletionStats]:
+            stats = CompletionStats(context_tokens=len(ids))
+            steps = self.prepare(entry, ids, options, stats)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value, stats
+
+        return self.scheduler.run_exclusive(run)
+
+    def decode_round(self, jobs: list[Job]) -> None:
+        """One batched forward for every decoding job: each feeds its pending token and its guesses."""
+        rows = [job.generation.to_feed(job.entry.buffer.token_ids) for job in jobs]
+        buffers = [job.entry.buffer for job in jobs]
+        starts = [buffer.length for buffer in buffers]
+        out = extend_batch(buffers, rows, self.runner.forward, logits="all")
+        for b, job in enumerate(jobs):
+            verdict = job.generation.verify(rows[b], out.logits[b, : len(rows[b])])
+            buffers[b].rollback(starts[b] + verdict.keep)
+
+    def _finish(self, job: Job) -> Chunk:
+        """The last chunk: what is left of the final text, the stop reason, the stats; the cache goes back."""
+        generation, stats = job.generation, job.stats
+        rest = generation.take_chunk()
+        if job.key is not None and job.entry is not None:
+            self.kv_store.release(job.key, job.entry)
+        stats.tokens_generated = len(generation.generated)
+        stats.forwards = generation.forwards
+        stats.tokens_drafted, stats.drafts_accepted = generation.drafted, generation.drafts_kept
+        if job.decode_started is not None:
+            stats.decode_ms = (time.perf_counter() - job.decode_started) * 1000
+        stats.total_ms = (time.perf_counter() - job.submitted) * 1000
+        return Chunk(text=rest, done=True, stop_reason=generation.stop_reason, stats=stats)
+
+    def discard(self, job: Job) -> None:
+        """A job failed: its document's cache may be half-updated, so it is dropped (the next request rebuilds)."""
+        if job.key is not None:
+            self.kv_store.forget(job.key)
+            if job.entry is not None:
+                job.entry.pinned = False
+
+    # -- background work (the model thread, when no request waits) ------------------------
+
+    def over_stale_budget(self) -> bool:
+        return any(entry.tokens.stale_count > self.stale_budget for _, entry in self.kv_store.items())
+
+    def background_step(self, request_waiting: Callable[[], bool]) -> str | None:
+        """One bounded piece of background work, if the worker is idle (or a document is over its stale budget).
+
+        Stale documents are refreshed chunk by chunk from their first stale token to the end
+        (which leaves them exactly as a full recompute would), most recently used first; then a
+        changed cache is copied and handed to the store's writer thread as a snapshot.
+        """
+        idle = time.monotonic() - self.scheduler.last_submit >= IDLE_SECONDS
+        if request_waiting() or not (idle or self.over_stale_budget()):
+            return None
+        for uri, entry in reversed(self.kv_store.items()):
+            if entry.refresh_position is None and entry.tokens.stale_count:
+                entry.refresh_position = entry.tokens.stale_intervals[0][0]
+            if entry.refresh_position is not None:
+                start = entry.refresh_position
+                end = min(start + REFRESH_CHUNK, len(entry.tokens))
+                entry.buffer.refresh(start, end, self.runner.forward)
+                entry.refresh_position = end if end < len(entry.tokens) else None
+                entry.dirty = True
+                self.background_refreshed += end - start
+                return f"refreshed {uri} [{start}, {end})"
+        if idle:
+            written = self.kv_store.snapshot_one_dirty()
+            return f"snapshot of {written}" if written else None
+        return None
+
+    # -- model-thread helpers -------------------------------------------------------
 
     def healing_mask(self, remaining: str, forbidden_next: str) -> torch.Tensor:
         """[vocab] bool: the tokens token healing allows next (end of sequence always allowed)."""
@@ -243,62 +348,17 @@ class CompletionEngine:
     def vocabulary(self) -> Vocabulary:
         return Vocabulary(self.runner.token_texts, self.runner.special_ids)
 
-    def prepare_cache(self, entry: DocumentKV, ids: list[int], options: CompletionOptions) -> UpdateCounts:
-        """Make entry.cache hold K/V for `ids` (positions 0..len-1), reusing what the chosen mode allows."""
-        counts = UpdateCounts()
-        mode = options.cache_mode
-        if mode in (EDIT_AWARE, CONFLICT) and not self.edit_aware_supported:
-            mode = PREFIX
-        if mode in (EDIT_AWARE, CONFLICT):
-            plan = entry.tokens.plan(ids)
-            execute_plan(
-                entry.cache, plan, ids, self.runner.forward, self.inv_freq, self.runner.info.rope.convention,
-                rerotate=mode == EDIT_AWARE,
-            )
-            entry.tokens.apply(plan, ids)
-            counts.reused, counts.encoded, counts.rerotated = plan.tokens_reused, plan.tokens_encoded, plan.tokens_rerotated
-            if options.refresh_window and mode == EDIT_AWARE:
-                stale = entry.tokens.stale_range_before(len(ids), options.refresh_window)
-                if stale is not None:
-                    counts.refreshed = refresh_from(entry.cache, entry.tokens, stale[0], self.runner.forward)
-            return counts
-        keep = common_prefix_length(entry.tokens.token_ids, ids) if mode == PREFIX else 0
-        truncate(entry.cache, keep)
-        if keep < len(ids):
-            self.runner.forward(ids[keep:], entry.cache, keep)
-        # Staleness of the kept prefix (from earlier edit-aware updates) stays recorded.
-        stale = [(s, min(e, keep)) for s, e in entry.tokens.stale_intervals if s < keep]
-        entry.tokens = DocumentTokens(ids, stale=stale)
-        counts.reused, counts.encoded = keep, len(ids) - keep
-        return counts
+    def flush_snapshots(self) -> None:
+        """Write every changed cache (shutdown): copied on the model thread, written by the store's writer."""
 
-    def maintenance_step(self, chunk_tokens: int = 64) -> str | None:
-        """One bounded piece of background work while no completion waits; what was done, or None.
+        def copy_all() -> None:
+            while self.kv_store.snapshot_one_dirty():
+                pass
 
-        Stale documents are refreshed chunk by chunk from their first stale token to the end
-        (which leaves them exactly as a full recompute would), most recently used first; then
-        changed caches are written as snapshots, so a restarted worker finds them.
-        """
-        if self.waiting or not self.runner.lock.acquire(blocking=False):
-            return None
-        try:
-            for uri, entry in reversed(self.kv_store.items()):
-                if entry.refresh_position is None and entry.tokens.stale_count:
-                    entry.refresh_position = entry.tokens.stale_intervals[0][0]
-                if entry.refresh_position is not None:
-                    start = entry.refresh_position
-                    end = min(start + chunk_tokens, len(entry.tokens))
-                    refresh_from(entry.cache, entry.tokens, start, self.runner.forward, end)
-                    entry.refresh_position = end if end < len(entry.tokens) else None
-                    entry.dirty = True
-                    self.background_refreshed += end - start
-                    return f"refreshed {uri} [{start}, {end})"
-            written = self.kv_store.write_dirty_snapshot()
-            return f"snapshot of {written}" if written else None
-        finally:
-            self.runner.lock.release()
+        self.scheduler.run_exclusive(copy_all)
+        self.kv_store.flush()
 
-    @staticmethod
-    def _final(rest: str, reason: str, stats: CompletionStats, started: float) -> Chunk:
-        stats.total_ms = (time.perf_counter() - started) * 1000
-        return Chunk(text=rest, done=True, stop_reason=reason, stats=stats)
+    def warm_up(self) -> None:
+        """One short completion, so the first keystroke does not pay one-off setup."""
+        for _ in self.complete(None, "def main():\n    return 0\n", 22, CompletionOptions(max_tokens=2, cache_mode=NO_CACHE)):
+            pass

@@ -100,32 +100,10 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     # -- model loading -----------------------------------------------------
 
-    def run_maintenance(self, stop: threading.Event, idle_seconds: float = 1.0) -> None:
-        """Background refresh and snapshots: after `idle_seconds` without a completion, or at once when a
-        document's stale tokens pass the budget (each step yields to waiting completions)."""
-        def may_work() -> bool:
-            idle = time.monotonic() - self.last_request >= idle_seconds
-            return idle or self.engine.over_stale_budget()
-
-        while not stop.wait(0.2):
-            if self.engine is None or not may_work():
-                continue
-            try:
-                while not stop.is_set() and may_work():
-                    done = self.engine.maintenance_step()
-                    if done is None:
-                        break
-                    log.debug("background: %s", done)
-            except Exception:
-                log.exception("background cache work failed")
-                stop.wait(5)
-
     def flush_snapshots(self) -> None:
-        if self.engine is None:
-            return
-        with self.engine.runner.lock:
-            while self.engine.kv_store.write_dirty_snapshot():
-                pass
+        """Shutdown: every changed cache copied on the model thread, then written by the store's writer."""
+        if self.engine is not None:
+            self.engine.flush_snapshots()
 
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._load, name="rotary-model-load", daemon=True)
@@ -148,18 +126,19 @@ class WorkerService(pb_grpc.WorkerServicer):
 
             loaded = load_model(self.model_path, progress=progress)
             runner = ModelRunner(loaded)
-            progress("warming up")
-            runner.warm_up()  # the first forward pays one-off setup; keep it out of the first keystroke
             info = loaded.info
             store = KVStore(
                 self.cache_budget_mb << 20,
                 spill_dir=cache_dir() / "kv" / info.identity,
                 identity=info.identity,
                 dtype=info.dtype,
-                new_cache=runner.new_cache,
+                layout=(info.num_layers, info.num_kv_heads, info.head_dim),
                 device=runner.device,
             )
-            self.engine = CompletionEngine(runner, store, self.max_context_tokens, self.stale_budget)
+            engine = CompletionEngine(runner, store, self.max_context_tokens, self.stale_budget)
+            progress("warming up")
+            engine.warm_up()  # the first forward pays one-off setup; keep it out of the first keystroke
+            self.engine = engine
             if not self.engine.edit_aware_supported:
                 log.warning("edit-aware cache is off for this model (RoPE %s); prefix reuse instead", info.rope.rope_type)
             self.model_info = info
@@ -300,6 +279,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             device=str(self.engine.runner.device) if self.engine else "",
             open_documents=len(self.documents),
             message=self.load_message,
+            queue_depth=self.engine.scheduler.queue_depth if self.engine else 0,
+            busy_seconds=self.engine.scheduler.busy_for() if self.engine else 0.0,
         )
 
     def Stats(self, request, context):
@@ -332,6 +313,14 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "background_refreshed": self.engine.background_refreshed,
                 "refresh_window": self.refresh_window,
                 **store.counters,
+            }
+            scheduler = self.engine.scheduler
+            out["model_thread"] = {
+                "forward": self.engine.runner.path,  # "own" (Rotary's forward) or "hf" (transformers fallback)
+                "queue_depth": scheduler.queue_depth,
+                "rounds": scheduler.rounds,
+                "decode_rounds": scheduler.decode_rounds,
+                "mean_batch": round(scheduler.batched_rows / scheduler.decode_rounds, 2) if scheduler.decode_rounds else None,
             }
         return out
 
@@ -384,7 +373,9 @@ def serve(
     (None: on for loopback and unix sockets, off elsewhere)."""
     service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window, stale_budget)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rotary-rpc"),
+        # Completion calls wait on the model thread without holding it; enough threads that waiting
+        # calls never starve Health or Stats (each answered without the model).
+        futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="rotary-rpc"),
         interceptors=[WorkerInterceptor(token)],  # the access token, and a clear error for unparsable requests
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
     )
@@ -399,7 +390,6 @@ def serve(
     server.start()
     report_load(health, service.load_in_background(), service.ready)
     stop = threading.Event()
-    threading.Thread(target=service.run_maintenance, args=(stop,), name="rotary-maintenance", daemon=True).start()
     # SIGTERM (the daemon stopping its worker) ends the loop below like Ctrl-C, so snapshots get written.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if on_bound:

@@ -1,20 +1,28 @@
-"""The forward pass the worker calls: tokens in, next-token logits out, KV cache extended.
+"""The forward pass the worker calls: token ids in, logits out, K/V written into the caller's cache.
 
-One place owns how the model is called (device, dtype, no-grad, thread count),
-so the decoding loop in completion/ and the cache in cache/ never touch
-transformers' calling conventions directly.
+One place owns how the model is called (which forward, device, dtype, thread count), so
+the decoding loop in completion/ and the cache in cache/ never touch transformers'
+calling conventions. Llama-family models (SmolLM2, Llama, Qwen2, Mistral) run on
+Rotary's own forward (transformer.py); any other RoPE model runs through transformers
+(hf.py) behind the same contract. ROTARY_FORWARD=hf forces the fallback (benchmarks).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
+import logging
 import os
-import threading
 
 import torch
 
+from .hf import HFForward
 from .loader import LoadedModel
+from .transformer import ForwardOutput, Transformer, supports
+
+log = logging.getLogger(__name__)
+
+# Forward calls with at most this many tokens run on the decode thread count (see ModelRunner.forward).
+DECODE_STEP_TOKENS = 16
 
 
 def configure_threads() -> None:
@@ -37,44 +45,46 @@ def decode_threads() -> int:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel):
+    """The loaded model as the worker calls it: one forward (Rotary's own, or the transformers
+    fallback), the tokenizer's texts, and the model's RoPE facts."""
+
+    def __init__(self, loaded: LoadedModel, path: str | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.info = loaded.info
         self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
         self._prefill_threads, self._decode_threads = prefill_threads(), decode_threads()
-        # The model is shared by every request; one forward at a time.
-        self.lock = threading.Lock()
-        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        ok, reason = supports(self.model)
+        wanted = path or os.environ.get("ROTARY_FORWARD", "auto")
+        if wanted not in ("auto", "own", "hf"):
+            raise ValueError(f"forward path must be auto, own or hf, not {wanted!r}")
+        if wanted == "own" and not ok:
+            raise ValueError(f"{self.info.name} cannot take Rotary's own forward: {reason}")
+        # Which path a model takes is logged: only the own forward gives layer access (early exit).
+        if ok and wanted != "hf":
+            self.path = "own"
+            self._forward = Transformer.from_hf(self.model)
+            log.info("%s runs on Rotary's own forward (%s)", self.info.name, reason)
+        else:
+            self.path = "hf"
+            self._forward = HFForward(self.model)
+            why = "asked for" if wanted == "hf" else reason
+            log.warning("%s runs through transformers (%s): no early exit", self.info.name, why)
+        self.layer_access = self.path == "own"
 
-    def new_cache(self):
-        from transformers import DynamicCache
+    def forward(self, ids: torch.Tensor | None, caches, **kwargs) -> ForwardOutput:
+        """The model's forward (models/transformer.py's contract); the thread count follows the work.
 
-        return DynamicCache(config=self.model.config)
-
-    @torch.inference_mode()
-    def forward(self, token_ids: list[int], cache, start_position: int) -> torch.Tensor:
-        """Run `token_ids` at positions start_position.. attending to `cache`; return the last logits [vocab].
-
-        The cache must hold exactly `start_position` tokens; it is extended in place.
+        A step of a few tokens is hundreds of small matrix-vector products whose cost is
+        per-op overhead: it runs as fast on half the cores, and the other half then serves
+        the LSP daemon and gRPC; bigger steps (prefill) take every core.
         """
-        assert token_ids, "forward needs at least one token"
         if self.device.type == "cpu":
-            torch.set_num_threads(self._decode_threads if len(token_ids) == 1 else self._prefill_threads)
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, S]
-        positions = torch.arange(start_position, start_position + len(token_ids), device=self.device)
-        out = self.model(
-            input_ids=input_ids,
-            **{self._cache_kwarg: cache},
-            position_ids=positions.unsqueeze(0),
-            cache_position=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[0, -1]  # [vocab]
+            tokens = (ids.numel() if ids is not None else kwargs["hidden"].shape[0] * kwargs["hidden"].shape[1])
+            torch.set_num_threads(self._decode_threads if tokens <= DECODE_STEP_TOKENS else self._prefill_threads)
+        return self._forward(ids, caches, **kwargs)
 
     def rope_inv_freq(self) -> torch.Tensor | None:
         """The model's own RoPE inverse frequencies (scaling included), for re-rotating cached keys."""
@@ -83,12 +93,6 @@ class ModelRunner:
         if inv_freq is None or getattr(rotary, "rope_type", "default") == "dynamic":
             return None
         return inv_freq.detach().to(torch.float32)
-
-    def warm_up(self) -> None:
-        self.token_texts  # built once here rather than on the first keystroke
-        cache = self.new_cache()
-        logits = self.forward(self.encode_text("def main():\n    return 0\n") or [0], cache, 0)
-        self.forward([int(logits.argmax())], cache, cache.get_seq_length())
 
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:

@@ -102,7 +102,7 @@ class CompleteRequest(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., options: _Optional[_Union[CompleteOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CompletionStats(_message.Message):
-    __slots__ = ("context_tokens", "tokens_reused", "tokens_encoded", "tokens_rerotated", "stale_refreshed", "tokens_generated", "prefill_ms", "decode_ms", "total_ms")
+    __slots__ = ("context_tokens", "tokens_reused", "tokens_encoded", "tokens_rerotated", "stale_refreshed", "tokens_generated", "prefill_ms", "decode_ms", "total_ms", "forwards", "tokens_drafted", "drafts_accepted")
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,9 @@ class CompletionStats(_message.Message):
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFTS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     context_tokens: int
     tokens_reused: int
     tokens_encoded: int
@@ -121,7 +124,10 @@ class CompletionStats(_message.Message):
     prefill_ms: float
     decode_ms: float
     total_ms: float
-    def __init__(self, context_tokens: _Optional[int] = ..., tokens_reused: _Optional[int] = ..., tokens_encoded: _Optional[int] = ..., tokens_rerotated: _Optional[int] = ..., stale_refreshed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    forwards: int
+    tokens_drafted: int
+    drafts_accepted: int
+    def __init__(self, context_tokens: _Optional[int] = ..., tokens_reused: _Optional[int] = ..., tokens_encoded: _Optional[int] = ..., tokens_rerotated: _Optional[int] = ..., stale_refreshed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., forwards: _Optional[int] = ..., tokens_drafted: _Optional[int] = ..., drafts_accepted: _Optional[int] = ...) -> None: ...
 
 class CompletionChunk(_message.Message):
     __slots__ = ("request_id", "text", "done", "stop_reason", "stats")
@@ -142,20 +148,24 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("ready", "model", "model_path", "device", "open_documents", "message")
+    __slots__ = ("ready", "model", "model_path", "device", "open_documents", "message", "queue_depth", "busy_seconds")
     READY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     OPEN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     model: str
     model_path: str
     device: str
     open_documents: int
     message: str
-    def __init__(self, ready: _Optional[bool] = ..., model: _Optional[str] = ..., model_path: _Optional[str] = ..., device: _Optional[str] = ..., open_documents: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    queue_depth: int
+    busy_seconds: float
+    def __init__(self, ready: _Optional[bool] = ..., model: _Optional[str] = ..., model_path: _Optional[str] = ..., device: _Optional[str] = ..., open_documents: _Optional[int] = ..., message: _Optional[str] = ..., queue_depth: _Optional[int] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

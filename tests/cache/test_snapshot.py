@@ -1,81 +1,170 @@
-"""Snapshots: exact round trip, refusal of foreign or corrupt ones, and spill/restore under a memory budget."""
+"""Snapshots: exact round trip, refusal of foreign, damaged or crafted ones, private files, and
+spill/restore under a memory budget with the writes done off the caller's thread."""
 
 from __future__ import annotations
 
+import os
+import stat
+
+import msgpack
 import pytest
 import torch
-from transformers import DynamicCache
 
+from rotary.cache.buffer import KVBuffer
 from rotary.cache.plan import DocumentTokens
-from rotary.cache.snapshot import SnapshotRefused, load_snapshot, save_snapshot
+from rotary.cache.snapshot import FORMAT, SnapshotRefused, load_snapshot, save_snapshot
 from rotary.cache.store import DocumentKV, KVStore
 
 LAYERS, HEADS, DIM = 4, 3, 8
+LAYOUT = (LAYERS, HEADS, DIM)
 
 
-def make_cache(length: int, seed: int = 0, dtype=torch.float32) -> DynamicCache:
+def make_buffer(length: int, seed: int = 0, dtype=torch.float32, stale=()) -> KVBuffer:
     gen = torch.Generator().manual_seed(seed)
-    cache = DynamicCache()
-    for i in range(LAYERS):
-        k = torch.randn(1, HEADS, length, DIM, generator=gen).to(dtype)
-        v = torch.randn(1, HEADS, length, DIM, generator=gen).to(dtype)
-        cache.update(k, v, i)
-    return cache
-
-
-def new_cache() -> DynamicCache:
-    cache = DynamicCache()
-    for i in range(LAYERS):  # the model's cache object has one layer slot per layer
-        cache.update(torch.zeros(1, HEADS, 0, DIM), torch.zeros(1, HEADS, 0, DIM), i)
-    return cache
+    kv = torch.randn(LAYERS, 2, HEADS, length, DIM, generator=gen).to(dtype)
+    return KVBuffer.from_kv(kv, DocumentTokens(range(seed, seed + length), stale=stale))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trip_is_exact(tmp_path, dtype):
-    tokens = DocumentTokens(range(10, 22), stale=[(3, 5)])
-    cache = make_cache(12, dtype=dtype)
+    buffer = make_buffer(12, dtype=dtype, stale=[(3, 5)])
     path = tmp_path / "doc.msgpack"
-    save_snapshot(path, tokens, cache, "model-a")
-    name = str(dtype).removeprefix("torch.")
-    got_tokens, got_cache = load_snapshot(path, "model-a", name, new_cache)
-    assert got_tokens.token_ids == tokens.token_ids and got_tokens.stale_intervals == tokens.stale_intervals
-    for a, b in zip(got_cache.layers, cache.layers):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    save_snapshot(path, buffer, "model-a")
+    got = load_snapshot(path, "model-a", str(dtype).removeprefix("torch."), LAYOUT)
+    assert got.token_ids == buffer.token_ids and got.tokens.stale_intervals == ((3, 5),)
+    assert torch.equal(got.used(), buffer.used())
 
 
-def test_foreign_model_dtype_and_corruption_are_refused(tmp_path):
+def test_snapshot_files_and_folder_are_private(tmp_path):
+    folder = tmp_path / "kv" / "model"
+    save_snapshot(folder / "doc.msgpack", make_buffer(4), "m")
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(folder / "doc.msgpack").st_mode) == 0o600
+
+
+def test_foreign_model_dtype_layout_and_corruption_are_refused(tmp_path):
     path = tmp_path / "doc.msgpack"
-    save_snapshot(path, DocumentTokens(range(6)), make_cache(6), "model-a")
+    save_snapshot(path, make_buffer(6), "model-a")
     with pytest.raises(SnapshotRefused, match="another model"):
-        load_snapshot(path, "model-b", "float32", new_cache)
+        load_snapshot(path, "model-b", "float32", LAYOUT)
     with pytest.raises(SnapshotRefused, match="dtype"):
-        load_snapshot(path, "model-a", "bfloat16", new_cache)
+        load_snapshot(path, "model-a", "bfloat16", LAYOUT)
+    with pytest.raises(SnapshotRefused, match="does not fit"):
+        load_snapshot(path, "model-a", "float32", (LAYERS + 1, HEADS, DIM))
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # flip bits inside the tensor bytes
     path.write_bytes(bytes(data))
     with pytest.raises(SnapshotRefused, match="checksum"):
-        load_snapshot(path, "model-a", "float32", new_cache)
+        load_snapshot(path, "model-a", "float32", LAYOUT)
     path.write_bytes(b"\x93garbage")
     with pytest.raises(SnapshotRefused, match="unreadable"):
-        load_snapshot(path, "model-a", "float32", new_cache)
+        load_snapshot(path, "model-a", "float32", LAYOUT)
+
+
+def crafted(path, header_changes: dict, blob: bytes | None = None, drop: str | None = None) -> None:
+    """A well-formed snapshot with a valid checksum over impossible contents (what a bug or an attacker writes)."""
+    from rotary.cache.snapshot import _digest
+
+    save_snapshot(path, make_buffer(5), "m")
+    data = msgpack.unpackb(path.read_bytes(), raw=False)
+    header = {**data["header"], **header_changes}
+    if drop:
+        header.pop(drop)
+    blob = data["blob"] if blob is None else blob
+    path.write_bytes(msgpack.packb({"header": header, "blob": blob, "sha256": _digest(header, blob)}, use_bin_type=True))
+
+
+@pytest.mark.parametrize(
+    "changes, blob, drop",
+    [
+        ({"shape": [LAYERS, 2, HEADS, 99, DIM]}, None, None),  # shape disagrees with the token ids
+        ({"token_ids": list(range(7))}, None, None),  # ids disagree with the shape
+        ({}, b"\x00" * 16, None),  # bytes disagree with the shape
+        ({"stale": [[3, 99]]}, None, None),  # stale interval past the end
+        ({"stale": [["a", "b"]]}, None, None),  # not numbers
+        ({}, None, "token_ids"),  # a missing key
+        ({"format": 1}, None, None),  # the format of an older Rotary
+        ({"shape": [LAYERS, 2, HEADS, 10**12, DIM], "token_ids": list(range(5))}, None, None),  # a huge claimed length
+    ],
+)
+def test_crafted_snapshots_are_refused_not_raised(tmp_path, changes, blob, drop):
+    path = tmp_path / "doc.msgpack"
+    crafted(path, changes, blob, drop)
+    with pytest.raises(SnapshotRefused):
+        load_snapshot(path, "m", "float32", LAYOUT)
+
+
+def test_crafted_snapshot_is_deleted_and_the_document_rebuilt(tmp_path):
+    store = KVStore(spill_dir=tmp_path, identity="m", layout=LAYOUT)
+    crafted(store.snapshot_path("file:///x.py"), {"shape": [LAYERS, 2, HEADS, 99, DIM]})
+    assert store.get("file:///x.py") is None
+    assert not store.snapshot_path("file:///x.py").exists() and store.counters["refused"] == 1
 
 
 def test_least_recently_used_spill_to_disk_and_come_back(tmp_path):
-    one_doc = make_cache(16)
-    per_doc = sum(layer.keys.nbytes + layer.values.nbytes for layer in one_doc.layers)
-    store = KVStore(budget_bytes=int(per_doc * 2.5), spill_dir=tmp_path, identity="m", new_cache=new_cache)
+    per_doc = make_buffer(16).nbytes()
+    store = KVStore(budget_bytes=int(per_doc * 2.5), spill_dir=tmp_path, identity="m", layout=LAYOUT)
     for i in range(3):
-        store.put(f"file:///{i}.py", DocumentKV(tokens=DocumentTokens(range(i, i + 16)), cache=make_cache(16, seed=i)))
+        store.put(f"file:///{i}.py", DocumentKV(buffer=make_buffer(16, seed=i)))
     assert len(store) == 2 and store.counters["spilled"] == 1
+    store.flush()  # the writer thread wrote it
     assert store.snapshot_path("file:///0.py").exists()
     back = store.get("file:///0.py")  # restored from disk, not re-encoded
     assert back is not None and back.tokens.token_ids == tuple(range(0, 16))
-    assert torch.equal(back.cache.layers[2].keys, make_cache(16, seed=0).layers[2].keys)
+    assert torch.equal(back.buffer.used(), make_buffer(16, seed=0).used())
     assert store.counters["restored"] == 1
 
 
-def test_refused_snapshot_is_deleted_and_rebuilt(tmp_path):
-    store = KVStore(spill_dir=tmp_path, identity="new-model", new_cache=new_cache)
-    save_snapshot(store.snapshot_path("file:///x.py"), DocumentTokens(range(4)), make_cache(4), "old-model")
-    assert store.get("file:///x.py") is None
-    assert not store.snapshot_path("file:///x.py").exists() and store.counters["refused"] == 1
+def test_pinned_cache_is_never_evicted(tmp_path):
+    per_doc = make_buffer(16).nbytes()
+    store = KVStore(budget_bytes=int(per_doc * 1.5), spill_dir=tmp_path, identity="m", layout=LAYOUT)
+    held = store.acquire("file:///held.py", lambda: make_buffer(16))
+    store.put("file:///other.py", DocumentKV(buffer=make_buffer(16, seed=1)))
+    assert store.get("file:///held.py") is held  # the other one went, not the one a request holds
+    store.release("file:///held.py", held)
+
+
+def test_closed_during_a_request_is_not_put_back(tmp_path):
+    store = KVStore(spill_dir=tmp_path, identity="m", layout=LAYOUT)
+    entry = store.acquire("file:///a.py", lambda: make_buffer(4))
+    store.drop("file:///a.py")  # the editor closed the document while a completion ran
+    store.release("file:///a.py", entry)
+    assert store.get("file:///a.py") is None and len(store) == 0
+
+
+def test_unwritable_folder_turns_snapshots_off_and_serving_goes_on(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the snapshot folder should be: no one can write there, root included")
+    store = KVStore(budget_bytes=1, spill_dir=blocked, identity="m", layout=LAYOUT)
+    store.put("file:///a.py", DocumentKV(buffer=make_buffer(8)))
+    store.put("file:///b.py", DocumentKV(buffer=make_buffer(8, seed=1)))  # evicts a.py: its write fails
+    store.flush()
+    assert store.counters["write_errors"] == 1 and store.get("file:///b.py") is not None
+
+
+def test_disk_full_turns_snapshots_off_with_one_warning(tmp_path, monkeypatch, caplog):
+    import rotary.cache.store as store_module
+
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "save_snapshot", full)
+    store = KVStore(budget_bytes=1, spill_dir=tmp_path, identity="m", layout=LAYOUT)
+    for i in range(4):
+        store.put(f"file:///{i}.py", DocumentKV(buffer=make_buffer(8, seed=i)))  # each put evicts the one before
+    store.flush()
+    assert store.counters["write_errors"] == 1  # later writes were skipped, not retried
+    assert sum("snapshots off" in r.getMessage() for r in caplog.records) == 1
+    assert store.snapshot_one_dirty() is None  # paused
+
+
+def test_leftover_half_written_files_of_dead_processes_are_pruned(tmp_path):
+    (tmp_path / "abc.msgpack.tmp999999").write_bytes(b"partial")  # no such pid
+    mine = tmp_path / f"def.msgpack.tmp{os.getpid()}"
+    mine.write_bytes(b"partial")
+    KVStore(spill_dir=tmp_path, identity="m", layout=LAYOUT)
+    assert not (tmp_path / "abc.msgpack.tmp999999").exists() and mine.exists()
+
+
+def test_format_is_versioned():
+    assert FORMAT == 2

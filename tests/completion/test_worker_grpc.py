@@ -41,7 +41,7 @@ def worker():
     finally:
         client.close()
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)  # it writes the snapshots of changed documents before exiting
 
 
 def stats(client: WorkerClient) -> dict:

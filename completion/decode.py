@@ -1,0 +1,153 @@
+"""One request's decoding, as a small state machine the scheduler steps: choose, verify, stop, stream.
+
+Plain greedy decoding is the special case of a speculative loop whose draft is empty.
+Each step the scheduler feeds the pending token (chosen but not yet run through the
+model) followed by the drafter's guesses, takes logits for every fed position, and
+hands them to `verify`: position j's logits choose the token after fed token j, under
+the healing constraint (prompt.py); a guess is kept while it equals that choice; the
+first disagreement becomes the new pending token and the cache rolls back past it.
+So the text is exactly what one-token greedy decoding gives, whatever the drafter.
+
+The stop rules see the text after every token, and the text that became final is
+streamed as chunks; the last chunk carries the stop reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .drafters import Drafter, NoDrafter
+from .prompt import HealingConstraint, Prompt
+from .stops import StopRules
+
+# Guesses per verify step: verifying 8 tokens costs well under twice one on a CPU.
+DEFAULT_DRAFT_TOKENS = 8
+
+
+@dataclass
+class VerifyResult:
+    keep: int  # how many fed tokens keep their K/V (the pending token plus the guesses kept)
+    finished: bool
+
+
+@dataclass
+class Generation:
+    """The decoding state of one completion request."""
+
+    prompt: Prompt
+    stops: StopRules
+    max_tokens: int
+    eos_ids: frozenset[int]
+    decode_ids: Callable[[Sequence[int]], str]
+    healing_mask: Callable[[str, str], torch.Tensor]
+    drafter: Drafter = field(default_factory=NoDrafter)
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
+
+    generated: list[int] = field(default_factory=list)  # every chosen token, the pending one included
+    text: str = ""  # decode_ids(generated)
+    sent: str = ""  # the part of the final text already streamed
+    stop_reason: str = ""
+    final_text: str | None = None
+    forwards: int = 0  # verify steps run (one forward each)
+    drafted: int = 0
+    drafts_kept: int = 0
+
+    def __post_init__(self) -> None:
+        self.constraint = HealingConstraint(self.prompt.heal, self.prompt.forbidden_after_heal)
+
+    # -- the first token, from the prefill's logits -------------------------
+
+    def start(self, logits: torch.Tensor) -> None:
+        """Choose the first token from the logits after the context (its last token was fed by the prefill)."""
+        token = self._choose(logits)
+        if not self.finished:
+            self._take(token)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.stop_reason)
+
+    @property
+    def pending(self) -> int:
+        """The last chosen token, not yet run through the model."""
+        return self.generated[-1]
+
+    # -- one verify step --------------------------------------------------
+
+    def to_feed(self, context_ids: Sequence[int]) -> list[int]:
+        """The pending token and the drafter's guesses (none while healing still constrains the text)."""
+        room = self.max_tokens - len(self.generated)
+        k = 0 if self.constraint.remaining(self.text) is not None else min(self.draft_tokens, room)
+        draft = self.drafter.propose([*context_ids, *self.generated], k) if k > 0 else []
+        self.drafted += len(draft)
+        return [self.pending, *draft]
+
+    def verify(self, fed: Sequence[int], logits: torch.Tensor) -> VerifyResult:
+        """Take the model's logits [len(fed), vocab] for the fed tokens; keep what greedy decoding keeps."""
+        self.forwards += 1
+        draft = list(fed[1:])
+        kept = 0
+        for j in range(len(fed)):
+            token = self._choose(logits[j])
+            if self.finished:
+                break
+            self._take(token)
+            if self.finished or j == len(draft) or token != draft[j]:
+                break
+            kept += 1
+        self.drafts_kept += kept
+        self.drafter.accepted(len(draft), kept)
+        return VerifyResult(keep=1 + kept, finished=self.finished)
+
+    def cancel(self) -> None:
+        self.stop_reason, self.final_text = "cancelled", self.sent
+
+    # -- chunks ---------------------------------------------------------------
+
+    def take_chunk(self) -> str:
+        """Text that became final since the last call (to stream now)."""
+        if self.final_text is not None:
+            committed = self.final_text
+        else:
+            committed = self._decision().committed
+        if committed.startswith(self.sent) and len(committed) > len(self.sent):
+            delta, self.sent = committed[len(self.sent) :], committed
+            return delta
+        return ""
+
+    # -- internals ------------------------------------------------------------
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        """Greedy choice for the next token, under the healing constraint while it applies; ends on EOS."""
+        remaining = self.constraint.remaining(self.text)
+        if remaining is not None:
+            logits = logits.masked_fill(~self.healing_mask(remaining, self.constraint.forbidden_next), float("-inf"))
+        token = int(torch.argmax(logits))
+        if token in self.eos_ids:
+            self._finish("eos")
+        return token
+
+    def _take(self, token: int) -> None:
+        self.generated.append(token)
+        self.text = self.decode_ids(self.generated)
+        if self.text.endswith("\ufffd"):  # half a character: wait for the rest before judging the text
+            if len(self.generated) >= self.max_tokens:
+                self._finish("max_tokens")
+            return
+        decision = self._decision()
+        if decision.stop_reason:
+            self.stop_reason, self.final_text = decision.stop_reason, decision.final or ""
+        elif len(self.generated) >= self.max_tokens:
+            self._finish("max_tokens")
+
+    def _decision(self):
+        return self.stops.check(self.constraint.visible(self.text))
+
+    def _finish(self, reason: str) -> None:
+        final = self.stops.finish(self.constraint.visible(self.text), reason).final or ""
+        if not final.startswith(self.sent):  # the stop rules promise this; never send text twice
+            final = self.sent
+        self.stop_reason, self.final_text = reason, final

@@ -1,0 +1,264 @@
+"""One thread owns the model: every forward pass of every request runs here, stepped together.
+
+A request is a small state machine (queued -> prefill, one chunk per step -> decode, one
+verify step per round -> done). Each round of the loop:
+1. admits new requests in arrival order (first come, first served); a request whose
+   document is busy with an earlier one waits for it (one document, one cache);
+2. ends cancelled requests (checked every round: during prefill between chunks, during
+   decoding between steps);
+3. runs one prefill chunk for the oldest request that is prefilling, so that a long
+   prefill delays the others by at most one chunk;
+4. runs one batched forward for every request that is decoding: each feeds its pending
+   token plus its drafter's guesses, and keeps what greedy decoding keeps (decode.py).
+With nothing to do it runs background work, the lowest priority: one chunk of a stale
+document's refresh at a time, and copies of changed caches handed to a writer thread
+(disk I/O never happens on this thread).
+
+Callers (gRPC threads, benchmarks, tests) submit a Job and read its chunks from a queue:
+they never touch the model, its caches or a lock around them, so Health and Stats never
+wait for a busy model.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
+
+# Model threads still running at interpreter exit would be torn down inside a forward (the
+# process then aborts): every scheduler is stopped, its current step finished, before that.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for scheduler in list(_RUNNING):
+        scheduler.stop()
+
+
+@dataclass
+class Job:
+    """One request on its way through the model thread."""
+
+    key: str | None  # the KV store key of its document (None: no cache kept)
+    prefill: Callable[["Job"], Iterator[None]]  # a generator factory: one chunk of prefill per step
+    generation: Any  # decode.Generation
+    finish: Callable[["Job"], Any]  # builds the last chunk (stats) once the job ends
+    is_cancelled: Callable[[], bool] = lambda: False
+    state: str = QUEUED
+    entry: Any = None  # the document's cache while the job holds it
+    steps: Iterator[None] | None = None
+    out: queue.Queue = field(default_factory=queue.Queue)
+    submitted: float = field(default_factory=time.perf_counter)
+    stats: Any = None  # the request's counters, filled in as it goes
+    decode_started: float | None = None
+
+    def chunks(self) -> Iterator[Any]:
+        """What the model thread sends: text chunks, then the last one; an error is raised here."""
+        while (item := self.out.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Scheduler:
+    """The model thread. `engine` provides the forward steps and the background work."""
+
+    def __init__(self, engine: Any, name: str = "rotary-model"):
+        self.engine = engine
+        self._incoming: deque[Job] = deque()
+        self._jobs: list[Job] = []  # admitted, in arrival order
+        self._calls: deque[tuple[Callable[[], Any], queue.Queue]] = deque()  # run_exclusive's
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.name = name
+        self.last_submit = time.monotonic()
+        self.step_started: float | None = None  # set while a forward-bearing step runs (hang detection)
+        self.rounds = 0
+        self.batched_rows = 0  # decode rows run, summed over rounds (rows / decode rounds = mean batch)
+        self.decode_rounds = 0
+
+    # -- callers' side (any thread) ---------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        with self._wake:
+            self._incoming.append(job)
+            self.last_submit = time.monotonic()
+            self._wake.notify()
+        self._ensure_thread()
+        return job
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting or running (read without locks: an estimate is enough for Health)."""
+        return len(self._incoming) + len(self._jobs)
+
+    def busy_for(self) -> float:
+        """Seconds the current step has been running (0 when idle): a hung forward shows here."""
+        started = self.step_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the model thread between rounds and return its result (for shutdown work, tests)."""
+        done: queue.Queue = queue.Queue()
+        with self._wake:
+            self._calls.append((fn, done))
+            self._wake.notify()
+        self._ensure_thread()
+        result = done.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    # -- the model thread ------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._wake:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                    self._thread.start()
+                    _RUNNING.add(self)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._incoming and not self._jobs and not self._calls and not self._stop:
+                    if not self._wake.wait(timeout=0.2):
+                        break  # idle tick: background work may run
+                if self._stop:
+                    self._fail_all(RuntimeError("the worker is shutting down"))
+                    return
+                while self._incoming:
+                    self._jobs.append(self._incoming.popleft())
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, done in calls:
+                try:
+                    done.put(fn())
+                except BaseException as exc:
+                    done.put(exc)
+            if not self._jobs:
+                if not calls:
+                    self._background()
+                continue
+            try:
+                self._round()
+            except BaseException as exc:  # a bug in a step must not kill the model thread
+                log.exception("scheduler round failed")
+                self._fail_all(exc)
+
+    def _round(self) -> None:
+        self.rounds += 1
+        for job in list(self._jobs):
+            if job.state in (PREFILL, DECODE, QUEUED) and job.is_cancelled():
+                job.generation.cancel()
+                self._end(job)
+        busy = {job.key for job in self._jobs if job.state in (PREFILL, DECODE) and job.key is not None}
+        for job in self._jobs:
+            if job.state == QUEUED and (job.key is None or job.key not in busy):
+                job.state = PREFILL
+                job.steps = job.prefill(job)
+                if job.key is not None:
+                    busy.add(job.key)
+        prefilling = next((job for job in self._jobs if job.state == PREFILL), None)
+        if prefilling is not None:
+            self._prefill_step(prefilling)
+        decoding = [job for job in self._jobs if job.state == DECODE]
+        if decoding:
+            self._decode_step(decoding)
+
+    def _prefill_step(self, job: Job) -> None:
+        self.step_started = time.monotonic()
+        try:
+            next(job.steps)
+        except StopIteration as done:
+            job.generation.start(done.value)  # the logits after the context
+            job.state = DECODE
+            self._emit(job)
+        except Exception as exc:
+            self._fail(job, exc)
+        finally:
+            self.step_started = None
+
+    def _decode_step(self, jobs: list[Job]) -> None:
+        self.step_started = time.monotonic()
+        try:
+            self.engine.decode_round(jobs)
+        except Exception as exc:
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        finally:
+            self.step_started = None
+        self.decode_rounds += 1
+        self.batched_rows += len(jobs)
+        for job in jobs:
+            self._emit(job)
+
+    def _emit(self, job: Job) -> None:
+        text = job.generation.take_chunk()
+        if text:
+            job.out.put(self.engine.text_chunk(text))
+        if job.generation.finished:
+            self._end(job)
+
+    def _end(self, job: Job) -> None:
+        """Send what is left and the last chunk; give the document's cache back."""
+        if job.steps is not None and job.state == PREFILL:
+            job.steps.close()  # an abandoned prefill leaves the cache consistent (see the engine)
+        job.state = DONE
+        if job in self._jobs:
+            self._jobs.remove(job)
+        try:
+            job.out.put(job.finish(job))
+        except Exception as exc:
+            job.out.put(exc)
+        job.out.put(None)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        log.error("request failed: %s", exc, exc_info=exc)
+        if job.steps is not None and job.state == PREFILL:
+            job.steps.close()
+        job.state = DONE
+        if job in self._jobs:
+            self._jobs.remove(job)
+        self.engine.discard(job)
+        job.out.put(exc)
+        job.out.put(None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for job in list(self._jobs) + list(self._incoming):
+            job.out.put(exc)
+            job.out.put(None)
+        self._jobs.clear()
+        self._incoming.clear()
+
+    def _background(self) -> None:
+        """Lowest priority: only when no request is waiting; one bounded piece at a time."""
+        try:
+            self.step_started = time.monotonic()
+            self.engine.background_step(lambda: bool(self._incoming))
+        except Exception:
+            log.exception("background cache work failed")
+            time.sleep(1.0)
+        finally:
+            self.step_started = None

@@ -1,0 +1,90 @@
+"""The fallback forward: any Hugging Face causal LM with RoPE, behind the same calling convention as
+models/transformer.py's Transformer.forward, so the rest of Rotary has one KV cache type.
+
+Models the own forward does not support (see transformer.supports) run here. They keep
+everything that needs no layer access (completion, edit-aware caches, drafts verified in
+one forward) and lose what does (running a slice of layers, hidden states: early exit).
+
+Each call lends the model the cache's K/V as a transformers DynamicCache (views of the
+cache's tensor, no copy), lets the model append the new tokens' K/V, and writes those
+back into the cache's slots. transformers copies the cache once per call to append; that
+is the price of the fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .transformer import ForwardOutput, KVCache, Logits
+
+
+class HFForward:
+    """Transformer.forward's contract on top of a Hugging Face model (all layers, no hidden states)."""
+
+    def __init__(self, model: Any):
+        import inspect
+
+        self.model = model
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        ids: torch.Tensor | None,
+        caches: KVCache | Sequence[KVCache],
+        *,
+        starts: Sequence[int] | None = None,
+        lengths: Sequence[int] | None = None,
+        layers: range | None = None,
+        hidden: torch.Tensor | None = None,
+        logits: Logits = "last",
+        return_hidden: bool = False,
+    ) -> ForwardOutput:
+        from transformers import DynamicCache
+
+        caches = [caches] if not isinstance(caches, (list, tuple)) else list(caches)
+        n_layers = caches[0].kv.shape[0]
+        if (layers is not None and layers != range(n_layers)) or hidden is not None or return_hidden:
+            raise NotImplementedError("this model runs through transformers: no layer slices or hidden states")
+        ids = ids.view(1, -1) if ids.dim() == 1 else ids  # [B, S]
+        seq = ids.shape[1]
+        starts = [cache.filled[0] for cache in caches] if starts is None else [int(s) for s in starts]
+        rows_last, rows_all = [], []
+        for b, (cache, start) in enumerate(zip(caches, starts)):
+            real = seq if lengths is None else int(lengths[b])
+            cache.reserve(start + seq)
+            lent = DynamicCache(config=self.model.config)
+            if start:
+                for layer in range(n_layers):
+                    keys = cache.kv[layer, 0, :, :start].unsqueeze(0)  # [1, KV, start, Dh]
+                    values = cache.kv[layer, 1, :, :start].unsqueeze(0)
+                    lent.update(keys, values, layer)
+            positions = torch.arange(start, start + real, device=ids.device)
+            out = self.model(
+                input_ids=ids[b : b + 1, :real],
+                **{self._cache_kwarg: lent},
+                position_ids=positions.unsqueeze(0),
+                cache_position=positions,
+                use_cache=True,
+                logits_to_keep=0 if logits == "all" else 1,
+            )
+            for layer in range(n_layers):
+                new_keys = lent.layers[layer].keys[0, :, -real:]  # [KV, real, Dh]
+                cache.kv[layer, 0, :, start : start + real].copy_(new_keys)
+                cache.kv[layer, 1, :, start : start + real].copy_(lent.layers[layer].values[0, :, -real:])
+            if logits == "all":
+                row = out.logits[0]  # [real, vocab]
+                if real < seq:
+                    row = torch.cat([row, row[-1:].expand(seq - real, -1)])
+                rows_all.append(row)
+            elif logits == "last":
+                rows_last.append(out.logits[0, -1])  # [vocab]
+        if logits == "all":
+            return ForwardOutput(torch.stack(rows_all), None)  # [B, S, vocab]
+        if logits == "last":
+            return ForwardOutput(torch.stack(rows_last), None)  # [B, vocab]
+        return ForwardOutput(None, None)
