@@ -20,7 +20,10 @@ FAKE_COMPLETION. gRPC rows call that worker directly, as any client could.
 | an edit with a million changes | RESOURCE_EXHAUSTED at once, the document unchanged |
 | an unknown setting | a warning, the other settings kept |
 | an unknown command | invalid params naming Rotary's commands |
-| a crafted snapshot | see tests/cache/test_snapshot.py (refused, deleted, rebuilt) |
+| a crafted snapshot (bad shapes, a missing key, a huge length) | refused, deleted, the cache rebuilt |
+
+The crafted-snapshot row runs the worker's real KV store (cache/store.py) on crafted files; every
+kind of crafted file is in tests/cache/test_snapshot.py.
 """
 
 from __future__ import annotations
@@ -275,4 +278,25 @@ def test_an_unknown_command_is_refused_naming_rotarys(daemon, worker):
     reply = daemon.request("workspace/executeCommand", {"command": "editor.action.run", "arguments": ["rm -rf /"]})
     assert reply["error"]["code"] == -32602
     assert "unknown command 'editor.action.run'" in reply["error"]["message"] and "rotary.stats" in reply["error"]["message"]
+    both_serve(daemon, worker)
+
+
+# -- files the worker reads ------------------------------------------------------------------------------
+
+
+def test_a_crafted_snapshot_is_refused_deleted_and_rebuilt(daemon, worker, tmp_path):
+    from rotary.cache.store import KVStore
+    from tests.cache.test_snapshot import DIM, HEADS, LAYERS, LAYOUT, crafted
+
+    store = KVStore(spill_dir=tmp_path, identity="m", layout=LAYOUT)
+    rows = {
+        "file:///shapes.py": ({"shape": [LAYERS, 2, HEADS + 1, 5, DIM]}, None),  # shapes this model does not have
+        "file:///missing.py": ({}, "token_ids"),  # a missing key
+        "file:///huge.py": ({"shape": [LAYERS, 2, HEADS, 10**12, DIM], "token_ids": list(range(5))}, None),  # a huge length
+    }
+    for uri, (changes, drop) in rows.items():
+        crafted(store.snapshot_path(uri), changes, drop=drop)
+        assert store.get(uri) is None  # refused: the document's cache is rebuilt by encoding
+        assert not store.snapshot_path(uri).exists()
+    assert store.counters["refused"] == len(rows)
     both_serve(daemon, worker)
