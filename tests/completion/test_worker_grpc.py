@@ -245,3 +245,37 @@ def test_idle_worker_refreshes_stale_tokens_in_the_background(worker):
         assert time.monotonic() < deadline, cache
         time.sleep(0.5)
     assert cache["background_refreshed"] > 0
+
+
+@pytest.mark.model
+def test_health_is_answered_at_once_while_many_completions_wait_for_the_model(worker):
+    """The daemon restarts a worker whose Health misses its 2 s deadline: a busy one must never miss it."""
+    import threading
+
+    text = "def f(x):\n    return x\n" * 10 + "def g(y):\n    "
+    uris = [f"file:///load-{i}.py" for i in range(24)]  # more calls than gRPC had threads before
+    for uri in uris:
+        worker.open(uri, text)
+    errors = []
+
+    def ask(uri):
+        try:
+            worker.complete(uri, 1, len(text), max_tokens=16, mode="multi_line")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(uri,)) for uri in uris]
+    for t in threads:
+        t.start()
+    answered, depths = [], []
+    while any(t.is_alive() for t in threads):
+        started = time.monotonic()
+        health = worker.stub.Health(pb.HealthRequest(), timeout=2)
+        answered.append(time.monotonic() - started)
+        depths.append(health.queue_depth)
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert max(depths) >= 2, depths  # the load was real: requests queued for the model thread
+    assert max(answered) < 1.0, max(answered)

@@ -1,0 +1,133 @@
+"""The model thread on the real model: batching keeps each document's answer, drafts never change the
+text, cancellation is seen between prefill chunks and between decode steps, nothing else touches the model."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+DOCUMENTS = {
+    "file:///add.py": "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return",
+    "file:///read.py": "import os\n\n\ndef read_lines(path):\n    with open(path) as handle:\n        ",
+    "file:///table.py": "ROWS = [\n    ('alpha', 1),\n    ('beta', 2),\n    ('gamma', 3),\n    ('delta',",
+    "file:///point.py": "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def engine():
+    from rotary.cache.store import KVStore
+    from rotary.completion.engine import CompletionEngine
+    from rotary.models.loader import load_model
+    from rotary.models.runner import ModelRunner
+
+    return CompletionEngine(ModelRunner(load_model(None)), KVStore(), prefill_chunk=64)
+
+
+def complete(uri, text, drafter="none", max_tokens=24, mode="multi_line", is_cancelled=lambda: False, cache_mode="none"):
+    from rotary.completion.engine import CompletionOptions
+
+    options = CompletionOptions(max_tokens=max_tokens, mode=mode, drafter=drafter, cache_mode=cache_mode)
+    chunks = list(engine().complete(uri, text, len(text), options, is_cancelled))
+    return "".join(c.text for c in chunks), chunks[-1]
+
+
+def test_batched_documents_get_the_answer_each_gets_alone():
+    alone = {uri: complete(uri, text)[0] for uri, text in DOCUMENTS.items()}
+    assert all(alone.values()), alone
+    scheduler = engine().scheduler
+    rounds_before, rows_before = scheduler.decode_rounds, scheduler.batched_rows
+    together: dict[str, str] = {}
+    start = threading.Barrier(len(DOCUMENTS))
+
+    def run(uri, text):
+        start.wait()
+        together[uri] = complete(uri, text)[0]
+
+    threads = [threading.Thread(target=run, args=item) for item in DOCUMENTS.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == alone
+    rounds = scheduler.decode_rounds - rounds_before
+    rows = scheduler.batched_rows - rows_before
+    assert rows / rounds > 1.5, f"decode steps were not batched: {rows} rows in {rounds} rounds"
+
+
+@pytest.mark.parametrize("uri", sorted(DOCUMENTS))
+def test_drafting_never_changes_the_text(uri):
+    text = DOCUMENTS[uri]
+    plain, plain_last = complete(uri, text, drafter="none", max_tokens=48)
+    drafted, drafted_last = complete(uri, text, drafter="ngram", max_tokens=48)
+    assert drafted == plain
+    assert plain_last.stats.forwards == plain_last.stats.tokens_generated - 1  # one token per forward
+    assert drafted_last.stats.forwards <= plain_last.stats.forwards
+
+
+def test_repetitive_code_is_decoded_in_fewer_forwards():
+    text = "".join(f"    '{name}': {name},\n" for name in ("alpha", "beta", "gamma", "delta", "epsilon"))
+    text = "VALUES = {\n" + text + "    '"
+    plain, plain_last = complete("file:///values.py", text, drafter="none", max_tokens=40)
+    drafted, last = complete("file:///values.py", text, drafter="ngram", max_tokens=40)
+    assert drafted == plain
+    assert last.stats.drafts_accepted > 0 and last.stats.forwards < plain_last.stats.forwards
+
+
+def cancel_at(call: int):
+    """An is_cancelled that turns True at its `call`-th call (the scheduler asks once per round)."""
+    calls = itertools.count(1)
+    return lambda: next(calls) >= call
+
+
+def test_cancel_during_prefill_stops_between_chunks_and_keeps_a_consistent_prefix():
+    eng = engine()
+    text = DOCUMENTS["file:///add.py"] * 12  # several 64-token prefill chunks
+    uri = "file:///long-cancelled.py"
+    ids = eng.build_context(text, len(text), 24).ids
+    assert len(ids) > 4 * 64
+    # Round 1 admits the request and runs its first chunk; round 2 its second; round 3 sees the cancel.
+    reply, last = complete(uri, text, is_cancelled=cancel_at(3), cache_mode="edit_aware")
+    assert (reply, last.stop_reason, last.stats.tokens_generated) == ("", "cancelled", 0)
+    held = eng.kv_store.get(uri).tokens.token_ids
+    assert held == tuple(ids[: 2 * 64]), len(held)  # exactly the chunks that ran, and nothing half-done
+    # The next request reuses that prefix.
+    _, last = complete(uri, text, max_tokens=2, cache_mode="edit_aware")
+    assert last.stats.tokens_reused >= 2 * 64
+    eng.kv_store.drop(uri)
+
+
+def test_cancel_during_decoding_generates_nothing_after_the_cancel():
+    # A short prompt: round 1 prefills; round 2 ends the prefill (first token) and decodes one token;
+    # every later round decodes one token (no drafts). Cancelled at round 6: 5 tokens, none after.
+    text = DOCUMENTS["file:///table.py"]
+    full, _ = complete("file:///c.py", text, max_tokens=40, mode="multi_line")
+    reply, last = complete("file:///c.py", text, max_tokens=40, mode="multi_line", is_cancelled=cancel_at(6))
+    assert last.stop_reason == "cancelled"
+    assert last.stats.tokens_generated == 5
+    assert full.startswith(reply)  # what was streamed before the cancel is a prefix of the real answer
+
+
+def test_health_and_stats_never_wait_for_a_busy_model_thread():
+    eng = engine()
+    scheduler = eng.scheduler
+    seen = []
+    done = threading.Event()
+
+    def busy():
+        complete("file:///busy.py", DOCUMENTS["file:///read.py"] * 10, max_tokens=64)
+        done.set()
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    while not done.is_set():
+        seen.append((scheduler.queue_depth, scheduler.busy_for()))  # what Health reads: no lock, no wait
+        done.wait(0.01)
+    worker.join()
+    assert any(depth >= 1 for depth, _ in seen)
+    assert max(busy for _, busy in seen) < 60
