@@ -41,6 +41,10 @@ KEEP_WORKER_LOGS = 20
 MAX_BACKOFF_S = 30.0
 MAX_START_FAILURES = 5  # of our own worker, in a row; then stop with a clear status
 STABLE_S = 60.0  # a worker ready this long has really started: its failures count from zero again
+# One step of the worker's model thread (a prefill chunk, a decode round) takes well under a second;
+# one that has run this long is hung, and the worker is restarted. A busy worker is never: its Health
+# is answered off the model thread and its steps keep finishing.
+HUNG_STEP_S = 120.0
 
 
 def worker_log_path() -> Path:
@@ -82,6 +86,7 @@ class WorkerConnection:
         self.failures = 0  # failed starts in a row
         self._wanted = False
         self.backoff_base_s = 1.0
+        self.hung_after_s = HUNG_STEP_S
         self.connect_timeout_s = 10.0  # an external worker that answers nothing for this long is unreachable
 
     # -- public ------------------------------------------------------------
@@ -256,6 +261,8 @@ class WorkerConnection:
                 health = await self.stub.Health(pb.HealthRequest(), timeout=2)
                 if not health.ready:
                     raise RuntimeError(f"worker is no longer ready: {health.message}")
+                if health.busy_seconds > self.hung_after_s:
+                    raise RuntimeError(f"worker hung: one step of its model thread has run {health.busy_seconds:.0f} s")
             except grpc.aio.AioRpcError as exc:
                 raise RuntimeError(f"worker unreachable: {exc.code().name}") from exc
 

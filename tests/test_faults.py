@@ -178,3 +178,28 @@ def test_an_unreachable_worker_during_a_completion_wakes_the_watcher(code):
     conn = WorkerConnection("127.0.0.1:9")
     conn.report_failure(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"))
     assert conn._wake.is_set()
+
+
+def test_a_worker_whose_model_thread_is_stuck_in_one_step_is_treated_as_hung():
+    """A busy worker keeps finishing steps; a forward that never ends shows in Health's busy_seconds."""
+    from types import SimpleNamespace
+
+    worker_server, service, address = start_worker()
+
+    async def run():
+        server = new_server(address)
+        server.worker.hung_after_s = 3.0
+        server.worker.start()
+        assert await until(lambda: server.worker.state == READY)
+        service.engine.scheduler = SimpleNamespace(queue_depth=1, busy_for=lambda: 3600.0)
+        found = await until(lambda: "hung" in (server.worker.last_failure or ""), timeout=15)
+        service.engine.scheduler = SimpleNamespace(queue_depth=0, busy_for=lambda: 0.0)
+        back = await until(lambda: server.worker.state == READY, timeout=30)
+        await server.worker.stop()
+        return found, back
+
+    try:
+        found, back = asyncio.run(run())
+    finally:
+        worker_server.stop(0)
+    assert found and back
