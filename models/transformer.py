@@ -15,10 +15,13 @@ It does not move the cache's fill pointers; the cache does that around the call
 
 Speed on a CPU (measured, see bench/decode.py): one token's decode step reads every
 weight once, so it is bound by memory bandwidth plus per-op overhead. Hence fused
-projections (one QKV matmul, one gate/up matmul: fewer and larger reads), K/V written
+projections (one QKV matmul, one gate/up matmul: fewer and larger reads), weights stored
+input-major and one-row products split along their inner dimension (`linear`), K/V written
 in place into a preallocated buffer (no torch.cat of the whole cache per step, which is
 what a DynamicCache does), GQA through SDPA's enable_gqa (no repeated K/V), RoPE tables
-built once, and the LM head run only on the positions whose logits are asked for.
+built once, and the last layer and LM head run only on the positions whose output is used.
+Weights keep the loaded model's values and dtype (nothing quantised), so outputs equal
+transformers' within float32 rounding.
 """
 
 from __future__ import annotations
@@ -174,7 +177,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     inner = x.shape[-1]
     rows = x.numel() // inner
     flat = x.reshape(rows, inner)  # [R, in]
-    if rows <= SPLIT_ROWS and inner % SPLIT_PARTS == 0:
+    if rows <= SPLIT_ROWS and inner % SPLIT_PARTS == 0 and x.device.type == "cpu":
         parts = flat.reshape(rows, SPLIT_PARTS, inner // SPLIT_PARTS).transpose(0, 1)  # [P, R, in / P]
         out = torch.bmm(parts, weight.view(SPLIT_PARTS, inner // SPLIT_PARTS, -1)).sum(0)  # [R, out]
     else:
@@ -266,8 +269,7 @@ class Transformer:
             )
         tied = hf_model.lm_head.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
         lm_head, _ = _input_major([hf_model.lm_head], share_weights)  # [dim, vocab]; shares the embedding when tied
-        # Tied: the embedding is the LM head read by rows, a strided view (a lookup touches one
-        # element per cache line: ~10 ms per 1k prefilled tokens, nothing for a decode step).
+        # Tied: the embedding is a transposed view of the LM head (one tensor for both; see _embed).
         embed = lm_head.t() if tied else base.embed_tokens.weight.detach()  # [vocab, dim]
         return cls(config, embed, layers, base.norm.weight.detach(), lm_head, rotary.inv_freq.detach())
 
@@ -309,7 +311,7 @@ class Transformer:
         if hidden is None:
             assert layers.start == 0, "a slice that does not start at layer 0 takes `hidden`"
             ids = ids.view(1, -1) if ids.dim() == 1 else ids  # [B, S]
-            x = F.embedding(ids, self.embed)  # [B, S, dim]
+            x = self._embed(ids)  # [B, S, dim]
         else:
             x = hidden  # [B, S, dim]
         batch, seq = x.shape[0], x.shape[1]
@@ -389,6 +391,13 @@ class Transformer:
         h = F.rms_norm(x, (config.dim,), w.mlp_norm, config.norm_eps)  # [B, S, dim]
         gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # [B, S, I] each
         return x + linear(F.silu(gate) * up, w.w_down)  # [B, S, dim]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed.is_contiguous():
+            return F.embedding(ids, self.embed)  # [B, S, dim]
+        # Tied to the input-major LM head [dim, vocab]: pick its columns (a lookup in the transposed
+        # view would first copy the whole matrix when there is more than one token).
+        return self.lm_head.index_select(1, ids.flatten()).t().reshape(*ids.shape, self.config.dim)  # [B, S, dim]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return linear(F.rms_norm(x, (self.config.dim,), self.norm, self.config.norm_eps), self.lm_head)
