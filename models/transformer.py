@@ -178,7 +178,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // inner
     flat = x.reshape(rows, inner)  # [R, in]
     if rows <= SPLIT_ROWS and inner % SPLIT_PARTS == 0 and x.device.type == "cpu":
-        parts = flat.reshape(rows, SPLIT_PARTS, inner // SPLIT_PARTS).transpose(0, 1)  # [P, R, in / P]
+        parts = flat.reshape(SPLIT_PARTS, 1, -1) if rows == 1 else flat.reshape(rows, SPLIT_PARTS, -1).transpose(0, 1)  # [P, R, in / P]
         out = torch.bmm(parts, weight.view(SPLIT_PARTS, inner // SPLIT_PARTS, -1)).sum(0)  # [R, out]
     else:
         out = torch.mm(flat, weight)  # [R, out]
@@ -229,7 +229,7 @@ class Transformer:
         self.dtype = embed.dtype
         self.device = embed.device
         # cos/sin of position * inv_freq for positions [0, len), grown by doubling: decoding reads a view.
-        self._cos = torch.empty(0, config.head_dim // 2, dtype=self.dtype, device=self.device)
+        self._cos = torch.empty(0, config.head_dim, dtype=self.dtype, device=self.device)
         self._sin = self._cos
 
     @classmethod
@@ -361,32 +361,32 @@ class Transformer:
 
         h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)  # [B, S, dim]
         qkv = linear(h, w.wqkv, w.bqkv).view(batch, seq, heads + 2 * kv_heads, head_dim)  # [B, S, H + 2KV, Dh]
-        qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)  # [B, S, H + KV, Dh]
+        rope_(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k rotated in place
         for b, cache in enumerate(caches):
-            layer_kv = cache.kv[i]  # [2, KV, capacity, Dh]
-            layer_kv[0, :, starts[b] : starts[b] + seq].copy_(qk[b, :, heads:].transpose(0, 1))  # [KV, S, Dh]
-            layer_kv[1, :, starts[b] : starts[b] + seq].copy_(qkv[b, :, heads + kv_heads :].transpose(0, 1))
+            # The new tokens' keys and values sit side by side in qkv: one copy into the cache.
+            new_kv = qkv[b, :, heads:].view(seq, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2, KV, S, Dh]
+            cache.kv[i, :, :, starts[b] : starts[b] + seq].copy_(new_kv)
         if rows is not None:
             if not rows:
                 return x  # nothing reads this layer's output: its K/V were all that was needed
             index = torch.arange(batch, device=x.device), torch.tensor(rows, device=x.device)
-            x, qk = x[index].unsqueeze(1), qk[index].unsqueeze(1)  # [B, 1, dim], [B, 1, H + KV, Dh]
+            x, qkv = x[index].unsqueeze(1), qkv[index].unsqueeze(1)  # [B, 1, dim], [B, 1, H + 2KV, Dh]
             window = config.sliding_windows[i]
             masks = [attention_span(start + row, 1, window, x.device) for start, row in zip(starts, rows)]
             starts, seq = [start + row for start, row in zip(starts, rows)], 1
 
-        attn = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)  # [B, S, H, Dh]
         # Attention per sequence: each row reads only its own cache, as long as it really is
         # (padding every row to the longest would copy every cache into one tensor per layer).
+        queries = qkv[:, :, :heads].transpose(1, 2)  # [B, H, S, Dh]
+        outs = []
         for b, cache in enumerate(caches):
             low, mask, causal = masks[b]
             end = starts[b] + seq
-            q = qk[b, :, :heads].transpose(0, 1).unsqueeze(0)  # [1, H, S, Dh]
-            k = cache.kv[i, 0, :, low:end].unsqueeze(0)  # [1, KV, T, Dh]
-            v = cache.kv[i, 1, :, low:end].unsqueeze(0)  # [1, KV, T, Dh]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)  # [1, H, S, Dh]
-            attn[b].copy_(out[0].transpose(0, 1))  # [S, H, Dh]
-        x = x + linear(attn.view(batch, seq, heads * head_dim), w.wo, w.bo)  # [B, S, dim]
+            k = cache.kv[i, 0:1, :, low:end]  # [1, KV, T, Dh]
+            v = cache.kv[i, 1:2, :, low:end]  # [1, KV, T, Dh]
+            outs.append(F.scaled_dot_product_attention(queries[b : b + 1], k, v, attn_mask=mask, is_causal=causal, enable_gqa=True))
+        attn = (outs[0] if batch == 1 else torch.cat(outs)).transpose(1, 2).reshape(batch, seq, heads * head_dim)  # [B, S, H * Dh]
+        x = x + linear(attn, w.wo, w.bo)  # [B, S, dim]
 
         h = F.rms_norm(x, (config.dim,), w.mlp_norm, config.norm_eps)  # [B, S, dim]
         gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # [B, S, I] each
@@ -406,15 +406,17 @@ class Transformer:
     # Positions: RoPE tables and attention masks, built once per forward and shared by every layer
 
     def _rope(self, starts: list[int], seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each row's positions, [B, S, 1, head_dim / 2] each."""
+        """cos and signed sin (see rope_) for each row's positions, [B, S, 1, head_dim] each."""
         needed = max(starts) + seq
         if needed > self._cos.shape[0]:
             size = max(needed, 2 * self._cos.shape[0], 1024)
             # Exactly as transformers computes them: fp32 position * inv_freq, cos/sin in fp32,
             # times the attention factor, then cast to the model dtype.
             freqs = torch.arange(size, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
-            self._cos = (freqs.cos() * self.config.rope_scaling).to(self.dtype)  # [positions, Dh / 2]
-            self._sin = (freqs.sin() * self.config.rope_scaling).to(self.dtype)
+            cos = (freqs.cos() * self.config.rope_scaling).to(self.dtype)  # [positions, Dh / 2]
+            sin = (freqs.sin() * self.config.rope_scaling).to(self.dtype)
+            self._cos = torch.cat((cos, cos), dim=-1)  # [positions, Dh]
+            self._sin = torch.cat((-sin, sin), dim=-1)
         if len(starts) == 1:
             start = starts[0]
             return self._cos[start : start + seq][None, :, None], self._sin[start : start + seq][None, :, None]
@@ -447,10 +449,11 @@ def attention_span(start: int, seq: int, window: int | None, device) -> tuple[in
     return low, mask, False
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the "half" convention (transformers' rotate_half): pair i is (i, i + head_dim / 2).
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x in place by RoPE in the "half" convention (transformers' rotate_half): pair i is (i, i + Dh / 2).
 
-    x [B, S, heads, Dh]; cos, sin [B, S, 1, Dh / 2]. Bit-identical to x * cos + rotate_half(x) * sin.
+    x [B, S, heads, Dh]; cos [B, S, 1, Dh] = (c, c); sin [B, S, 1, Dh] = (-s, s), signed so that
+    x * cos + swap_halves(x) * sin is bit for bit transformers' x * cos + rotate_half(x) * sin.
     """
-    x1, x2 = x.chunk(2, dim=-1)  # [B, S, heads, Dh / 2] each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [B, S, heads, Dh]: (x2, x1)
+    x.copy_(x * cos + swapped * sin)
