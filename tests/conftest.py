@@ -146,3 +146,11 @@ def first_line(text: str) -> str:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    """The prepared embedded model (the converted Hugging Face directory), where `make test` put it."""
+    from rotary.models.loader import resolve_model_dir
+
+    return resolve_model_dir(None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -334,15 +333,11 @@ def test_bookkeeping_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-SMOL_TOKENIZER = Path("/tmp/smol")
-
-
 @pytest.mark.model
-@pytest.mark.skipif(not (SMOL_TOKENIZER / "tokenizer.json").exists(), reason="embedded model tokenizer not present")
-def test_real_tokenizer_edit_changes_the_token_that_holds_it():
+def test_real_tokenizer_edit_changes_the_token_that_holds_it(model_dir):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(SMOL_TOKENIZER))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     old_text = "def compute_total(items):\n    return sum(item.price for item in items)\n" * 3
     # Typing one character turns the token "item" into "items": a character diff
     # sees a pure insertion, the ids see a replaced token.
