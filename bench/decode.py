@@ -7,8 +7,9 @@ interleaved step by step so that whatever else the machine does slows both alike
 - prefill tokens/s at 1k and 4k (the whole context in one forward; best of the runs);
 - verify cost (own forward): one forward over k = 4, 8, 16 new tokens at ~1k context, divided
   by one token's (medians), the price of checking a draft of k tokens;
-- batched decode (own forward): total tokens/s with 1, 4 and 8 documents (contexts of 400-1200
-  tokens) decoding one token each per forward;
+- batched decode: total decode tokens/s with 1, 4 and 8 documents (contexts of 400-1100 tokens)
+  completing at once through the worker's scheduler (`batched`), and through the batched forward
+  alone, one token each per forward (`batched_forward`);
 - exactness: every greedy completion (the decode cases above plus short completions at random
   places in the corpus, at least 50 in a full run) identical between the methods, and the largest
   logit difference seen at any step.
@@ -212,6 +213,7 @@ def main(args) -> int:
         "completion_tokens": 12 if quick else 16,
         "verify_repeats": 5 if quick else 15,
         "batched_steps": 6 if quick else 16,
+        "batched_tokens": 12 if quick else 32,
     }
     if args.limit:
         plan["decode_cases"] = {n: min(c, args.limit) for n, c in plan["decode_cases"].items()}
@@ -221,7 +223,7 @@ def main(args) -> int:
         file=sys.stderr,
     )
     total = (
-        sum(plan["decode_cases"].values()) + plan["completions"] + 3 * 4 + 3 + (2 if methods.prefill_threads > 1 else 1)
+        sum(plan["decode_cases"].values()) + plan["completions"] + 3 * 4 + 4 + (2 if methods.prefill_threads > 1 else 1)
     )
     load_before = os.getloadavg()[0]
     bar = tqdm(total=total, desc="decode", unit="step", file=sys.stderr)
@@ -269,7 +271,7 @@ def main(args) -> int:
     verify_cost = {str(k): round(statistics.median(verify_times[k]) / one, 2) for k in (4, 8, 16)}
     bar.update(3 * 4)
 
-    # Batched decode through the batched forward: 1, 4, 8 documents, one token each per forward.
+    # The batched forward alone: 1, 4, 8 documents, one token each per forward.
     # The three batch sizes take turns step by step (medians), so load changes hit them alike.
     from rotary.cache.buffer import extend_batch
 
@@ -292,8 +294,13 @@ def main(args) -> int:
                 out = extend_batch(buffers, next_ids, methods.own.forward)
                 times.append(time.perf_counter() - t0)
                 group[1] = [[int(i)] for i in out.logits.argmax(-1).tolist()]
-    batched = {str(size): round(size / statistics.median(group[2]), 2) for size, group in groups.items()}
+    batched_forward = {str(size): round(size / statistics.median(group[2]), 2) for size, group in groups.items()}
     del groups
+
+    # Batched decode through the scheduler, as the worker serves several editors: 1, 4, 8 documents
+    # completing at once (each cache prepared first, so the timed run is decoding).
+    batched = _through_scheduler(methods.loaded, docs, tokenizer, plan["batched_tokens"])
+    bar.update(1)
 
     # Own decode on 1 thread and on all cores, step by step in turn (the runner's decode_threads picks one).
     ids = _contexts(args.corpus, tokenizer, 1, 1024, args.seed + 1)[0]
@@ -317,7 +324,7 @@ def main(args) -> int:
         verify_cost=verify_cost,
         decode_ms_per_token_1k_by_threads=by_threads,
     )
-    results = {"hf": speed["hf"], "own": own, "batched": batched}
+    results = {"hf": speed["hf"], "own": own, "batched": batched, "batched_forward": batched_forward}
     report = {
         "benchmark": "decode",
         "config": {
@@ -347,6 +354,38 @@ def main(args) -> int:
     return 0 if exact.identical == exact.completions else 1
 
 
+def _through_scheduler(loaded, docs: list[list[int]], tokenizer, tokens: int) -> dict[str, float]:
+    """Decode tokens/s with 1, 4 and 8 documents completing at once through the worker's scheduler."""
+    import threading
+
+    from rotary.cache.store import KVStore
+    from rotary.completion.engine import CompletionEngine, CompletionOptions
+    from rotary.models.runner import ModelRunner
+
+    engine = CompletionEngine(ModelRunner(loaded), KVStore())
+    texts = [tokenizer.decode(ids) for ids in docs]
+    options = CompletionOptions(max_tokens=tokens, mode="multi_line", drafter="none")
+    for j, text in enumerate(texts):  # each document's cache, so the timed runs below are decoding
+        list(engine.complete(f"doc{j}", text, len(text), CompletionOptions(max_tokens=1, drafter="none")))
+    rates = {}
+    for size in (1, 4, 8):
+        generated = [0] * size
+
+        def run(j: int) -> None:
+            chunks = list(engine.complete(f"doc{j}", texts[j], len(texts[j]), options))
+            generated[j] = chunks[-1].stats.tokens_generated
+
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(size)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rates[str(size)] = round(sum(generated) / (time.perf_counter() - started), 2)
+    engine.scheduler.stop()
+    return rates
+
+
 def _print_table(results: dict, exact: Exactness) -> None:
     hf, own, batched = results["hf"], results["own"], results["batched"]
     rows = [
@@ -361,7 +400,9 @@ def _print_table(results: dict, exact: Exactness) -> None:
         print(f"{label:<30}{hf[key]:>10.1f}{own[key]:>10.1f}{ratio:>9.2f}x")
     print("verify cost (own, x one token): " + ", ".join(f"k={k}: {v:.2f}" for k, v in own["verify_cost"].items()))
     one = batched["1"]
-    print("batched decode (own, tokens/s): " + ", ".join(f"{n} docs: {v:.1f} ({v / one:.2f}x)" for n, v in batched.items()))
+    print("batched decode through the scheduler (tokens/s): " + ", ".join(f"{n} docs: {v:.1f} ({v / one:.2f}x)" for n, v in batched.items()))
+    forward = results["batched_forward"]
+    print("batched forward alone (tokens/s): " + ", ".join(f"{n} docs: {v:.1f} ({v / forward['1']:.2f}x)" for n, v in forward.items()))
     print("own decode ms/token at 1k by threads: " + ", ".join(f"{t}: {v:.1f}" for t, v in own["decode_ms_per_token_1k_by_threads"].items()))
     print(
         f"exactness: {exact.identical}/{exact.completions} greedy completions identical, "

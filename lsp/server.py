@@ -500,8 +500,9 @@ def create_server(worker_address: str = "", model: str = "", **options) -> Rotar
 
     @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))
     async def completion(ls: RotaryServer, params: types.CompletionParams):
-        invoked = params.context is not None and params.context.trigger_kind == types.CompletionTriggerKind.Invoked
-        result = await ls.complete(params.text_document.uri, params.position, "single_line", invoked)
+        # No waiting for a loading model here: clients send "Invoked" for ordinary typing too (LSP's
+        # CompletionTriggerKind.Invoked covers 24x7 completion), and time the request out.
+        result = await ls.complete(params.text_document.uri, params.position, "single_line")
         if result is None:
             return types.CompletionList(is_incomplete=True, items=[])
         text, _stats = result
