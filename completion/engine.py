@@ -27,7 +27,7 @@ from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
 
 from .decode import DEFAULT_DRAFT_TOKENS, Generation
-from .drafters import NgramDrafter, NoDrafter
+from .drafters import Drafter, NgramDrafter, NoDrafter
 from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
 from .scheduler import Job, Scheduler
 from .stops import AUTO, StopRules
@@ -163,8 +163,13 @@ class CompletionEngine:
         prompt: Prompt,
         options: CompletionOptions,
         is_cancelled: Callable[[], bool] = lambda: False,
+        drafter: Drafter | None = None,
     ) -> Iterator[Chunk]:
-        """Stream the completion of a prompt already built (benchmarks build other prompts than build_context)."""
+        """Stream the completion of a prompt already built (benchmarks and test generation build their own).
+
+        `drafter`: who guesses tokens ahead for this request (default: options.drafter's kind); a
+        caller that generates several related texts may keep one drafter across them.
+        """
         max_tokens = max(1, min(options.max_tokens or DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT))
         key = uri if options.cache_mode != NO_CACHE else None
         if key is not None:
@@ -172,15 +177,17 @@ class CompletionEngine:
         job = Job(
             key=key,
             prefill=functools.partial(self._prefill, prompt=prompt, options=options),
-            generation=self.new_generation(prompt, options, max_tokens),
+            generation=self.new_generation(prompt, options, max_tokens, drafter),
             finish=self._finish,
             is_cancelled=is_cancelled,
             stats=CompletionStats(context_tokens=len(prompt.ids)),
         )
         yield from self.scheduler.submit(job).chunks()
 
-    def new_generation(self, prompt: Prompt, options: CompletionOptions, max_tokens: int) -> Generation:
-        assert options.drafter in DRAFTERS, f"drafter must be one of {DRAFTERS}"
+    def new_generation(
+        self, prompt: Prompt, options: CompletionOptions, max_tokens: int, drafter: Drafter | None = None
+    ) -> Generation:
+        assert drafter is not None or options.drafter in DRAFTERS, f"drafter must be one of {DRAFTERS}"
         return Generation(
             prompt=prompt,
             stops=StopRules(prompt.text_before, prompt.text_after, options.mode),
@@ -188,7 +195,7 @@ class CompletionEngine:
             eos_ids=self.eos_ids,
             decode_ids=self.runner.decode_ids,
             healing_mask=self.healing_mask,
-            drafter=NgramDrafter() if options.drafter == "ngram" else NoDrafter(),
+            drafter=drafter or (NgramDrafter() if options.drafter == "ngram" else NoDrafter()),
             draft_tokens=DEFAULT_DRAFT_TOKENS,
         )
 
