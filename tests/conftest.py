@@ -78,6 +78,7 @@ def greedy_continuation(
     model_and_tokenizer=None,
     fim: dict[str, int] | None = None,
     eos: set[int] | frozenset[int] = frozenset({0, 2, 5}),
+    window: int | None = None,
 ) -> str:
     """Greedy decoding after `text_before` with plain transformers `generate`, healing as documented.
 
@@ -90,7 +91,10 @@ def greedy_continuation(
     By default the embedded model; `model_and_tokenizer` takes another one. With `fim`
     ({"prefix", "suffix", "middle"} token ids) the prompt is prefix-suffix-middle: the healed
     text before the cursor, then the text after it. `eos`: the ids that end generation
-    (default: SmolLM2's <|endoftext|>, <|im_end|> and <file_sep>).
+    (default: SmolLM2's <|endoftext|>, <|im_end|> and <file_sep>). `window`: the most context
+    tokens the model may see (the engine's max_context_tokens less the completion's max_tokens);
+    a longer context, after healing, loses its first k * 256 tokens for the smallest k that makes
+    it fit (the documented window hop, so a growing file moves the window rarely).
     """
     import torch
 
@@ -102,6 +106,11 @@ def greedy_continuation(
     cut = healing_split(ids, text_before)
     heal = tokenizer.decode(ids[len(ids) - cut :], clean_up_tokenization_spaces=False) if cut else ""
     ids = ids[: len(ids) - cut]
+    if window is not None and len(ids) > window:
+        hops = 1
+        while len(ids) - 256 * hops > window:
+            hops += 1
+        ids = ids[256 * hops :]
     if fim is not None:
         ids = [fim["prefix"], *ids, fim["suffix"], *tokenizer.encode(text_after, add_special_tokens=False), fim["middle"]]
     forbidden = forbidden_first(text_before, text_after)
