@@ -9,8 +9,6 @@ stop rules) is checked, not just "non-empty".
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sys
 
 import pytest
@@ -200,24 +198,4 @@ async def test_newer_request_supersedes_older(client: LanguageClient):
     assert (await daemon_stats(client))["superseded"] >= 1
 
 
-async def test_worker_killed_then_next_completion_works_and_documents_survive(client: LanguageClient):
-    stats = await wait_ready(client)
-    text = "import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json."
-    open_document(client, text)
-    change_document(client, 2, (3, 9), (3, 13), "path_to_file")
-    text = text.replace("load(path)", "load(path_to_file)")
-    before = await inline(client, 5, 20)
-    assert before is not None
-    os.kill(stats["worker"]["pid"], signal.SIGKILL)
-    # Completions during the restart return nothing (no error); once ready again, the same answer comes back.
-    deadline = asyncio.get_running_loop().time() + 240
-    after = None
-    while after is None:
-        assert asyncio.get_running_loop().time() < deadline, "no completion after the worker restart"
-        after = await inline(client, 5, 20)
-        if after is None:
-            await asyncio.sleep(0.5)
-    assert after.items[0].insert_text == before.items[0].insert_text == first_line(greedy_continuation(text))
-    stats = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="rotary.stats"))
-    assert stats["worker"]["restarts"] >= 1
-    assert stats["worker"]["pid"] != 0
+# Worker restarts (killed, rotary.restartWorker, settings changes): tests/lsp/test_restart.py.
