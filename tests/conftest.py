@@ -35,16 +35,18 @@ def _char_class(ch: str) -> int:
     return 0 if ch.isspace() else 1 if (ch.isalnum() or ch == "_") else 2
 
 
-def healing_split(ids: list[int], text_before: str) -> int:
+def healing_split(ids: list[int], text_before: str, tokenizer=None, texts: tuple[str, ...] | None = None) -> int:
     """The documented healing rule, stated here on its own: how many trailing tokens to take back.
 
     Whole tokens come off the end until their text covers the trailing run of characters of the
     last character's class (whitespace, word characters, anything else), at least one, at most
     6 tokens and 48 characters; never a special token or one that is part of a character, and
-    never the whole context.
+    never the whole context. `tokenizer` and `texts` (its token texts): another model's; by
+    default the embedded model's.
     """
-    _, tokenizer = reference_model()
-    texts = reference_token_texts()
+    if tokenizer is None:
+        _, tokenizer = reference_model()
+        texts = reference_token_texts()
     run = 0
     while run < len(text_before) and _char_class(text_before[-1 - run]) == _char_class(text_before[-1]):
         run += 1
@@ -103,7 +105,7 @@ def greedy_continuation(
         tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tokenizer))
     )
     ids = tokenizer.encode(text_before, add_special_tokens=False)
-    cut = healing_split(ids, text_before)
+    cut = healing_split(ids, text_before, tokenizer, texts)
     heal = tokenizer.decode(ids[len(ids) - cut :], clean_up_tokenization_spaces=False) if cut else ""
     ids = ids[: len(ids) - cut]
     if window is not None and len(ids) > window:
