@@ -43,13 +43,14 @@ class HFForward:
         hidden: torch.Tensor | None = None,
         logits: Logits = "last",
         return_hidden: bool = False,
+        early_exit: Any = None,
     ) -> ForwardOutput:
         from transformers import DynamicCache
 
         caches = [caches] if not isinstance(caches, (list, tuple)) else list(caches)
         n_layers = caches[0].kv.shape[0]
-        if (layers is not None and layers != range(n_layers)) or hidden is not None or return_hidden:
-            raise NotImplementedError("this model runs through transformers: no layer slices or hidden states")
+        if (layers is not None and layers != range(n_layers)) or hidden is not None or return_hidden or early_exit:
+            raise NotImplementedError("this model runs through transformers: no layer slices, hidden states or exits")
         ids = ids.view(1, -1) if ids.dim() == 1 else ids  # [B, S]
         seq = ids.shape[1]
         starts = [cache.filled[0] for cache in caches] if starts is None else [int(s) for s in starts]

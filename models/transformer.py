@@ -57,6 +57,7 @@ class KVCache(Protocol):
 class ForwardOutput(NamedTuple):
     logits: torch.Tensor | None  # [B, vocab] ("last"), [B, S, vocab] ("all"), None
     hidden: torch.Tensor | None  # [B, S, dim] after the last layer run, before the final norm (return_hidden)
+    exited: int | None = None  # the layer after which an early exit stopped the loop (None: every layer ran)
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,7 @@ class Transformer:
         hidden: torch.Tensor | None = None,
         logits: Logits = "last",
         return_hidden: bool = False,
+        early_exit: Any = None,
     ) -> ForwardOutput:
         """Run new tokens through `layers`, writing their K/V into `caches`; return logits and/or hidden.
 
@@ -303,6 +305,10 @@ class Transformer:
         logits: "last" (each row's last real token: [B, vocab]), "all" ([B, S, vocab]) or None.
             A slice that stops early still gets logits: the final norm and LM head on its last hidden state.
         return_hidden: also return the hidden state after the last layer run, [B, S, dim].
+        early_exit: exit heads (models/exits.py) for one token of one document: after each exit layer
+            the controller may stop the loop; the layers skipped still get this token's K/V, computed
+            from the exiting hidden state (norm, K/V projection, RoPE; no attention, no MLP), and the
+            logits come from that layer's exit head. `exited` in the output says where it stopped.
         """
         config = self.config
         layers = range(config.n_layers) if layers is None else layers
@@ -326,12 +332,20 @@ class Transformer:
         # that layer writes K/V for every token but runs attention and MLP on those rows only.
         last_rows = [seq - 1] * batch if lengths is None else [n - 1 for n in lengths]
         trim = not return_hidden and logits != "all" and seq > 1
+        assert early_exit is None or (batch == 1 and seq == 1), "early exit decides for one token at a time"
+        exited = None
         for i in layers:
             window = config.sliding_windows[i]
             if trim and i == layers.stop - 1:
                 x = self._layer(i, x, caches, starts, cos, sin, masks[window], rows=last_rows if logits else [])
             else:
                 x = self._layer(i, x, caches, starts, cos, sin, masks[window])
+            if early_exit is not None and i < layers.stop - 1 and early_exit.exit_here(i, x):
+                exited = i
+                break  # the early exit: the controller says this layer's head already has the token
+        if exited is not None:
+            self._copy_state(x, caches, starts, range(exited + 1, layers.stop), cos, sin)
+            x = early_exit.adapt(exited, x)  # what the tied head reads at this exit
 
         out_logits = None
         if logits == "last":
@@ -346,7 +360,7 @@ class Transformer:
             out_logits = self._head(x)  # [B, S, vocab]
         else:
             assert logits is None, f"logits must be 'last', 'all' or None, not {logits!r}"
-        return ForwardOutput(out_logits, x if return_hidden else None)
+        return ForwardOutput(out_logits, x if return_hidden else None, exited)
 
     __call__ = forward
 
@@ -391,6 +405,26 @@ class Transformer:
         h = F.rms_norm(x, (config.dim,), w.mlp_norm, config.norm_eps)  # [B, S, dim]
         gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # [B, S, I] each
         return x + linear(F.silu(gate) * up, w.w_down)  # [B, S, dim]
+
+    def _copy_state(self, x: torch.Tensor, caches: list, starts: list[int], skipped: range, cos, sin) -> None:
+        """K/V of the layers an early exit skipped, from the exiting hidden state x [1, 1, dim] (SEC's state copying).
+
+        Each skipped layer projects x (after its own input norm) to keys and values and rotates the
+        keys: later tokens then find K/V in every layer. Approximate: the layer never saw the
+        attention and MLP outputs of the layers before it (bench exit measures what that costs).
+        """
+        config = self.config
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        for j in skipped:
+            w = self.layers[j]
+            h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)[0]  # [1, dim]
+            kv = torch.mm(h, w.wqkv[:, heads * head_dim :])  # [1, 2 * KV * Dh]
+            if w.bqkv is not None:
+                kv = kv + w.bqkv[heads * head_dim :]
+            kv = kv.view(1, 1, 2 * kv_heads, head_dim)  # [B, S, 2KV, Dh]
+            rope_(kv[:, :, :kv_heads], cos, sin)
+            new_kv = kv[0].view(1, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2, KV, 1, Dh]
+            caches[0].kv[j, :, :, starts[0] : starts[0] + 1].copy_(new_kv)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed.is_contiguous():

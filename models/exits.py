@@ -1,0 +1,130 @@
+"""Exit heads and their controller: what lets the forward stop after layer k for an easy token.
+
+The raw "logit lens" (final norm + LM head on an intermediate hidden state) is useless on
+small models: layer-l predictions rarely agree with the final ones. So each exit layer gets
+a small trained adapter in front of the shared, tied LM head: h -> h + (h @ down) @ up, a
+low-rank residual (rank r, 2 * dim * r parameters: the artifact stays small), fitted to map
+the layer's hidden state to what the model computes from it by the end.
+
+Deciding is cheaper than predicting: the LM head costs as much as about 8 of this model's
+30 layers, so the head runs only at the exit chosen. The decision comes from a linear
+controller on the hidden state (dim weights per exit layer): the probability that this
+layer's head already agrees with the full model. The forward's loop calls `exit_here`
+after each exit layer and breaks out of the loop when it says so (models/transformer.py).
+
+The artifact (`save`/`load`) is a safetensors file plus a JSON header: exit layers, rank,
+thresholds measured at calibration, and the identity of the model it was fitted on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_NAME = "rotary-exits.safetensors"
+FORMAT = 1
+# Artifacts shipped with Rotary (the embedded model's), named by model fingerprint.
+SHIPPED = Path(__file__).resolve().parent / "calibration"
+
+
+@dataclass
+class ExitHeads:
+    """Per exit layer: a low-rank adapter to the tied head, and a linear controller."""
+
+    layers: tuple[int, ...]  # exit after these layers (0-based: the hidden state after layer l)
+    down: dict[int, torch.Tensor]  # [dim, rank]
+    up: dict[int, torch.Tensor]  # [rank, dim]
+    gate_w: dict[int, torch.Tensor]  # [dim]: logit of "this layer's head agrees with the full model"
+    gate_b: dict[int, torch.Tensor]  # []
+    threshold: float = 0.9  # exit when the controller's probability is at least this
+    meta: dict = field(default_factory=dict)  # model identity, calibration report
+
+    def adapt(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden state the tied head reads for an exit after `layer`: [..., dim] -> [..., dim]."""
+        return hidden + (hidden @ self.down[layer]) @ self.up[layer]
+
+    def agreement(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """P(the exit head at `layer` picks the full model's token), from the hidden state: [..., dim] -> [...]."""
+        return torch.sigmoid(hidden @ self.gate_w[layer] + self.gate_b[layer])
+
+    def exit_here(self, layer: int, hidden: torch.Tensor) -> bool:
+        """The exit decision for one token's hidden state [1, 1, dim] after `layer`."""
+        return layer in self.gate_w and float(self.agreement(layer, hidden[0, -1])) >= self.threshold
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ExitHeads:
+        move = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
+        return ExitHeads(
+            self.layers, move(self.down), move(self.up), move(self.gate_w), move(self.gate_b), self.threshold, self.meta
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for d in (self.down, self.up, self.gate_w, self.gate_b) for t in d.values())
+
+    # -- the artifact -----------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for layer in self.layers:
+            tensors[f"down.{layer}"] = self.down[layer].contiguous().float()
+            tensors[f"up.{layer}"] = self.up[layer].contiguous().float()
+            tensors[f"gate_w.{layer}"] = self.gate_w[layer].contiguous().float()
+            tensors[f"gate_b.{layer}"] = self.gate_b[layer].reshape(1).contiguous().float()
+        header = {"format": str(FORMAT), "layers": json.dumps(list(self.layers)), "threshold": str(self.threshold),
+                  "meta": json.dumps(self.meta)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=header)
+
+    @classmethod
+    def load(cls, path: Path) -> ExitHeads:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != str(FORMAT):
+                raise ValueError(f"{path}: exit heads of format {header.get('format')!r}, this Rotary reads {FORMAT}")
+            layers = tuple(json.loads(header["layers"]))
+            get = lambda name: {layer: f.get_tensor(f"{name}.{layer}") for layer in layers}  # noqa: E731
+            down, up, gate_w = get("down"), get("up"), get("gate_w")
+            gate_b = {layer: t.reshape(()) for layer, t in get("gate_b").items()}
+        return cls(layers, down, up, gate_w, gate_b, float(header["threshold"]), json.loads(header.get("meta", "{}")))
+
+
+def model_fingerprint(hf_model: Any, tokenizer: Any) -> str:
+    """Which weights and tokenizer an artifact fits, wherever the model lies on disk."""
+    config = hf_model.config.to_dict()
+    config.pop("_name_or_path", None)
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    weights = hashlib.sha256()
+    base = getattr(hf_model, "model", hf_model)
+    for tensor in (base.embed_tokens.weight, base.layers[0].self_attn.q_proj.weight):
+        weights.update(tensor.detach().float().contiguous().cpu().numpy().tobytes()[: 1 << 20])
+    blob = json.dumps({"config": config, "vocab": vocab, "weights": weights.hexdigest()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def artifact_path(fingerprint: str) -> Path:
+    """Where `rotary calibrate` writes a model's exit heads: the cache, beside the prepared models."""
+    from .loader import cache_dir
+
+    return cache_dir() / "calibration" / fingerprint / ARTIFACT_NAME
+
+
+def find_exit_heads(fingerprint: str) -> tuple[ExitHeads | None, str]:
+    """The model's calibrated exit heads (the user's own calibration first, then a shipped one), and where from."""
+    for path in (artifact_path(fingerprint), SHIPPED / f"{fingerprint}.safetensors"):
+        if path.is_file():
+            try:
+                return ExitHeads.load(path), str(path)
+            except Exception as exc:  # a damaged or foreign artifact: run without exits, say why
+                log.warning("exit heads at %s not used: %s", path, exc)
+    return None, ""
