@@ -1,0 +1,143 @@
+"""A smoke run of every `rotary bench` subcommand: `--quick --limit 2 --json PATH`, exit status 0,
+and the machine-readable keys its issue names (the numbers behind docs/BENCHMARKS.md).
+
+Every name in rotary.bench.BENCHMARKS must have an entry in SPECS, so a new benchmark comes
+with its smoke run. `decode` runs on a tiny random Llama built here (`--model`): with the
+embedded model its 1k and 4k prefills alone take minutes on a CPU even with --quick.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from rotary.bench import BENCHMARKS
+
+RESULTS_4_8_16 = {"4", "8", "16"}
+
+# name -> (what each dotted path under the report must hold, extra command-line arguments)
+SPECS: dict[str, dict[str, set[str]]] = {
+    # issue 7
+    "quality": {
+        f"results.{kind}.{method}": {"pass_at_1", "em", "es", "ws_damage", "latency_ms_p50", "cases"}
+        for kind in ("single_line", "multi_line")
+        for method in ("service", "plain")
+    },
+    # issue 8
+    "decode": {
+        "results.hf": {"decode_ms_per_token_1k", "decode_ms_per_token_4k", "prefill_tok_s_1k", "prefill_tok_s_4k"},
+        "results.own": {
+            "decode_ms_per_token_1k", "decode_ms_per_token_4k", "prefill_tok_s_1k", "prefill_tok_s_4k",
+            "identical", "max_logit_diff", "verify_cost",
+        },
+        "results.own.verify_cost": RESULTS_4_8_16,
+        "results.batched": {"1", "4", "8"},
+    },
+    # the shape it has today (docs/BENCHMARKS.md)
+    "latency": {
+        "results": {"lsp", "direct", "overhead", "same_suggestion", "cases"},
+        **{f"results.{path}": {"p50_ms", "p95_ms"} for path in ("lsp", "direct", "overhead")},
+    },
+    "edits": {
+        "results": {"full", "prefix", "conflict", "pie", "pie_refresh"},
+        **{
+            f"results.{method}": {"em", "es", "same_as_full", "tokens_encoded_frac", "update_ms_p50", "cases"}
+            for method in ("full", "prefix", "conflict", "pie", "pie_refresh")
+        },
+        "results_by_context": set(),
+    },
+    # issue 9 (early exit and abstention), once it exists
+    "exit": {
+        **{f"results.{m}": {"layers_frac", "speedup", "rouge_l", "em", "tokens_per_s"} for m in ("full", "early_exit")},
+        "results.lossless": {"layers_frac", "speedup", "rouge_l", "em", "tokens_per_s", "identical", "accepted_per_verify"},
+        "results.abstain": {"auroc", "shown_frac", "em_shown", "em_all"},
+    },
+    # issue 10 (unit-test generation), once it exists
+    "tests": {
+        f"results.{m}": {
+            "forwards_per_token", "speedup", "identical", "syntax_ok", "pass_rate", "line_cov", "branch_cov",
+            "accepted_per_verify",
+        }
+        for m in ("plain", "ngram", "ast")
+    },
+    # issue 11 (load), once it exists
+    "load": {
+        f"results.n={n}": {"p50_ms", "p95_ms", "p99_ms", "lost_edits", "peak_rss_mb", "restarts"} for n in (1, 5, 20)
+    },
+}
+
+
+def test_every_benchmark_has_a_smoke_run():
+    missing = [name for name in BENCHMARKS if name not in SPECS]
+    assert not missing, f"add the JSON keys of {missing} (from their issue) to SPECS in {__file__}"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, model_dir):
+    """A small random Llama with the embedded tokenizer and 8k positions. Every ordinary token's
+    embedding shares a positive direction and the special tokens' point the other way, so its
+    greedy text never ends at once (a completion of no tokens has no tokens/s)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=0, bos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        shared = torch.ones(config.hidden_size)
+        model.model.embed_tokens.weight += shared
+        model.model.embed_tokens.weight[:17] = -shared  # SmolLM2's special tokens are ids 0-16
+    target = tmp_path_factory.mktemp("tiny-llama-8k")
+    model.save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, target / name)
+    return target
+
+
+def at(report: dict, path: str):
+    node = report
+    for part in path.split("."):
+        assert isinstance(node, dict) and part in node, f"{path}: no {part!r} in {sorted(node) if isinstance(node, dict) else node!r}"
+        node = node[part]
+    return node
+
+
+def numbers_in(node) -> list[float]:
+    if isinstance(node, dict):
+        return [x for value in node.values() for x in numbers_in(value)]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        return []
+    return [float(node)]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_quick_run_writes_the_keys_its_issue_names(name, tmp_path, request):
+    spec = SPECS.get(name)
+    if spec is None:
+        pytest.fail(f"no smoke spec for {name!r}: see test_every_benchmark_has_a_smoke_run")
+    extra = ["--model", str(request.getfixturevalue("tiny_llama_dir"))] if name == "decode" else []
+    path = tmp_path / f"{name}.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "rotary", "--log-level", "warning", "bench", name, "--quick", "--limit", "2",
+         "--json", str(path), *extra],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    report = json.loads(path.read_text())
+    assert report.get("benchmark", name) == name
+    for dotted, keys in spec.items():
+        node = at(report, dotted)
+        assert isinstance(node, dict), f"{dotted} is not an object: {node!r}"
+        assert keys <= set(node), f"{dotted} lacks {sorted(keys - set(node))}"
+    assert all(math.isfinite(x) for x in numbers_in(report["results"])), report["results"]
+    if name == "decode":
+        assert at(report, "results.own.identical") is True
