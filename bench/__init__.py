@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-BENCHMARKS = ("quality", "latency", "edits", "decode")
+BENCHMARKS = ("quality", "latency", "edits", "decode", "tests", "exit")
 
 
 def write_report(path: str | None, report: dict) -> None:
@@ -35,7 +35,9 @@ def add_bench_parser(sub, func) -> None:
     b.add_argument("--corpus", default=None, metavar="DIR", help="folder of source files to draw cases from (default: the standard library)")
     b.add_argument("--model", default=None)
     b.add_argument("--contexts", default=None, help="edits: context sizes in tokens with optional case counts, e.g. 1024:200,4096:60 (the default)")
+    b.add_argument("--data", default=None, metavar="PATH", help="tests: a TestEval-format .jsonl (default: ../shared/data/testeval/leetcode-py.jsonl)")
     b.add_argument("--cursor", choices=("indent", "col0"), default="indent", help="quality: cursor after the auto-indentation (the editor's case) or at column 0")
+    b.add_argument("--thresholds", default=None, help="exit: exit-controller thresholds besides the calibrated one, e.g. 0.8,0.95")
     b.set_defaults(func=func)
 
 
@@ -63,6 +65,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return main(args)
     if args.name == "decode":
         from .decode import main
+
+        return main(args)
+    if args.name == "tests":
+        from .tests import main
+
+        return main(args)
+    if args.name == "exit":
+        from .exit import main
 
         return main(args)
     raise SystemExit(f"unknown benchmark {args.name}")

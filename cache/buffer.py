@@ -175,8 +175,12 @@ class KVBuffer:
         logits: str | None = "last",
         return_hidden: bool = False,
         chunk: int | None = None,
+        early_exit: Any = None,
     ) -> Any:
         """Run `ids` after the tokens held, append their K/V and their ids; return the forward's output.
+
+        early_exit: exit heads the forward may stop at, for one token (the layers it skips still get
+        the token's K/V from the exiting state, so every layer counts as filled).
 
         layers: range(0, k) stops after layer k - 1 (early exit): layers k.. stay unfilled for these
         tokens until `fill` runs them, and no later token can run those layers before that.
@@ -195,6 +199,7 @@ class KVBuffer:
             out = forward(
                 torch.tensor([piece], device=self.device), [self], starts=[start], layers=layers,
                 logits=logits if first + step >= len(ids) else None, return_hidden=return_hidden,
+                **({"early_exit": early_exit} if early_exit is not None else {}),
             )
             self.tokens.append(piece)
             self._mark_filled(layers, start + len(piece))

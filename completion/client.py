@@ -76,5 +76,10 @@ class WorkerClient:
             last = chunk
         return "".join(parts), last
 
+    def generate_tests(self, path: str, text: str, qualname: str, **fields):
+        """Stream GenerateTestsReply messages (fields: count, max_tokens, drafter, temperature, top_p,
+        seed, explain, language_id, request_id; see worker.proto); returns the call's iterator."""
+        return self.stub.GenerateTests(pb.GenerateTestsRequest(path=path, text=text, qualname=qualname, **fields))
+
     def close(self) -> None:
         self.channel.close()

@@ -21,7 +21,11 @@ import torch
 
 from .drafters import Drafter, NoDrafter
 from .prompt import HealingConstraint, Prompt
+from .sampling import Sampler
 from .stops import StopRules
+from .verdict import line_features
+
+MAX_MARGIN = 20.0  # a token healing left alone leads by infinity; the gate's features stay finite
 
 # Guesses per verify step: verifying 8 tokens costs well under twice one on a CPU.
 DEFAULT_DRAFT_TOKENS = 8
@@ -45,6 +49,16 @@ class Generation:
     healing_mask: Callable[[str, str], torch.Tensor]
     drafter: Drafter = field(default_factory=NoDrafter)
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    # None: greedy. A sampler draws each token and accepts guesses by the speculative-sampling
+    # rule (sampling.py), so drafts keep the model's distribution.
+    sampler: Sampler | None = None
+    # Abstention (verdict.py): P(the first line is right) from its tokens' features; below
+    # `abstain_below` the completion ends with nothing, "abstained". None: no gate.
+    gate: Callable[[list[float]], float] | None = None
+    abstain_below: float = 0.0
+    # Lossy early exit: the forward may stop after an exit layer for each token; no guesses then
+    # (verifying them would run every layer anyway).
+    early_exit: bool = False
 
     generated: list[int] = field(default_factory=list)  # every chosen token, the pending one included
     text: str = ""  # decode_ids(generated)
@@ -54,9 +68,16 @@ class Generation:
     forwards: int = 0  # verify steps run (one forward each)
     drafted: int = 0
     drafts_kept: int = 0
+    layers_run: int = 0  # layers evaluated for the generated tokens (the engine adds them)
+    logprobs: list[float] = field(default_factory=list)  # per generated token, under the distribution it came from
+    margins: list[float] = field(default_factory=list)  # per generated token: its log-probability minus the runner-up's
+    visible_lengths: list[int] = field(default_factory=list)  # per generated token: length of the visible text after it
+    confidence: float | None = None  # the gate's score, once decided
+    features: list[float] | None = None  # the first line's features (verdict.FEATURES)
 
     def __post_init__(self) -> None:
         self.constraint = HealingConstraint(self.prompt.heal, self.prompt.forbidden_after_heal)
+        self._scored = (0.0, 0.0)  # log-probability and margin of the token _choose picked last
 
     # -- the first token, from the prefill's logits -------------------------
 
@@ -80,7 +101,8 @@ class Generation:
     def to_feed(self, context_ids: Sequence[int]) -> list[int]:
         """The pending token and the drafter's guesses (none while healing still constrains the text)."""
         room = self.max_tokens - len(self.generated)
-        k = 0 if self.constraint.remaining(self.text) is not None else min(self.draft_tokens, room)
+        healing = self.constraint.remaining(self.text) is not None
+        k = 0 if healing or self.early_exit else min(self.draft_tokens, room)
         draft = self.drafter.propose([*context_ids, *self.generated], k) if k > 0 else []
         self.drafted += len(draft)
         return [self.pending, *draft]
@@ -91,7 +113,7 @@ class Generation:
         draft = list(fed[1:])
         kept = 0
         for j in range(len(fed)):
-            token = self._choose(logits[j])
+            token = self._choose(logits[j], draft[j] if j < len(draft) else None)
             if self.finished:
                 break
             self._take(token)
@@ -108,7 +130,13 @@ class Generation:
     # -- chunks ---------------------------------------------------------------
 
     def take_chunk(self) -> str:
-        """Text that became final since the last call (to stream now)."""
+        """Text that became final since the last call (to stream now).
+
+        Nothing is streamed before the first line is judged: with a gate, a completion it finds
+        likely wrong ends here, with nothing sent ("abstained").
+        """
+        if self.confidence is None and not self._judge():
+            return ""
         if self.final_text is not None:
             committed = self.final_text
         else:
@@ -118,14 +146,38 @@ class Generation:
             return delta
         return ""
 
+    # -- abstention -------------------------------------------------------------
+
+    def _judge(self) -> bool:
+        """Score the first line once it is complete (or the completion ended); False while it is not."""
+        visible = self.constraint.visible(self.text)
+        content = visible.lstrip("\r\n")  # a single-line completion may begin by opening the next line
+        newline = content.find("\n")
+        if not self.finished and newline < 0:
+            return False
+        first_end = len(visible) - len(content) + (newline if newline >= 0 else len(content))
+        count = next((i + 1 for i, n in enumerate(self.visible_lengths) if n >= first_end), len(self.visible_lengths))
+        self.features = line_features(self.logprobs[:count], self.margins[:count])
+        self.confidence = self.gate(self.features) if self.gate is not None else -1.0
+        if self.gate is not None and self.confidence < self.abstain_below and self.stop_reason != "cancelled":
+            self.stop_reason, self.final_text = "abstained", ""
+        return True
+
     # -- internals ------------------------------------------------------------
 
-    def _choose(self, logits: torch.Tensor) -> int:
-        """Greedy choice for the next token, under the healing constraint while it applies; ends on EOS."""
+    def _choose(self, logits: torch.Tensor, guess: int | None = None) -> int:
+        """Greedy choice for the next token (or the sampler's, given the guess to accept or reject),
+        under the healing constraint while it applies; ends on EOS."""
         remaining = self.constraint.remaining(self.text)
         if remaining is not None:
             logits = logits.masked_fill(~self.healing_mask(remaining, self.constraint.forbidden_next), float("-inf"))
-        token = int(torch.argmax(logits))
+        token = int(torch.argmax(logits)) if self.sampler is None else self.sampler.choose(logits, guess)
+        logprobs = torch.log_softmax(logits.float(), -1)
+        first, second = (float(v) for v in torch.topk(logprobs, 2).values)
+        chosen = float(logprobs[token])
+        # The lead over the runner-up (a sampled token below the top: its gap to the top, negative).
+        margin = chosen - second if chosen >= first else chosen - first
+        self._scored = (chosen, min(margin, MAX_MARGIN))
         if token in self.eos_ids:
             self._finish("eos")
         return token
@@ -133,6 +185,9 @@ class Generation:
     def _take(self, token: int) -> None:
         self.generated.append(token)
         self.text = self.decode_ids(self.generated)
+        self.logprobs.append(self._scored[0])
+        self.margins.append(self._scored[1])
+        self.visible_lengths.append(len(self.constraint.visible(self.text)))
         if self.text.endswith("\ufffd"):  # half a character: wait for the rest before judging the text
             if len(self.generated) >= self.max_tokens:
                 self._finish("max_tokens")

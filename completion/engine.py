@@ -13,6 +13,7 @@ request's cancel is seen between chunks, and during decoding between steps.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -31,6 +32,7 @@ from .drafters import Drafter, NgramDrafter, NoDrafter
 from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
 from .scheduler import Job, Scheduler
 from .stops import AUTO, StopRules
+from .verdict import Gate
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,12 @@ class CompletionOptions:
     # Who guesses tokens ahead for one-forward verification: "ngram" (prompt lookup) or "none"
     # (one token per forward). The text is the same either way.
     drafter: str = "ngram"
+    # Abstention: show nothing when the calibrated gate's P(first line right) is below this.
+    # None: the threshold calibrated for the model; 0: never abstain.
+    abstain_threshold: float | None = None
+    # Lossy early exit per token (needs calibrated exit heads); its threshold (None: calibrated).
+    early_exit: bool = False
+    exit_threshold: float | None = None
 
 
 @dataclass
@@ -74,6 +82,8 @@ class CompletionStats:
     forwards: int = 0  # decoding forward passes (verify steps)
     tokens_drafted: int = 0
     drafts_accepted: int = 0
+    layers_run: int = 0  # layers evaluated for the generated tokens (fewer than layers x tokens with early exit)
+    confidence: float = -1.0  # the abstention gate's P(first line right); -1 without a gate
 
 
 @dataclass
@@ -82,6 +92,7 @@ class Chunk:
     done: bool = False
     stop_reason: str = ""
     stats: CompletionStats | None = None
+    features: list[float] | None = None  # the first line's features for the abstention gate (last chunk)
 
 
 class CompletionEngine:
@@ -106,6 +117,7 @@ class CompletionEngine:
         self.stale_budget = stale_budget
         self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
         self.vocabulary  # indexed once here rather than on the first keystroke
+        self.gate = Gate.from_dict(runner.exits.meta["gate"]) if runner.exits is not None and "gate" in runner.exits.meta else None
         self.scheduler = Scheduler(self)
 
     # -- building a request ----------------------------------------------------
@@ -131,6 +143,8 @@ class CompletionEngine:
             truncated = len(ids) > budget
             if truncated:  # start the window on a hop boundary so it moves rarely
                 start = -(-(len(ids) - budget) // WINDOW_HOP) * WINDOW_HOP
+                if len(ids) - start < budget // 2:  # a budget under one hop: the rounding would leave too little
+                    start = len(ids) - budget
                 ids = ids[start:]
         if not ids:
             # An empty document: start from the document separator so the model has a position 0.
@@ -181,6 +195,7 @@ class CompletionEngine:
             finish=self._finish,
             is_cancelled=is_cancelled,
             stats=CompletionStats(context_tokens=len(prompt.ids)),
+            options=options,
         )
         yield from self.scheduler.submit(job).chunks()
 
@@ -197,7 +212,15 @@ class CompletionEngine:
             healing_mask=self.healing_mask,
             drafter=drafter or (NgramDrafter() if options.drafter == "ngram" else NoDrafter()),
             draft_tokens=DEFAULT_DRAFT_TOKENS,
+            gate=self.gate.score if self.gate is not None else None,
+            abstain_below=self.abstain_below(options),
+            early_exit=options.early_exit and self.runner.exits is not None,
         )
+
+    def abstain_below(self, options: CompletionOptions) -> float:
+        if self.gate is None:
+            return 0.0
+        return self.gate.threshold if options.abstain_threshold is None else max(0.0, options.abstain_threshold)
 
     def text_chunk(self, text: str) -> Chunk:
         return Chunk(text=text)
@@ -275,14 +298,37 @@ class CompletionEngine:
         return self.scheduler.run_exclusive(run)
 
     def decode_round(self, jobs: list[Job]) -> None:
-        """One batched forward for every decoding job: each feeds its pending token and its guesses."""
-        rows = [job.generation.to_feed(job.entry.buffer.token_ids) for job in jobs]
-        buffers = [job.entry.buffer for job in jobs]
+        """One batched forward for every decoding job: each feeds its pending token and its guesses.
+
+        Jobs in lossy early-exit mode run one at a time (each token decides its own depth).
+        """
+        layers = self.runner.info.num_layers
+        batched = [job for job in jobs if not job.generation.early_exit]
+        for job in jobs:
+            if job.generation.early_exit:
+                self._early_exit_step(job)
+        if not batched:
+            return
+        rows = [job.generation.to_feed(job.entry.buffer.token_ids) for job in batched]
+        buffers = [job.entry.buffer for job in batched]
         starts = [buffer.length for buffer in buffers]
         out = extend_batch(buffers, rows, self.runner.forward, logits="all")
-        for b, job in enumerate(jobs):
+        for b, job in enumerate(batched):
+            before = len(job.generation.generated)
             verdict = job.generation.verify(rows[b], out.logits[b, : len(rows[b])])
             buffers[b].rollback(starts[b] + verdict.keep)
+            job.generation.layers_run += layers * (len(job.generation.generated) - before)
+
+    def _early_exit_step(self, job: Job) -> None:
+        generation, buffer = job.generation, job.entry.buffer
+        exits = self.runner.exits
+        threshold = job.options.exit_threshold if job.options.exit_threshold is not None else exits.threshold
+        if threshold != exits.threshold:
+            exits = dataclasses.replace(exits, threshold=threshold)
+        fed = generation.to_feed(buffer.token_ids)
+        out = buffer.extend(fed, self.runner.forward, logits="all", early_exit=exits)
+        generation.verify(fed, out.logits[0])
+        generation.layers_run += (out.exited + 1) if out.exited is not None else self.runner.info.num_layers
 
     def _finish(self, job: Job) -> Chunk:
         """The last chunk: what is left of the final text, the stop reason, the stats; the cache goes back."""
@@ -293,10 +339,12 @@ class CompletionEngine:
         stats.tokens_generated = len(generation.generated)
         stats.forwards = generation.forwards
         stats.tokens_drafted, stats.drafts_accepted = generation.drafted, generation.drafts_kept
+        stats.layers_run = generation.layers_run
+        stats.confidence = generation.confidence if generation.confidence is not None else -1.0
         if job.decode_started is not None:
             stats.decode_ms = (time.perf_counter() - job.decode_started) * 1000
         stats.total_ms = (time.perf_counter() - job.submitted) * 1000
-        return Chunk(text=rest, done=True, stop_reason=generation.stop_reason, stats=stats)
+        return Chunk(text=rest, done=True, stop_reason=generation.stop_reason, stats=stats, features=generation.features)
 
     def discard(self, job: Job) -> None:
         """A job failed: its document's cache may be half-updated, so it is dropped (the next request rebuilds)."""

@@ -34,7 +34,9 @@ from typing import Callable, Sequence
 MAX_HEAL_TOKENS = 6
 MAX_HEAL_CHARS = 48
 
-WINDOW_HOP = 256  # a truncated context starts on a multiple of this, so it moves rarely
+# A truncated context starts on a multiple of this, so it moves rarely (unless the budget is under
+# one hop, where rounding would leave too little: then it starts exactly a budget from the end).
+WINDOW_HOP = 256
 
 # After `heal` is covered, the first new character may not be any of these.
 NO_WHITESPACE = " \t\r\n\f\v"

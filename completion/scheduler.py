@@ -61,6 +61,7 @@ class Job:
     out: queue.Queue = field(default_factory=queue.Queue)
     submitted: float = field(default_factory=time.perf_counter)
     stats: Any = None  # the request's counters, filled in as it goes
+    options: Any = None  # the request's options (the engine's CompletionOptions)
     decode_started: float | None = None
 
     def chunks(self) -> Iterator[Any]:

@@ -86,13 +86,18 @@ class WorkerService(pb_grpc.WorkerServicer):
             "completions_cancelled": 0,
             "completions_failed": 0,
             "completions_empty": 0,
+            "completions_abstained": 0,
             "tokens_generated": 0,
+            "tokens_drafted": 0,
+            "drafts_accepted": 0,
+            "forwards": 0,
             "tokens_reused": 0,
             "tokens_encoded": 0,
             "tokens_rerotated": 0,
             "stale_refreshed": 0,
             "edits": 0,
             "edits_rejected": 0,
+            "tests_generated": 0,
         }
         self._latencies_ms: list[float] = []
         self.last_request = time.monotonic()
@@ -192,6 +197,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             mode=MODE_NAMES.get(opts.mode, "auto"),
             cache_mode=CACHE_MODES.get(opts.cache, "edit_aware"),
             refresh_window=self.refresh_window,
+            **verdict_options(opts),
         )
         self.last_request = time.monotonic()
         cancelled = threading.Event()
@@ -251,6 +257,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             # Without a cache key nothing is kept: the engine neither reads nor stores a cache.
             cache_mode=CACHE_MODES[opts.cache] if request.cache_key else NO_CACHE,
             refresh_window=self.refresh_window,
+            **verdict_options(opts),
         )
         doc = Document(cache_uri(request.cache_key), 0, request.language_id or "plaintext", request.text)
         self.last_request = time.monotonic()
@@ -267,6 +274,72 @@ class WorkerService(pb_grpc.WorkerServicer):
             if isinstance(item, Exception):
                 context.abort(grpc.StatusCode.INTERNAL, f"completion failed: {item}")
             yield item
+
+    # -- unit-test generation ----------------------------------------------
+
+    def GenerateTests(self, request, context):
+        """Tests for one function, streamed as each is finished (limits in worker.proto)."""
+        from .testgen import FocalNotFound, TestGenError, check_request, find_focal
+
+        try:
+            check_request(request)
+            focal = find_focal(request.path, request.text, request.qualname, request.language_id)
+        except FocalNotFound as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except TestGenError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self.ready.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.load_message)
+        self.last_request = time.monotonic()
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        replies: queue.Queue = queue.Queue()
+        threading.Thread(
+            target=self._run_test_generation,
+            args=(focal, request, cancelled, replies),
+            name=f"rotary-tests-{request.request_id}",
+            daemon=True,
+        ).start()
+        while (item := replies.get()) is not None:
+            if isinstance(item, Exception):
+                context.abort(grpc.StatusCode.INTERNAL, f"test generation failed: {item}")
+            yield item
+
+    def _run_test_generation(self, focal, request, cancelled: threading.Event, replies: queue.Queue) -> None:
+        from .testgen import DEFAULT_DRAFTER, DEFAULT_TEST_TOKENS, DEFAULT_TESTS, file_text, generate_tests, layout
+
+        count = request.count or DEFAULT_TESTS
+        rid = request.request_id
+        try:
+            replies.put(pb.GenerateTestsReply(
+                request_id=rid, total_tests=count, message=f"generating {count} tests for {focal.display}",
+                language=focal.language, focal=focal.qualname,
+            ))
+            tests = []
+            for test in generate_tests(
+                self.engine, focal, count=count, max_tokens=request.max_tokens or DEFAULT_TEST_TOKENS,
+                drafter=request.drafter or DEFAULT_DRAFTER, temperature=request.temperature, top_p=request.top_p or 1.0,
+                seed=request.seed, is_cancelled=cancelled.is_set,
+            ):
+                tests.append(test)
+                self._count("tests_generated")
+                replies.put(pb.GenerateTestsReply(
+                    request_id=rid, done_tests=len(tests), total_tests=count,
+                    message=f"test {len(tests)} of {count}: {test.name}", test=_test_message(test, request.explain),
+                    language=focal.language, focal=focal.qualname,
+                ))
+            lay = layout(focal)
+            replies.put(pb.GenerateTestsReply(
+                request_id=rid, done_tests=len(tests), total_tests=count, done=True,
+                message="cancelled" if cancelled.is_set() else f"{len(tests)} tests for {focal.display}",
+                file_text=file_text(focal, lay, tests), file_name=lay.file_name,
+                language=focal.language, focal=focal.qualname,
+            ))
+        except Exception as exc:  # logged here, reported to the caller as INTERNAL
+            log.exception("test generation %s failed", rid)
+            replies.put(exc)
+        finally:
+            replies.put(None)
 
     # -- health and stats --------------------------------------------------
 
@@ -336,6 +409,11 @@ class WorkerService(pb_grpc.WorkerServicer):
             self.counters["tokens_encoded"] += s.tokens_encoded
             self.counters["tokens_rerotated"] += s.tokens_rerotated
             self.counters["stale_refreshed"] += s.stale_refreshed
+            self.counters["tokens_drafted"] += s.tokens_drafted
+            self.counters["drafts_accepted"] += s.drafts_accepted
+            self.counters["forwards"] += s.forwards
+            if chunk.stop_reason == "abstained":
+                self.counters["completions_abstained"] += 1
             if chunk.stop_reason != "cancelled":
                 self._latencies_ms = (self._latencies_ms + [s.total_ms])[-1000:]
 
@@ -349,6 +427,26 @@ class WorkerService(pb_grpc.WorkerServicer):
             return fn(*args)
         except tuple(STATUS_OF_ERROR) as exc:
             context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
+
+
+def _test_message(test, explain: bool) -> pb.GeneratedTest:
+    return pb.GeneratedTest(
+        index=test.index, name=test.name, intent=test.intent, code=test.code, syntax_ok=test.syntax_ok,
+        syntax_error=test.syntax_error or "", stop_reason=test.stop_reason, stats=pb.CompletionStats(**asdict(test.stats)),
+        seconds=test.seconds,
+        drafts=[
+            pb.PatternDraft(source=d.source, pattern=d.pattern, group=d.group, text=d.text, proposed=d.proposed, accepted=d.kept)
+            for d in test.drafts
+        ] if explain else [],
+    )
+
+
+def verdict_options(opts) -> dict:
+    """Abstention and early exit as the request asks (unset abstain_threshold: the calibrated one)."""
+    return {
+        "abstain_threshold": opts.abstain_threshold if opts.HasField("abstain_threshold") else None,
+        "early_exit": opts.early_exit,
+    }
 
 
 def serve(

@@ -30,6 +30,24 @@ MULTI_LINE = "multi_line"
 AUTO = "auto"
 
 
+def bracket_depth(text: str) -> int:
+    """Opening minus closing brackets, outside string literals (a rough count: one line of code)."""
+    depth, quote, escaped = 0, "", False
+    for ch in text:
+        if quote:
+            escaped = ch == "\\" and not escaped
+            if ch == quote and not escaped:
+                quote = ""
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+    return depth
+
+
 def indentation(line: str) -> int:
     """Width of a line's leading whitespace (a tab counts as 4)."""
     width = 0
@@ -103,9 +121,19 @@ class StopRules:
     # -- rules -----------------------------------------------------------
 
     def _suffix_cut(self, first_line: str) -> int | None:
-        """Where the first line reaches the text already after the cursor, if it does."""
+        """Where the first line reaches the text already after the cursor, if it does.
+
+        The line may repeat that text and go on ("10, 10))  # area" where ")" follows the cursor):
+        of the places where it starts, the first at which the cursor's line, completed there,
+        has its brackets balanced is the cut; else the line must end with it.
+        """
         if not self.line_suffix:
             return None
+        start = first_line.find(self.line_suffix)
+        while start >= 0:
+            if bracket_depth(self.line_prefix + first_line[:start] + self.line_suffix) == 0:
+                return start
+            start = first_line.find(self.line_suffix, start + 1)
         stripped = first_line.rstrip()
         if stripped.endswith(self.line_suffix):
             return len(stripped) - len(self.line_suffix)
@@ -129,6 +157,8 @@ class StopRules:
 
     def _multi_line(self, lines: list[str]) -> StopDecision:
         complete = lines[:-1]  # the last element is still being written
+        if complete and self._repeats_next_line(lines[0], True):
+            return self._stop("", "suffix")  # the first line would only repeat the line below
         accepted = 1
         seen_content = bool(lines[0].strip())
         for i in range(1, len(complete) + 1):
@@ -147,8 +177,9 @@ class StopRules:
             seen_content = True
             if is_complete:
                 accepted = i + 1
+        # Every complete line accepted so far is final (the first one too, once its line break came).
         committed = "\n".join(lines[: min(accepted, len(complete))])
-        return StopDecision(committed=committed.rstrip() if accepted > 1 else "")
+        return StopDecision(committed=committed.rstrip() if complete else "")
 
     def _leaves_block(self, line: str) -> bool:
         indent = indentation(line)

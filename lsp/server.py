@@ -43,6 +43,7 @@ from pygls.exceptions import (
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
+from pygls.uris import to_fs_path
 
 import rotary
 from rotary.completion.rpc import worker_pb2 as pb
@@ -50,6 +51,7 @@ from rotary.completion.rpc import worker_pb2 as pb
 from .positions import UTF8, UTF16, offset_at, position_at
 from .settings import Settings, parse_settings
 from .sync import DocumentSync
+from .testgen import function_at, new_test_file_uri
 from .worker import LOADING, READY, STARTING, STOPPED, WorkerConnection
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,10 @@ COMPLETION_TIMEOUT_S = 60
 # An explicitly invoked request made while the model loads waits this long for it (automatic ones do not wait).
 INVOKED_WAIT_S = 30
 
+
+# Generating a batch of tests takes minutes on a CPU; the call ends by itself after this long.
+TESTS_TIMEOUT_S = 1800
+GENERATE_TESTS = "rotary.generateTests"
 
 # Settings that send the documents' text somewhere or load code: logged, and only from trusted clients.
 REDIRECTING_SETTINGS = ("workerAddress", "model")
@@ -180,6 +186,7 @@ class RotaryServer(LanguageServer):
             "superseded": 0,
             "suggestions": 0,
             "empty": 0,
+            "abstained": 0,
             "worker_unavailable": 0,
             "errors": 0,
             "shown": 0,
@@ -322,6 +329,9 @@ class RotaryServer(LanguageServer):
                             max_tokens=self.settings.maxTokens,
                             mode=MODES[mode],
                             cache=pb.CACHE_MODE_EDIT_AWARE if self.settings.editAwareCache else pb.CACHE_MODE_PREFIX,
+                            early_exit=self.settings.earlyExit,
+                            # Negative: the threshold calibrated for the model (the field left unset).
+                            **({"abstain_threshold": self.settings.abstainThreshold} if self.settings.abstainThreshold >= 0 else {}),
                         ),
                     ),
                     timeout=COMPLETION_TIMEOUT_S,  # a hung worker must not hang the editor's request
@@ -371,9 +381,126 @@ class RotaryServer(LanguageServer):
         stats = {"stop_reason": last.stop_reason if last else "", **_stats_dict(last.stats if last else None)}
         self.last_completion = {"uri": uri, "latency_ms": round(latency, 1), "chars": len(text), "text": text, **stats}
         log.info("completion %s: %d chars in %.0f ms (%s) %s", number, len(text), latency, stats["stop_reason"], stats)
+        if stats["stop_reason"] == "abstained":
+            # Said, never silent: the status shows it, stats count it, the abstainThreshold setting turns it off.
+            self.counters["abstained"] += 1
+            confidence = stats.get("confidence", -1)
+            self.send_status("ready", f"no suggestion: likely wrong (confidence {confidence:.2f})", "abstained")
+            return None
         self.counters["suggestions" if text else "empty"] += 1
         self.send_status("ready", self.worker.message, "suggestion" if text else "empty")
         return (text, stats) if text else None
+
+    # -- unit-test generation ---------------------------------------------------
+
+    def tests_action(self, uri: str, line: int) -> types.CodeAction | None:
+        """"Generate unit tests for <name>" on the Python function holding `line`, if there is one."""
+        copy = self.sync.docs.get(uri)
+        if copy is None or copy.skipped_reason:
+            return None
+        if (copy.language_id or "") != "python" and not uri.endswith((".py", ".pyi")):
+            return None
+        found = function_at(copy.text, line)
+        if found is None:
+            return None
+        return types.CodeAction(
+            title=f"Generate unit tests for {found.name}",
+            kind=types.CodeActionKind.Refactor,
+            command=types.Command(
+                title=f"Generate unit tests for {found.name}", command=GENERATE_TESTS,
+                arguments=[{"uri": uri, "qualname": found.qualname}],
+            ),
+        )
+
+    async def generate_tests(self, uri: str, qualname: str, count: int = 0) -> dict:
+        """Ask the worker for tests of `qualname` in the document `uri`, with $/progress (cancellable);
+        open the result as a new test file beside it (workspace edit: CreateFile + insert)."""
+        copy = self.sync.docs.get(uri)
+        if copy is None:
+            return self._tests_error(f"Rotary: {uri} is not open")
+        stub = self.worker.ready_stub() or await self.worker.wait_ready(INVOKED_WAIT_S)
+        if stub is None:
+            return self._tests_error(f"Rotary: the model worker is not ready ({self.worker.message})")
+        path = to_fs_path(uri) or uri.rsplit("/", 1)[-1]
+        token = f"rotary/tests/{uuid.uuid4().hex[:8]}"
+        progress = await self._begin_tests_progress(token, f"Rotary: tests for {qualname}")
+        call = stub.GenerateTests(
+            pb.GenerateTestsRequest(
+                path=path, text=copy.text, qualname=qualname, count=count, language_id="python",
+                request_id=token,
+            ),
+            timeout=TESTS_TIMEOUT_S,
+        )
+        if progress is not None:  # the user pressed cancel on the progress: cancel the call, down to the worker
+            progress.add_done_callback(lambda f: call.cancel() if f.cancelled() else None)
+        last = None
+        try:
+            async for reply in call:
+                last = reply
+                if progress is not None and reply.total_tests:
+                    self.work_done_progress.report(token, types.WorkDoneProgressReport(
+                        message=reply.message, percentage=int(100 * reply.done_tests / reply.total_tests),
+                    ))
+        except asyncio.CancelledError:  # the request itself was cancelled ($/cancelRequest)
+            call.cancel()
+            self._end_tests_progress(token, progress, "cancelled")
+            raise
+        except grpc.aio.AioRpcError as exc:
+            self._end_tests_progress(token, progress, "cancelled" if exc.code() == grpc.StatusCode.CANCELLED else "failed")
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return {"cancelled": True}
+            return self._tests_error(f"Rotary: no tests for {qualname}: {exc.details()}")
+        except grpc.aio.UsageError as exc:
+            self._end_tests_progress(token, progress, "failed")
+            return self._tests_error(f"Rotary: the worker connection was replaced ({exc})")
+        if last is None or not last.done or (progress is not None and progress.cancelled()):
+            self._end_tests_progress(token, progress, "cancelled")
+            return {"cancelled": True}
+        target = new_test_file_uri(uri, last.file_name)
+        edit = types.WorkspaceEdit(document_changes=[
+            types.CreateFile(uri=target, options=types.CreateFileOptions(overwrite=False, ignore_if_exists=False)),
+            types.TextDocumentEdit(
+                text_document=types.OptionalVersionedTextDocumentIdentifier(uri=target, version=None),
+                edits=[types.TextEdit(range=types.Range(start=types.Position(0, 0), end=types.Position(0, 0)), new_text=last.file_text)],
+            ),
+        ])
+        applied = await self.workspace_apply_edit_async(types.ApplyWorkspaceEditParams(edit=edit, label=f"Unit tests for {qualname}"))
+        self._end_tests_progress(token, progress, last.message)
+        if not applied.applied:
+            return self._tests_error(f"Rotary: the editor did not create {target}: {applied.failure_reason or 'refused'}")
+        caps = getattr(self.protocol, "client_capabilities", None)
+        if caps and caps.window and caps.window.show_document and caps.window.show_document.support:
+            try:
+                await self.window_show_document_async(types.ShowDocumentParams(uri=target, take_focus=True))
+            except Exception as exc:  # the file exists either way
+                log.info("showDocument failed: %s", exc)
+        return {"uri": target, "tests": last.done_tests, "fileName": last.file_name}
+
+    def _tests_error(self, message: str) -> dict:
+        log.warning("%s", message)
+        self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=message))
+        return {"error": message}
+
+    async def _begin_tests_progress(self, token: str, title: str):
+        """A cancellable $/progress, when the client supports it; returns its cancel future (or None)."""
+        caps = getattr(self.protocol, "client_capabilities", None)
+        if not (caps and caps.window and caps.window.work_done_progress):
+            return None
+        try:
+            await self.work_done_progress.create_async(token)
+            self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title=title, cancellable=True, percentage=0))
+        except Exception as exc:
+            log.debug("progress not shown: %s", exc)
+            return None
+        return self.work_done_progress.tokens.get(token)
+
+    def _end_tests_progress(self, token: str, progress, message: str) -> None:
+        if progress is None:
+            return
+        try:
+            self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
+        finally:
+            self.work_done_progress.tokens.pop(token, None)
 
     # -- stats ----------------------------------------------------------------
 
@@ -520,6 +647,26 @@ def create_server(worker_address: str = "", model: str = "", **options) -> Rotar
             text_edit=types.TextEdit(range=types.Range(start=word_start, end=params.position), new_text=word + text),
         )
         return types.CompletionList(is_incomplete=True, items=[item])
+
+    @server.feature(
+        types.TEXT_DOCUMENT_CODE_ACTION,
+        types.CodeActionOptions(code_action_kinds=[types.CodeActionKind.Refactor], resolve_provider=False),
+    )
+    def code_action(ls: RotaryServer, params: types.CodeActionParams):
+        only = params.context.only if params.context else None
+        if only and not any(k in ("", types.CodeActionKind.Refactor) for k in only):
+            return None
+        action = ls.tests_action(params.text_document.uri, params.range.start.line)
+        return [action] if action is not None else None
+
+    @server.command(GENERATE_TESTS)
+    async def generate_tests_command(ls: RotaryServer, *args):
+        info = _first_dict(args)
+        uri, qualname = info.get("uri"), info.get("qualname")
+        if not isinstance(uri, str) or not isinstance(qualname, str) or not qualname:
+            return ls._tests_error("Rotary: rotary.generateTests needs {uri, qualname}")
+        count = info.get("count", 0)
+        return await ls.generate_tests(uri, qualname, int(count) if isinstance(count, int) else 0)
 
     @server.command("rotary.stats")
     async def stats_command(ls: RotaryServer, *args):

@@ -31,12 +31,18 @@ class Settings:
     debounceMs: int = 50
     # Keep each document's KV cache across edits (off: encode the context from scratch for every request).
     editAwareCache: bool = True
+    # Say nothing when the suggestion is likely wrong: below this calibrated probability that its first
+    # line is right, no suggestion (the status says "likely wrong"). Negative: the model's calibrated
+    # threshold; 0: never abstain.
+    abstainThreshold: float = -1.0
+    # Lossy early exit: easy tokens stop after fewer layers (faster, text may differ slightly).
+    earlyExit: bool = False
 
     def worker_mode(self) -> str:
         return {"auto": "auto", "singleLine": "single_line", "multiLine": "multi_line"}[self.completionMode]
 
 
-_LIMITS = {"maxTokens": (1, 512), "debounceMs": (0, 5000)}
+_LIMITS = {"maxTokens": (1, 512), "debounceMs": (0, 5000), "abstainThreshold": (-1.0, 1.0)}
 
 
 def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, list[str]]:
@@ -61,13 +67,18 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
             warnings.append(f"rotary.{key}: {problem}; using {default!r}")
             values[key] = default
         else:
-            values[key] = value
+            values[key] = float(value) if isinstance(default, float) else value
     return replace(base, **values), warnings
 
 
 def _check(key: str, value: Any, default: Any) -> str | None:
     if isinstance(default, bool):
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {value!r}"
+        low, high = _LIMITS[key]
+        return None if low <= value <= high else f"{value} is outside [{low}, {high}]"
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             return f"expected an integer, got {value!r}"
@@ -85,6 +96,9 @@ def settings_schema() -> dict[str, dict[str, Any]]:
     out = {}
     for f in fields(Settings):
         default = getattr(Settings(), f.name)
-        kind = "boolean" if isinstance(default, bool) else "integer" if isinstance(default, int) else "string"
+        kind = (
+            "boolean" if isinstance(default, bool) else "number" if isinstance(default, float)
+            else "integer" if isinstance(default, int) else "string"
+        )
         out[f.name] = {"type": kind, "default": default}
     return out

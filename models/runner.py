@@ -16,6 +16,7 @@ import os
 import torch
 
 from .hf import HFForward
+from .exits import find_exit_heads, model_fingerprint
 from .loader import LoadedModel
 from .transformer import ForwardOutput, Transformer, supports
 
@@ -73,6 +74,16 @@ class ModelRunner:
             why = "asked for" if wanted == "hf" else reason
             log.warning("%s runs through transformers (%s): no early exit", self.info.name, why)
         self.layer_access = self.path == "own"
+        # Exit heads (early exit, self-speculation) and the abstention gate, when calibrated for this model.
+        self.exits, self.exits_from = None, ""
+        if self.layer_access:
+            self.fingerprint = model_fingerprint(self.model, self.tokenizer)
+            exits, self.exits_from = find_exit_heads(self.fingerprint)
+            if exits is not None:
+                self.exits = exits.to(self.device, self.dtype)
+                log.info("exit heads after layers %s from %s", list(exits.layers), self.exits_from)
+            else:
+                log.info("no exit heads for this model (run `rotary calibrate`): no early exit, no abstention")
 
     def forward(self, ids: torch.Tensor | None, caches, **kwargs) -> ForwardOutput:
         """The model's forward (models/transformer.py's contract); the thread count follows the work.

@@ -1,4 +1,4 @@
-"""The `rotary` command: worker, lsp, complete, demo and bench.
+"""The `rotary` command: worker, lsp, complete, tests, demo and bench.
 
 Heavy imports (torch, transformers) happen inside the subcommands that need
 them, so `rotary lsp` starts in well under a second.
@@ -174,6 +174,113 @@ def cmd_complete(args: argparse.Namespace) -> int:
             worker_proc.wait(timeout=10)
 
 
+def cmd_tests(args: argparse.Namespace) -> int:
+    """Unit tests for FILE::QUALNAME through the worker's GenerateTests; written to a file, summarised."""
+    _setup_logging(args.log_level)
+    from pathlib import Path
+
+    from rotary.completion.testgen import TestGenError, find_focal, layout
+
+    def fail(message: str) -> int:
+        print(f"rotary tests: {message}", file=sys.stderr)
+        return 2
+
+    file_part, sep, qualname = args.target.rpartition("::")
+    if not sep or not file_part or not qualname:
+        return fail(f"{args.target!r}: give FILE::QUALNAME, e.g. src/stack.py::Stack.push")
+    path = Path(file_part)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return fail(f"cannot read {path}: {exc}")
+    try:
+        focal = find_focal(str(path), text, qualname, args.language or "")
+    except TestGenError as exc:
+        return fail(str(exc))
+    if not 1 <= args.count <= 20:
+        return fail(f"-n {args.count}: between 1 and 20 tests")
+    if args.check and focal.language != "python":
+        return fail(f"--check runs Python tests only ({path} is {focal.language}); drop --check to generate them")
+    out = Path(args.out) if args.out else path.parent / layout(focal).file_name
+    if out.exists() and not args.force:
+        return fail(f"{out} exists; pass --force to overwrite it or --out PATH")
+
+    import grpc
+
+    from rotary.completion.client import WorkerClient
+
+    worker_proc, address = (None, args.worker) if args.worker else _spawn_worker(args.model)
+    try:
+        client = WorkerClient(address)
+        client.wait_ready(on_message=lambda m: print(f"[worker] {m}", file=sys.stderr, flush=True))
+        tests, last = [], None
+        try:
+            for reply in client.generate_tests(
+                str(path), text, qualname, language_id=args.language or "", count=args.count,
+                max_tokens=args.max_tokens, drafter=args.drafter, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed, explain=args.explain,
+            ):
+                if reply.HasField("test"):
+                    t = reply.test
+                    tests.append(t)
+                    s = t.stats
+                    print(
+                        f"[{reply.done_tests}/{reply.total_tests}] {t.name}: {s.tokens_generated} tokens, {s.forwards} forwards, "
+                        f"{s.drafts_accepted} drafted tokens kept, {t.seconds:.1f} s" + ("" if t.syntax_ok else f" (does not parse: {t.syntax_error})"),
+                        file=sys.stderr, flush=True,
+                    )
+                last = reply
+        except grpc.RpcError as exc:
+            return fail(f"{exc.code().name}: {exc.details()}")
+        if last is None or not last.done:
+            return fail("the worker ended the call before the last reply")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(last.file_text, encoding="utf-8")
+        tokens = sum(t.stats.tokens_generated for t in tests)
+        forwards = sum(t.stats.forwards for t in tests)
+        print(
+            f"wrote {out}: {len(tests)} tests for {focal.display} ({sum(t.syntax_ok for t in tests)} parse), "
+            f"{tokens} tokens in {forwards} forward passes ({forwards / max(tokens, 1):.2f} a token, drafter {args.drafter}), "
+            f"{sum(t.seconds for t in tests):.1f} s"
+        )
+        if args.explain:
+            _print_explain(tests)
+        if args.check:
+            _check_tests(path, text, out, last.file_text)
+        return 0
+    finally:
+        if worker_proc is not None:
+            worker_proc.terminate()
+            worker_proc.wait(timeout=10)
+
+
+def _print_explain(tests) -> None:
+    """Per test: each draft, the pattern (or drafter) that made it, and how many of its tokens were kept."""
+    for t in tests:
+        drafts = list(t.drafts)
+        kept = sum(d.accepted for d in drafts)
+        print(f"\n{t.name}: {len(drafts)} drafts, {kept} of {sum(d.proposed for d in drafts)} drafted tokens kept")
+        for d in drafts:
+            who = f"pattern #{d.group} {d.pattern!r}" if d.source == "ast" else d.source
+            print(f"  {d.accepted:>2}/{d.proposed:<2} {d.text!r:<48} <- {who}")
+
+
+def _check_tests(source: Path, text: str, out: Path, test_text: str) -> None:
+    """Run the written tests in the sandbox (a subprocess in a temporary directory, no network, a timeout)."""
+    from rotary.completion.sandbox import run_tests
+
+    result = run_tests(source.stem, text, test_text, test_module=out.stem, extra_path=[str(source.resolve().parent)])
+    print(f"\n--check: {result.network}; a subprocess in a temporary directory")
+    if result.timed_out:
+        print("  timed out")
+    if result.load_error:
+        print(f"  the test file did not import: {result.load_error}")
+    for name, outcome in result.results.items():
+        message = result.messages.get(name, "")
+        print(f"  {outcome:<7} {name}" + (f"  {message}" if message else ""))
+    print(f"  {result.passed} of {len(result.results)} passed")
+
+
 def _spawn_worker(model: str | None):
     """Start a private worker on a unix socket (for one-shot commands)."""
     import subprocess
@@ -204,6 +311,14 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
         return 1
     print(path)
     return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit the exit heads, their controller and the abstention gate (completion/calibrate.py)."""
+    _setup_logging(args.log_level)
+    from rotary.completion.calibrate import main
+
+    return main(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -300,6 +415,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-v", "--verbose", action="store_true", help="print the stop reason and stats to stderr")
     c.set_defaults(func=cmd_complete)
 
+    t = sub.add_parser("tests", help="generate unit tests for a function (FILE::QUALNAME) and write them to a file")
+    t.add_argument("target", help="FILE::QUALNAME, e.g. src/stack.py::Stack.push (Java: Class.method, C++: Class::method)")
+    t.add_argument("-n", dest="count", type=int, default=5, help="tests to generate (default 5)")
+    t.add_argument("--out", default=None, metavar="PATH", help="the test file (default: test_<module>.py beside FILE)")
+    t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    t.add_argument("--explain", action="store_true", help="print, per test, which pattern drafted which tokens and how many were kept")
+    t.add_argument("--check", action="store_true", help="run the tests (Python) in a sandbox: subprocess, temp dir, timeout, no network")
+    t.add_argument(
+        "--drafter", choices=("plain", "ngram", "ast", "ast+ngram", "ast-strict"), default="ast+ngram",
+        help="who drafts tokens ahead (greedy output is the same with each; see docs/BENCHMARKS.md)",
+    )
+    t.add_argument("--max-tokens", type=int, default=128, help="token budget of each test (default 128)")
+    t.add_argument("--temperature", type=float, default=0.0, help="> 0: sample instead of greedy decoding")
+    t.add_argument("--top-p", type=float, default=1.0)
+    t.add_argument("--seed", type=int, default=0, help="sampling seed")
+    t.add_argument("--language", default=None, help="python, java or cpp (default: from FILE's extension)")
+    t.add_argument("--worker", default=None, metavar="ADDR", help="use a running worker (default: start one)")
+    t.add_argument("--model", default=None)
+    t.set_defaults(func=cmd_tests)
+
     d = sub.add_parser("demo", help="start worker and daemon, complete a sample file through real LSP, then keep serving")
     d.add_argument("--model", default=None)
     d.add_argument("--no-serve", action="store_true", help="exit after the demo completion")
@@ -309,6 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-model", help="convert the model once into the cache dir (done by make)")
     p.add_argument("--model", default=None)
     p.set_defaults(func=cmd_prepare_model)
+
+    k = sub.add_parser("calibrate", help="fit early-exit heads and the abstention gate for a model on a corpus of code")
+    k.add_argument("--model", default=None)
+    k.add_argument("--corpus", default=None, metavar="DIR", help="folder of Python files (default: the standard library)")
+    k.add_argument("--exit-layers", default=None, help="comma-separated 0-based layers to exit after (default 9,14,19,24,27)")
+    k.add_argument("--rank", type=int, default=32, help="rank of each exit adapter (default 32)")
+    k.add_argument("--tokens", type=int, default=None, help="training tokens for the exit heads (default 40000; --quick 6000)")
+    k.add_argument("--points", type=int, default=None, help="completion points for the abstention gate (default 400; --quick 60)")
+    k.add_argument("--agreement", type=float, default=0.9, help="held-out agreement with the full model the exit threshold keeps")
+    k.add_argument("--min-shown", type=float, default=0.5, help="the abstention threshold shows at least this fraction")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--quick", action="store_true")
+    k.add_argument("--out", default=None, metavar="PATH", help="also write the artifact here")
+    k.set_defaults(func=cmd_calibrate)
 
     from rotary.bench import add_bench_parser, add_soak_parser
 

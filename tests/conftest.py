@@ -112,7 +112,8 @@ def greedy_continuation(
         hops = 1
         while len(ids) - 256 * hops > window:
             hops += 1
-        ids = ids[256 * hops :]
+        # A window under one hop would keep almost nothing: then it starts exactly `window` from the end.
+        ids = ids[256 * hops :] if len(ids) - 256 * hops >= window // 2 else ids[len(ids) - window :]
     if fim is not None:
         ids = [fim["prefix"], *ids, fim["suffix"], *tokenizer.encode(text_after, add_special_tokens=False), fim["middle"]]
     forbidden = forbidden_first(text_before, text_after)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\trotary.v1\"V\n\x13OpenDocumentRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"6\n\nTextChange\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\"u\n\x13\x45\x64itDocumentRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x05\x12\x13\n\x0bnew_version\x18\x03 \x01(\x05\x12&\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x15.rotary.v1.TextChange\"#\n\x14\x43loseDocumentRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"Y\n\x0b\x44ocumentAck\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x12\n\x05\x63rc32\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"s\n\x0f\x43ompleteOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.rotary.v1.CompletionMode\x12#\n\x05\x63\x61\x63he\x18\x03 \x01(\x0e\x32\x14.rotary.v1.CacheMode\"\x80\x01\n\x0f\x43ompleteRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.rotary.v1.CompleteOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xa1\x02\n\x0f\x43ompletionStats\x12\x16\n\x0e\x63ontext_tokens\x18\x01 \x01(\x05\x12\x15\n\rtokens_reused\x18\x02 \x01(\x05\x12\x16\n\x0etokens_encoded\x18\x03 \x01(\x05\x12\x18\n\x10tokens_rerotated\x18\x04 \x01(\x05\x12\x17\n\x0fstale_refreshed\x18\x05 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x05\x12\x12\n\nprefill_ms\x18\x07 \x01(\x01\x12\x11\n\tdecode_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\x12\x10\n\x08\x66orwards\x18\n \x01(\x05\x12\x16\n\x0etokens_drafted\x18\x0b \x01(\x05\x12\x17\n\x0f\x64rafts_accepted\x18\x0c \x01(\x05\"\x81\x01\n\x0f\x43ompletionChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12)\n\x05stats\x18\x05 \x01(\x0b\x32\x1a.rotary.v1.CompletionStats\"\x0f\n\rHealthRequest\"\xa3\x01\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0eopen_documents\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\x05\x12\x14\n\x0c\x62usy_seconds\x18\x08 \x01(\x01\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x9c\x01\n\x13\x43ompleteTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.rotary.v1.CompleteOptions\x12\x11\n\tcache_key\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t*k\n\x0e\x43ompletionMode\x12\x18\n\x14\x43OMPLETION_MODE_AUTO\x10\x00\x12\x1f\n\x1b\x43OMPLETION_MODE_SINGLE_LINE\x10\x01\x12\x1e\n\x1a\x43OMPLETION_MODE_MULTI_LINE\x10\x02*R\n\tCacheMode\x12\x19\n\x15\x43\x41\x43HE_MODE_EDIT_AWARE\x10\x00\x12\x15\n\x11\x43\x41\x43HE_MODE_PREFIX\x10\x01\x12\x13\n\x0f\x43\x41\x43HE_MODE_NONE\x10\x02\x32\xeb\x03\n\x06Worker\x12\x46\n\x0cOpenDocument\x12\x1e.rotary.v1.OpenDocumentRequest\x1a\x16.rotary.v1.DocumentAck\x12\x46\n\x0c\x45\x64itDocument\x12\x1e.rotary.v1.EditDocumentRequest\x1a\x16.rotary.v1.DocumentAck\x12H\n\rCloseDocument\x12\x1f.rotary.v1.CloseDocumentRequest\x1a\x16.rotary.v1.DocumentAck\x12\x44\n\x08\x43omplete\x12\x1a.rotary.v1.CompleteRequest\x1a\x1a.rotary.v1.CompletionChunk0\x01\x12:\n\x06Health\x12\x18.rotary.v1.HealthRequest\x1a\x16.rotary.v1.HealthReply\x12\x37\n\x05Stats\x12\x17.rotary.v1.StatsRequest\x1a\x15.rotary.v1.StatsReply\x12L\n\x0c\x43ompleteText\x12\x1e.rotary.v1.CompleteTextRequest\x1a\x1a.rotary.v1.CompletionChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\trotary.v1\"V\n\x13OpenDocumentRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"6\n\nTextChange\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\"u\n\x13\x45\x64itDocumentRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x05\x12\x13\n\x0bnew_version\x18\x03 \x01(\x05\x12&\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x15.rotary.v1.TextChange\"#\n\x14\x43loseDocumentRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"Y\n\x0b\x44ocumentAck\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x12\n\x05\x63rc32\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"\xbd\x01\n\x0f\x43ompleteOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.rotary.v1.CompletionMode\x12#\n\x05\x63\x61\x63he\x18\x03 \x01(\x0e\x32\x14.rotary.v1.CacheMode\x12\x1e\n\x11\x61\x62stain_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nearly_exit\x18\x05 \x01(\x08\x42\x14\n\x12_abstain_threshold\"\x80\x01\n\x0f\x43ompleteRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.rotary.v1.CompleteOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xc9\x02\n\x0f\x43ompletionStats\x12\x16\n\x0e\x63ontext_tokens\x18\x01 \x01(\x05\x12\x15\n\rtokens_reused\x18\x02 \x01(\x05\x12\x16\n\x0etokens_encoded\x18\x03 \x01(\x05\x12\x18\n\x10tokens_rerotated\x18\x04 \x01(\x05\x12\x17\n\x0fstale_refreshed\x18\x05 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x05\x12\x12\n\nprefill_ms\x18\x07 \x01(\x01\x12\x11\n\tdecode_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\x12\x10\n\x08\x66orwards\x18\n \x01(\x05\x12\x16\n\x0etokens_drafted\x18\x0b \x01(\x05\x12\x17\n\x0f\x64rafts_accepted\x18\x0c \x01(\x05\x12\x12\n\nlayers_run\x18\r \x01(\x05\x12\x12\n\nconfidence\x18\x0e \x01(\x01\"\x81\x01\n\x0f\x43ompletionChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12)\n\x05stats\x18\x05 \x01(\x0b\x32\x1a.rotary.v1.CompletionStats\"\x0f\n\rHealthRequest\"\xa3\x01\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0eopen_documents\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\x05\x12\x14\n\x0c\x62usy_seconds\x18\x08 \x01(\x01\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x9c\x01\n\x13\x43ompleteTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.rotary.v1.CompleteOptions\x12\x11\n\tcache_key\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\xe4\x01\n\x14GenerateTestsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12\x10\n\x08qualname\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x0f\n\x07\x64rafter\x18\x07 \x01(\t\x12\x13\n\x0btemperature\x18\x08 \x01(\x02\x12\r\n\x05top_p\x18\t \x01(\x02\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x0f\n\x07\x65xplain\x18\x0b \x01(\x08\x12\x12\n\nrequest_id\x18\x0c \x01(\t\"p\n\x0cPatternDraft\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08proposed\x18\x05 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\x05\"\xed\x01\n\rGeneratedTest\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x11\n\tsyntax_ok\x18\x05 \x01(\x08\x12\x14\n\x0csyntax_error\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12)\n\x05stats\x18\x08 \x01(\x0b\x32\x1a.rotary.v1.CompletionStats\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\'\n\x06\x64rafts\x18\n \x03(\x0b\x32\x17.rotary.v1.PatternDraft\"\xdf\x01\n\x12GenerateTestsReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ndone_tests\x18\x02 \x01(\x05\x12\x13\n\x0btotal_tests\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x04test\x18\x05 \x01(\x0b\x32\x18.rotary.v1.GeneratedTest\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x11\n\tfile_text\x18\x07 \x01(\t\x12\x11\n\tfile_name\x18\x08 \x01(\t\x12\x10\n\x08language\x18\t \x01(\t\x12\r\n\x05\x66ocal\x18\n \x01(\t*k\n\x0e\x43ompletionMode\x12\x18\n\x14\x43OMPLETION_MODE_AUTO\x10\x00\x12\x1f\n\x1b\x43OMPLETION_MODE_SINGLE_LINE\x10\x01\x12\x1e\n\x1a\x43OMPLETION_MODE_MULTI_LINE\x10\x02*R\n\tCacheMode\x12\x19\n\x15\x43\x41\x43HE_MODE_EDIT_AWARE\x10\x00\x12\x15\n\x11\x43\x41\x43HE_MODE_PREFIX\x10\x01\x12\x13\n\x0f\x43\x41\x43HE_MODE_NONE\x10\x02\x32\xbe\x04\n\x06Worker\x12\x46\n\x0cOpenDocument\x12\x1e.rotary.v1.OpenDocumentRequest\x1a\x16.rotary.v1.DocumentAck\x12\x46\n\x0c\x45\x64itDocument\x12\x1e.rotary.v1.EditDocumentRequest\x1a\x16.rotary.v1.DocumentAck\x12H\n\rCloseDocument\x12\x1f.rotary.v1.CloseDocumentRequest\x1a\x16.rotary.v1.DocumentAck\x12\x44\n\x08\x43omplete\x12\x1a.rotary.v1.CompleteRequest\x1a\x1a.rotary.v1.CompletionChunk0\x01\x12:\n\x06Health\x12\x18.rotary.v1.HealthRequest\x1a\x16.rotary.v1.HealthReply\x12\x37\n\x05Stats\x12\x17.rotary.v1.StatsRequest\x1a\x15.rotary.v1.StatsReply\x12L\n\x0c\x43ompleteText\x12\x1e.rotary.v1.CompleteTextRequest\x1a\x1a.rotary.v1.CompletionChunk0\x01\x12Q\n\rGenerateTests\x12\x1f.rotary.v1.GenerateTestsRequest\x1a\x1d.rotary.v1.GenerateTestsReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPLETIONMODE']._serialized_start=1476
-  _globals['_COMPLETIONMODE']._serialized_end=1583
-  _globals['_CACHEMODE']._serialized_start=1585
-  _globals['_CACHEMODE']._serialized_end=1667
+  _globals['_COMPLETIONMODE']._serialized_start=2402
+  _globals['_COMPLETIONMODE']._serialized_end=2509
+  _globals['_CACHEMODE']._serialized_start=2511
+  _globals['_CACHEMODE']._serialized_end=2593
   _globals['_OPENDOCUMENTREQUEST']._serialized_start=27
   _globals['_OPENDOCUMENTREQUEST']._serialized_end=113
   _globals['_TEXTCHANGE']._serialized_start=115
@@ -45,24 +45,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSEDOCUMENTREQUEST']._serialized_end=325
   _globals['_DOCUMENTACK']._serialized_start=327
   _globals['_DOCUMENTACK']._serialized_end=416
-  _globals['_COMPLETEOPTIONS']._serialized_start=418
-  _globals['_COMPLETEOPTIONS']._serialized_end=533
-  _globals['_COMPLETEREQUEST']._serialized_start=536
-  _globals['_COMPLETEREQUEST']._serialized_end=664
-  _globals['_COMPLETIONSTATS']._serialized_start=667
-  _globals['_COMPLETIONSTATS']._serialized_end=956
-  _globals['_COMPLETIONCHUNK']._serialized_start=959
-  _globals['_COMPLETIONCHUNK']._serialized_end=1088
-  _globals['_HEALTHREQUEST']._serialized_start=1090
-  _globals['_HEALTHREQUEST']._serialized_end=1105
-  _globals['_HEALTHREPLY']._serialized_start=1108
-  _globals['_HEALTHREPLY']._serialized_end=1271
-  _globals['_STATSREQUEST']._serialized_start=1273
-  _globals['_STATSREQUEST']._serialized_end=1287
-  _globals['_STATSREPLY']._serialized_start=1289
-  _globals['_STATSREPLY']._serialized_end=1315
-  _globals['_COMPLETETEXTREQUEST']._serialized_start=1318
-  _globals['_COMPLETETEXTREQUEST']._serialized_end=1474
-  _globals['_WORKER']._serialized_start=1670
-  _globals['_WORKER']._serialized_end=2161
+  _globals['_COMPLETEOPTIONS']._serialized_start=419
+  _globals['_COMPLETEOPTIONS']._serialized_end=608
+  _globals['_COMPLETEREQUEST']._serialized_start=611
+  _globals['_COMPLETEREQUEST']._serialized_end=739
+  _globals['_COMPLETIONSTATS']._serialized_start=742
+  _globals['_COMPLETIONSTATS']._serialized_end=1071
+  _globals['_COMPLETIONCHUNK']._serialized_start=1074
+  _globals['_COMPLETIONCHUNK']._serialized_end=1203
+  _globals['_HEALTHREQUEST']._serialized_start=1205
+  _globals['_HEALTHREQUEST']._serialized_end=1220
+  _globals['_HEALTHREPLY']._serialized_start=1223
+  _globals['_HEALTHREPLY']._serialized_end=1386
+  _globals['_STATSREQUEST']._serialized_start=1388
+  _globals['_STATSREQUEST']._serialized_end=1402
+  _globals['_STATSREPLY']._serialized_start=1404
+  _globals['_STATSREPLY']._serialized_end=1430
+  _globals['_COMPLETETEXTREQUEST']._serialized_start=1433
+  _globals['_COMPLETETEXTREQUEST']._serialized_end=1589
+  _globals['_GENERATETESTSREQUEST']._serialized_start=1592
+  _globals['_GENERATETESTSREQUEST']._serialized_end=1820
+  _globals['_PATTERNDRAFT']._serialized_start=1822
+  _globals['_PATTERNDRAFT']._serialized_end=1934
+  _globals['_GENERATEDTEST']._serialized_start=1937
+  _globals['_GENERATEDTEST']._serialized_end=2174
+  _globals['_GENERATETESTSREPLY']._serialized_start=2177
+  _globals['_GENERATETESTSREPLY']._serialized_end=2400
+  _globals['_WORKER']._serialized_start=2596
+  _globals['_WORKER']._serialized_end=3170
 # @@protoc_insertion_point(module_scope)

@@ -69,6 +69,11 @@ class WorkerStub:
                 request_serializer=worker__pb2.CompleteTextRequest.SerializeToString,
                 response_deserializer=worker__pb2.CompletionChunk.FromString,
                 _registered_method=True)
+        self.GenerateTests = channel.unary_stream(
+                '/rotary.v1.Worker/GenerateTests',
+                request_serializer=worker__pb2.GenerateTestsRequest.SerializeToString,
+                response_deserializer=worker__pb2.GenerateTestsReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -133,6 +138,22 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateTests(self, request, context):
+        """Generate unit tests for one function of a source file (Python, Java or C++),
+        one test after another, each with the earlier ones in its context; drafts
+        from the earlier tests' line patterns (and/or n-gram lookup) make it faster
+        without changing greedy output. The first reply says how many tests come;
+        then one reply per finished test (with progress); the last reply has
+        done = true and the whole test file. Nothing is executed. Cancelling the
+        call stops at the next token. Errors: NOT_FOUND when qualname is not a
+        function of the file; INVALID_ARGUMENT, its message naming the problem,
+        when the file does not parse, its language has no grammar, or a field
+        breaks a limit of GenerateTestsRequest; UNAVAILABLE while the model loads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +191,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.CompleteText,
                     request_deserializer=worker__pb2.CompleteTextRequest.FromString,
                     response_serializer=worker__pb2.CompletionChunk.SerializeToString,
+            ),
+            'GenerateTests': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateTests,
+                    request_deserializer=worker__pb2.GenerateTestsRequest.FromString,
+                    response_serializer=worker__pb2.GenerateTestsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +387,33 @@ class Worker:
             '/rotary.v1.Worker/CompleteText',
             worker__pb2.CompleteTextRequest.SerializeToString,
             worker__pb2.CompletionChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateTests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rotary.v1.Worker/GenerateTests',
+            worker__pb2.GenerateTestsRequest.SerializeToString,
+            worker__pb2.GenerateTestsReply.FromString,
             options,
             channel_credentials,
             insecure,

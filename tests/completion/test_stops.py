@@ -85,3 +85,21 @@ def test_single_line_that_only_repeats_the_next_line_is_dropped():
     # Filling the next line from the end of a line: the same rule on that line.
     rules = StopRules("def f(x):", "\n    return y\n", SINGLE_LINE)
     assert final(rules, "\n    return y\n") == ("", "suffix")
+
+
+def test_the_text_after_the_cursor_is_cut_where_the_line_balances_even_when_the_model_goes_on():
+    rules = StopRules("print(area(", ")\n", SINGLE_LINE)
+    assert final(rules, "10, 10))  # Output: 100\n") == ("10, 10)", "suffix")
+    rules = StopRules("values = [f(x", ")]\n", SINGLE_LINE)
+    assert final(rules, ") for x in xs)]\n") == (") for x in xs", "suffix")
+
+
+def test_multi_line_first_line_that_repeats_the_next_line_is_dropped():
+    rules = StopRules("x = 1\n", "\ny = 2\nprint(x)\n", "auto")
+    assert final(rules, "y = 2\n\n") == ("", "suffix")
+
+
+def test_multi_line_streams_the_first_line_once_it_is_complete():
+    rules = StopRules("def f(x):\n    ", "", MULTI_LINE)
+    assert rules.check("y = x + 1").committed == ""
+    assert rules.check("y = x + 1\n    ret").committed == "y = x + 1"

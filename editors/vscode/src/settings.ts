@@ -11,6 +11,8 @@ export const SERVER_SETTING_DEFAULTS = {
   completionMode: "auto",
   debounceMs: 50,
   editAwareCache: true,
+  abstainThreshold: -1.0,
+  earlyExit: false,
 } as const;
 
 export type ServerSettingKey = keyof typeof SERVER_SETTING_DEFAULTS;

@@ -28,6 +28,8 @@ M.defaults = {
     completionMode = "auto", -- "auto" | "singleLine" | "multiLine"
     debounceMs = 50,         -- the server waits this long for more keystrokes before generating
     editAwareCache = true,   -- reuse the KV cache across edits (re-rotating shifted keys)
+    abstainThreshold = -1,   -- no suggestion when it is likely wrong: -1 = calibrated threshold, 0 = never abstain
+    earlyExit = false,       -- lossy early exit: fewer layers for easy tokens
   },
 
   ghost_text = {

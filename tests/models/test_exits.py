@@ -1,0 +1,113 @@
+"""Early exit in the own forward, against transformers' own modules: the exit is where the controller says,
+the logits are the exit head's, and the skipped layers' K/V are the exiting state projected (state copying)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.model
+
+EXIT_AT = 9
+
+
+@functools.lru_cache(maxsize=1)
+def loaded():
+    from rotary.models.loader import load_model
+
+    return load_model(None)
+
+
+@functools.lru_cache(maxsize=1)
+def transformer():
+    from rotary.models.transformer import Transformer
+
+    return Transformer.from_hf(loaded().model, share_weights=False)
+
+
+def heads(always: bool, rank: int = 4, seed: int = 0):
+    """Exit heads at layers 9 and 19 whose controller always (or never) exits; random small adapters."""
+    from rotary.models.exits import ExitHeads
+
+    dim = transformer().config.dim
+    gen = torch.Generator().manual_seed(seed)
+    layers = (EXIT_AT, 19)
+    down = {l: torch.randn(dim, rank, generator=gen) * 0.01 for l in layers}
+    up = {l: torch.randn(rank, dim, generator=gen) * 0.01 for l in layers}
+    gate_w = {l: torch.zeros(dim) for l in layers}
+    gate_b = {l: torch.tensor(50.0 if always else -50.0) for l in layers}
+    return ExitHeads(layers, down, up, gate_w, gate_b, threshold=0.5)
+
+
+def prefilled(ids):
+    from rotary.cache.buffer import KVBuffer
+
+    c = transformer().config
+    buffer = KVBuffer(c.n_layers, c.n_kv_heads, c.head_dim)
+    buffer.extend(ids, transformer().forward, logits=None)
+    return buffer
+
+
+def prompt_ids():
+    return loaded().tokenizer.encode("def area(width, height):\n    return width *", add_special_tokens=False)
+
+
+def test_a_controller_that_never_exits_changes_nothing():
+    ids = prompt_ids()
+    plain = prefilled(ids[:-1])
+    with_heads = prefilled(ids[:-1])
+    a = plain.extend(ids[-1:], transformer().forward, logits="all")
+    b = with_heads.extend(ids[-1:], transformer().forward, logits="all", early_exit=heads(always=False))
+    assert b.exited is None and torch.equal(a.logits, b.logits)
+    assert torch.equal(plain.used(), with_heads.used())
+
+
+def test_exit_logits_and_copied_state_match_transformers_modules():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hf = loaded().model
+    ids = prompt_ids()
+    exits = heads(always=True)
+    buffer = prefilled(ids[:-1])
+    position = len(ids) - 1
+    out = buffer.extend(ids[-1:], transformer().forward, logits="all", early_exit=exits)
+    assert out.exited == EXIT_AT
+    assert buffer.is_complete() and buffer.length == len(ids)  # every layer holds the token's K/V
+
+    # The reference: transformers' own modules on the full sequence, up to the exit layer.
+    with torch.inference_mode():
+        states = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states  # [layers + 1] of [1, T, dim]
+        h = states[EXIT_AT + 1][0, -1]  # after layer EXIT_AT
+        adapted = h + (h @ exits.down[EXIT_AT]) @ exits.up[EXIT_AT]
+        expected_logits = hf.lm_head(hf.model.norm(adapted))
+        assert (out.logits[0, -1] - expected_logits).abs().max() < 1e-3
+        position_ids = torch.tensor([[position]])
+        cos, sin = hf.model.rotary_emb(h.view(1, 1, -1), position_ids)
+        for j in range(EXIT_AT + 1, hf.config.num_hidden_layers):
+            layer = hf.model.layers[j]
+            normed = layer.input_layernorm(h.view(1, 1, -1))
+            attn = layer.self_attn
+            k = attn.k_proj(normed).view(1, 1, -1, attn.head_dim).transpose(1, 2)  # [1, KV, 1, Dh]
+            v = attn.v_proj(normed).view(1, 1, -1, attn.head_dim).transpose(1, 2)
+            _, k = apply_rotary_pos_emb(k, k, cos, sin)
+            assert (buffer.kv[j, 0, :, position] - k[0, :, 0]).abs().max() < 1e-4, j
+            assert (buffer.kv[j, 1, :, position] - v[0, :, 0]).abs().max() < 1e-4, j
+        # Layers up to the exit hold what the full forward writes there (to float rounding: other shapes).
+        full = prefilled(ids)
+        assert (buffer.kv[: EXIT_AT + 1, :, :, : len(ids)] - full.kv[: EXIT_AT + 1, :, :, : len(ids)]).abs().max() < 1e-4
+
+
+def test_exit_heads_round_trip_through_the_artifact(tmp_path):
+    from rotary.models.exits import ExitHeads
+
+    original = heads(always=True)
+    original.meta = {"gate": {"weights": [1.0], "bias": 0.0, "threshold": 0.4}}
+    path = tmp_path / "exits.safetensors"
+    original.save(path)
+    back = ExitHeads.load(path)
+    assert back.layers == original.layers and back.threshold == original.threshold and back.meta == original.meta
+    for layer in original.layers:
+        assert torch.equal(back.down[layer], original.down[layer]) and torch.equal(back.up[layer], original.up[layer])
+        assert float(back.gate_b[layer]) == float(original.gate_b[layer])
