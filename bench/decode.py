@@ -396,13 +396,15 @@ def _print_table(results: dict, exact: Exactness) -> None:
     ]
     print(f"\n{'':<30}{'HF':>10}{'own':>10}{'speed-up':>10}")
     for label, key, lower_is_better in rows:
-        ratio = hf[key] / own[key] if lower_is_better else own[key] / hf[key]
-        print(f"{label:<30}{hf[key]:>10.1f}{own[key]:>10.1f}{ratio:>9.2f}x")
+        numerator, denominator = (hf[key], own[key]) if lower_is_better else (own[key], hf[key])
+        ratio = f"{numerator / denominator:>9.2f}x" if denominator else f"{'n/a':>10}"  # a --quick run may skip a size
+        print(f"{label:<30}{hf[key]:>10.1f}{own[key]:>10.1f}{ratio}")
     print("verify cost (own, x one token): " + ", ".join(f"k={k}: {v:.2f}" for k, v in own["verify_cost"].items()))
-    one = batched["1"]
+    one = batched["1"] or float("nan")
     print("batched decode through the scheduler (tokens/s): " + ", ".join(f"{n} docs: {v:.1f} ({v / one:.2f}x)" for n, v in batched.items()))
     forward = results["batched_forward"]
-    print("batched forward alone (tokens/s): " + ", ".join(f"{n} docs: {v:.1f} ({v / forward['1']:.2f}x)" for n, v in forward.items()))
+    alone = forward["1"] or float("nan")
+    print("batched forward alone (tokens/s): " + ", ".join(f"{n} docs: {v:.1f} ({v / alone:.2f}x)" for n, v in forward.items()))
     print("own decode ms/token at 1k by threads: " + ", ".join(f"{t}: {v:.1f}" for t, v in own["decode_ms_per_token_1k_by_threads"].items()))
     print(
         f"exactness: {exact.identical}/{exact.completions} greedy completions identical, "

@@ -161,6 +161,7 @@ class DocumentSync:
         """The worker lost or diverged from the document: send it whole on the next flush."""
         copy = self.docs.get(uri)
         if copy is not None:
+            self.reopens += 1
             copy.collapse()
 
     def worker_restarted(self) -> None:
