@@ -441,10 +441,17 @@ class RotaryServer(LanguageServer):
                     self.work_done_progress.report(token, types.WorkDoneProgressReport(
                         message=reply.message, percentage=int(100 * reply.done_tests / reply.total_tests),
                     ))
-        except asyncio.CancelledError:  # the request itself was cancelled ($/cancelRequest)
+        except asyncio.CancelledError:
+            # Two causes reach here: grpc.aio raises CancelledError out of a call cancelled on this
+            # side (the user pressed cancel on the progress: `call.cancel()` above), and the request's
+            # own task is cancelled ($/cancelRequest, shutdown). The first is an answer, the second
+            # must propagate so that pygls drops the request.
             call.cancel()
             self._end_tests_progress(token, progress, "cancelled")
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return {"cancelled": True}
         except grpc.aio.AioRpcError as exc:
             self._end_tests_progress(token, progress, "cancelled" if exc.code() == grpc.StatusCode.CANCELLED else "failed")
             if exc.code() == grpc.StatusCode.CANCELLED:

@@ -158,6 +158,7 @@ async def lsp_session(address: str, tmp_path: Path):
     from pytest_lsp import client_capabilities, make_test_lsp_client
 
     client = make_test_lsp_client()
+    _structure_code_actions_by_shape(client)
     edits: list[types.ApplyWorkspaceEditParams] = []
 
     @client.feature(types.WORKSPACE_APPLY_EDIT)
@@ -170,6 +171,22 @@ async def lsp_session(address: str, tmp_path: Path):
         capabilities=client_capabilities("visual-studio-code"), root_uri=tmp_path.as_uri(),
     ))
     return client, edits
+
+
+def _structure_code_actions_by_shape(client) -> None:
+    """lsprotocol (2025.0.0) reads every item of a code-action result that has a "command" key as a
+    Command, so a CodeAction that carries its command (what the server sends, as the spec allows)
+    arrives as a Command whose `command` is the text of a dict. Editors tell the two apart by the
+    type of "command" (a string in a Command, an object in a CodeAction); so does this client."""
+    from typing import Union
+
+    converter = client.protocol._converter
+
+    def structure(obj, _):
+        is_command = isinstance(obj.get("command"), str)
+        return converter.structure(obj, types.Command if is_command else types.CodeAction)
+
+    converter.register_structure_hook(Union[types.Command, types.CodeAction], structure)
 
 
 def open_source(client, uri: str, text: str) -> None:
