@@ -13,6 +13,9 @@ mined into patterns that propose the next tokens, verified in one forward (decod
 decoding (the default) gives the same tests with every drafter; sampling (temperature > 0)
 keeps the model's distribution (sampling.py).
 
+A test the token limit ends mid-statement keeps its complete lines (complete_lines), so the file
+holds tests that parse; one that no such cut repairs is written as a comment.
+
 The first test starts from a short scaffold (construct the object, call the function in an
 assertion), so a small model writes an assertion rather than prose; the others are free.
 
@@ -430,6 +433,19 @@ def intent(k: int) -> str:
     return base if k <= len(INTENTS) else f"{base} (variant {(k - 1) // len(INTENTS) + 1})"
 
 
+def complete_lines(language: str, header: str, body: str, closing: str) -> str:
+    """The body of a test the token limit cut mid-statement, without the trailing lines that keep it
+    from parsing (the cut line, an unclosed block); at least its first line is kept, and a body that
+    no cut makes parse comes back whole (it is then written as a comment, see file_text)."""
+    lines = body.split("\n")
+    while len(lines) > 1:
+        lines.pop()
+        candidate = "\n".join(lines).rstrip()
+        if syntax_error(language, (header.lstrip("\n") + candidate).rstrip() + closing) is None:
+            return candidate
+    return body
+
+
 def syntax_error(language: str, code: str) -> str | None:
     """Why one test does not parse on its own (None: it does). Parsing only; nothing is run."""
     if language == "python":
@@ -509,6 +525,7 @@ class GeneratedTest:
     seconds: float
     stats: object  # engine.CompletionStats
     drafts: list[DraftRecord] = field(default_factory=list)
+    dropped_lines: int = 0  # trailing lines cut off a test the token limit ended mid-statement (complete_lines)
 
     @property
     def syntax_ok(self) -> bool:
@@ -592,12 +609,22 @@ def generate_tests(
                 return
             body = "".join(c.text for c in chunks).rstrip()
             code = (header.lstrip("\n") + body).rstrip() + lay.closing
+            error = syntax_error(focal.language, code)
+            dropped = 0
+            if error is not None and last.stop_reason == "max_tokens":
+                # The limit cut the test mid-statement: keep its complete lines (the later tests see them too).
+                kept = complete_lines(focal.language, header, body, lay.closing)
+                if kept != body:
+                    dropped = body.count("\n") - kept.count("\n")
+                    body = kept
+                    code = (header.lstrip("\n") + body).rstrip() + lay.closing
+                    error = None
             text += body.rstrip() + lay.closing.rstrip(" ")
             if not text.endswith("\n"):
                 text += "\n"
             yield GeneratedTest(
                 index=k, name=lay.test_name(k), intent=intent(k), code=code, body=body,
-                stop_reason=last.stop_reason, syntax_error=syntax_error(focal.language, code),
+                stop_reason=last.stop_reason, syntax_error=error, dropped_lines=dropped,
                 seconds=time.perf_counter() - started, stats=last.stats, drafts=list(getattr(draft, "records", [])),
             )
     finally:

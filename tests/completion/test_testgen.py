@@ -12,6 +12,7 @@ from rotary.completion.testgen import (
     TestGenError,
     UnsupportedLanguage,
     check_request,
+    complete_lines,
     file_text,
     find_focal,
     layout,
@@ -170,6 +171,32 @@ def test_the_written_python_file_imports_the_module_and_comments_out_broken_test
     compile(text, "test_stack.py", "exec")  # the file parses, the broken test kept as a comment
     assert "from stack import *" in text and "from stack import Stack" in text
     assert "# rotary: test_push_2 does not parse" in text and "#     assert stack.push(" in text
+
+
+@pytest.mark.parametrize(
+    "language, header, body, closing, kept",
+    [
+        # Python: the line the limit cut, and the block it opened, go; the complete assertions stay.
+        ("python", "\n\ndef test_clamp_2():\n    # an edge case\n    ",
+         "assert clamp(1, 0, 10) == 1\n    for x in range(3):\n        assert clamp(x, 0, 1) <= ", "",
+         "assert clamp(1, 0, 10) == 1"),
+        # The first line continues the scaffold (`assert clamp`): kept when it completes a statement.
+        ("python", "\n\ndef test_clamp_1():\n    # a typical input\n    assert clamp",
+         "(5, 0, 10) == 5\n    assert clamp(11, 0, 10) ==", "", "(5, 0, 10) == 5"),
+        ("java", "\n    @Test\n    void test_add_1() {\n        // a typical input\n        ",
+         "assertEquals(3, calculator.add(1, 2));\n        assertEquals(5, calculator.add(2,", "\n    }\n",
+         "assertEquals(3, calculator.add(1, 2));"),
+        ("cpp", "\nTEST(CalcTest, add_1) {\n    // a typical input\n    ",
+         "EXPECT_EQ(add(1, 2), 3);\n    EXPECT_EQ(add(2,", "\n}\n", "EXPECT_EQ(add(1, 2), 3);"),
+        # Nothing to keep: the body comes back whole (written as a comment).
+        ("python", "\n\ndef test_clamp_3():\n    ", "assert clamp(1,\n    0,", "", "assert clamp(1,\n    0,"),
+    ],
+)
+def test_a_test_cut_by_the_token_limit_keeps_its_complete_lines(language, header, body, closing, kept):
+    assert syntax_error(language, (header.lstrip("\n") + body).rstrip() + closing) is not None
+    assert complete_lines(language, header, body, closing) == kept
+    if kept != body:
+        assert syntax_error(language, (header.lstrip("\n") + kept).rstrip() + closing) is None
 
 
 def test_java_and_cpp_files_wrap_the_tests():
