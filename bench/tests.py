@@ -135,6 +135,13 @@ def main(args) -> int:
     chosen = sorted(rng.sample(range(len(programs)), min(count, len(programs))))
     n_tests = 3 if quick else TESTS_PER_PROGRAM
     methods = METHODS
+    if getattr(args, "methods", None):
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in METHODS]
+        if unknown:
+            print(f"bench tests: unknown method(s) {', '.join(unknown)}; use {', '.join(METHODS)}", file=sys.stderr)
+            return 2
+        methods = tuple(m for m in METHODS if m == "plain" or m in wanted)  # plain: the reference of every ratio
 
     configure_threads()
     loaded = load_model(args.model)
@@ -240,6 +247,7 @@ def main(args) -> int:
             "draft_tokens": DRAFT_TOKENS,
             "verify_cost": {str(w): c for w, c in costs.items()},
             "seed": args.seed,
+            "methods": list(methods),
             "quick": quick,
             "cpu_count": os.cpu_count(),
             "sandbox_network": network_isolation()[1],
