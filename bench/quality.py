@@ -200,11 +200,15 @@ def score(task: Task, suggestion: str, passed: bool, latency_ms: float, into: Me
 # -- methods -------------------------------------------------------------------
 
 
-def service_suggestion(engine, task: Task, document_uri: str) -> str:
+def service_suggestion(engine, task: Task, document_uri: str) -> tuple[str, bool]:
+    """The service's suggestion with abstention off (pass@1 counts every task), and whether the
+    abstention gate at its calibrated threshold would have shown it (True without a gate)."""
     from rotary.completion.engine import CompletionOptions
 
-    options = CompletionOptions(max_tokens=MAX_TOKENS[task.kind], mode=task.kind)
-    return "".join(chunk.text for chunk in engine.complete(document_uri, task.before + task.after, len(task.before), options))
+    options = CompletionOptions(max_tokens=MAX_TOKENS[task.kind], mode=task.kind, abstain_threshold=0.0)
+    chunks = list(engine.complete(document_uri, task.before + task.after, len(task.before), options))
+    shown = engine.gate is None or chunks[-1].stats.confidence >= engine.gate.threshold
+    return "".join(chunk.text for chunk in chunks), shown
 
 
 def plain_suggestion(engine, task: Task) -> str:
@@ -246,13 +250,15 @@ def main(args) -> int:
     )
 
     generated: dict[str, list[tuple[Task, str, str, float]]] = {kind: [] for kind in TASK_KINDS}
+    shown_by_task: dict[str, list[bool]] = {kind: [] for kind in TASK_KINDS}  # service rows, in order
     for kind in TASK_KINDS:
         for task in tqdm(tasks[kind], desc=f"generate {kind}", unit="task", file=sys.stderr):
             problem_uri = "file:///humaneval/" + task.problem["task_id"].replace("/", "_") + ".py"
             for method in METHODS:
                 started = time.perf_counter()
                 if method == "service":
-                    suggestion = service_suggestion(engine, task, problem_uri)
+                    suggestion, shown = service_suggestion(engine, task, problem_uri)
+                    shown_by_task[kind].append(shown)
                 else:
                     suggestion = plain_suggestion(engine, task)
                 generated[kind].append((task, method, suggestion, (time.perf_counter() - started) * 1000))
@@ -275,6 +281,12 @@ def main(args) -> int:
         for (task, method, suggestion, latency), ok in zip(rows, outcomes):
             score(task, suggestion, ok, latency, scores[method])
         results[kind] = {m: scores[m].summary() for m in METHODS}
+        if engine.gate is not None and shown_by_task[kind]:
+            # Abstention at the calibrated threshold: how many suggestions it shows, and their pass@1.
+            service_passed = [ok for (_, m, _, _), ok in zip(rows, outcomes) if m == "service"]
+            shown = [ok for ok, show in zip(service_passed, shown_by_task[kind]) if show]
+            results[kind]["service"]["shown_frac"] = round(len(shown) / len(service_passed), 4)
+            results[kind]["service"]["pass_at_1_shown"] = round(statistics.mean(shown), 4) if shown else 0.0
         cases[kind] = [
             {"task": t.task_id, "method": m, "suggestion": s, "expected": t.expected, "passed": ok, "latency_ms": round(ms, 1)}
             for (t, m, s, ms), ok in zip(rows, outcomes)
@@ -294,6 +306,8 @@ def main(args) -> int:
         s, p = results[kind]["service"], results[kind]["plain"]
         if s.get("cases") and p.get("pass_at_1"):
             print(f"{kind}: service/plain pass@1 {s['pass_at_1'] / p['pass_at_1']:.2f}x")
+        if "shown_frac" in s:
+            print(f"{kind}: abstention shows {s['shown_frac']:.0%} of suggestions; pass@1 of those shown {s['pass_at_1_shown']:.3f}")
     write_report(
         args.json,
         {

@@ -18,7 +18,9 @@ path) and measured on the other, never on the files it was fitted on:
    line's token probabilities predicts whether the line is right; its threshold keeps at
    least `--min-shown` of completions while maximising the exact match of those shown.
 
-The artifact is written to the cache (next to the prepared model) and its report printed.
+The artifact is written to the cache (next to the prepared model; `--out PATH`: there instead) and
+its report printed. The embedded model's artifact ships in models/calibration/ (docs/BENCHMARKS.md
+has the command that made it).
 """
 
 from __future__ import annotations
@@ -173,34 +175,16 @@ def exit_threshold(probs: torch.Tensor, agree: torch.Tensor, target: float) -> f
     return float(probs[order][int(ok[-1])])
 
 
-def main(args) -> int:
-    """The CLI entry point: rotary calibrate [--model M] [--corpus DIR] [--tokens N] [--seed S] [--quick]."""
+def fit_exit_heads(args, runner, engine, train: list[Path], test: list[Path], report: dict):
+    """Steps 1-3: hidden states, exit adapters, controllers and their threshold; measured on `test`."""
     from tqdm import tqdm
 
-    from rotary.bench.corpus import python_files
-    from rotary.cache.store import KVStore
-    from rotary.models.exits import ExitHeads, artifact_path, model_fingerprint
-    from rotary.models.loader import load_model
-    from rotary.models.runner import ModelRunner, configure_threads
+    from rotary.models.exits import ExitHeads
 
-    from .engine import CompletionEngine
-    from .verdict import collect_points, fit_gate
-
-    configure_threads()
-    torch.manual_seed(args.seed)
-    runner = ModelRunner(load_model(args.model))
-    if not runner.layer_access:
-        print(f"calibrate: {runner.info.name} runs through transformers: no layer access, no exit heads", file=sys.stderr)
-        return 2
-    engine = CompletionEngine(runner, KVStore())
-    files = python_files(args.corpus)
-    train, test = split_files(files, args.seed)
     layers = tuple(int(x) for x in (args.exit_layers.split(",") if args.exit_layers else DEFAULT_EXIT_LAYERS))
-    tokens = args.tokens or (6000 if args.quick else 40000)
+    tokens = args.tokens or (6000 if args.quick else 20000)
     chunk = 256
-    report: dict = {"model": runner.info.name, "seed": args.seed, "corpus": args.corpus or "stdlib",
-                    "train_files": len(train), "held_out_files": len(test), "exit_layers": list(layers), "rank": args.rank}
-    started = time.perf_counter()
+    report.update(exit_layers=list(layers), rank=args.rank)
 
     bar = tqdm(total=tokens, desc="hidden states (train)", unit="tok", file=sys.stderr)
     fit = collect_hidden_states(runner, engine.new_buffer, train, layers, tokens, chunk, args.seed, bar.update)
@@ -211,7 +195,7 @@ def main(args) -> int:
 
     model = runner._forward
     downs, ups, gate_w, gate_b, per_layer = {}, {}, {}, {}, {}
-    epochs = 1 if args.quick else 3
+    epochs = 1 if args.quick else 2
     for layer in tqdm(layers, desc="exit heads", unit="layer", file=sys.stderr):
         with torch.enable_grad():
             down, up = fit_adapter(model, fit.by_layer[layer], fit.final, fit.choice, args.rank, epochs, args.seed)
@@ -240,8 +224,45 @@ def main(args) -> int:
     report["exit_threshold"] = round(threshold, 4)
     report["exit_target_agreement"] = args.agreement
 
+    return ExitHeads(layers, downs, ups, gate_w, gate_b, threshold)
+
+
+def main(args) -> int:
+    """The CLI entry point: rotary calibrate [--model M] [--corpus DIR] [--tokens N] [--seed S] [--quick]."""
+    from tqdm import tqdm
+
+    from rotary.bench.corpus import python_files
+    from rotary.cache.store import KVStore
+    from rotary.models.exits import artifact_path, model_fingerprint
+    from rotary.models.loader import load_model
+    from rotary.models.runner import ModelRunner, configure_threads
+
+    from .engine import CompletionEngine
+    from .verdict import collect_points, fit_gate
+
+    configure_threads()
+    torch.manual_seed(args.seed)
+    runner = ModelRunner(load_model(args.model))
+    if not runner.layer_access:
+        print(f"calibrate: {runner.info.name} runs through transformers: no layer access, no exit heads", file=sys.stderr)
+        return 2
+    engine = CompletionEngine(runner, KVStore())
+    files = python_files(args.corpus)
+    train, test = split_files(files, args.seed)
+    report: dict = {"model": runner.info.name, "seed": args.seed, "corpus": args.corpus or "stdlib",
+                    "train_files": len(train), "held_out_files": len(test)}
+    started = time.perf_counter()
+    if args.gate_only:  # keep the model's exit heads (the user's or the shipped ones); refit the gate alone
+        if runner.exits is None:
+            print("calibrate --gate-only: this model has no exit heads yet: run without --gate-only", file=sys.stderr)
+            return 2
+        heads = runner.exits
+        report.update({k: v for k, v in heads.meta.get("report", {}).items() if k in ("exit_layers", "rank", "exits", "exit_threshold", "exit_target_agreement")})
+    else:
+        heads = fit_exit_heads(args, runner, engine, train, test, report)
+
     # The abstention gate, from completions on training files; measured on held-out ones.
-    points = args.points or (60 if args.quick else 400)
+    points = args.points or (60 if args.quick else 200)
     bar = tqdm(total=points, desc="abstention (train)", unit="completion", file=sys.stderr)
     fit_points = collect_points(engine, train, points, args.seed, bar.update)
     bar.close()
@@ -252,16 +273,14 @@ def main(args) -> int:
     report["abstention"] = gate_report
 
     fingerprint = model_fingerprint(runner.model, runner.tokenizer)
-    heads = ExitHeads(layers, downs, ups, gate_w, gate_b, threshold, meta={
-        "model_fingerprint": fingerprint, "gate": gate, "report": report,
-    })
-    path = artifact_path(fingerprint)
-    heads.save(path)
+    heads.meta = {"model_fingerprint": fingerprint, "gate": gate, "report": report}
+    # --out: there only (to inspect, or to ship); otherwise where the worker finds it for this model.
+    path = Path(args.out) if args.out else artifact_path(fingerprint)
     report["artifact"] = str(path)
-    report["artifact_bytes"] = path.stat().st_size
     report["seconds"] = round(time.perf_counter() - started, 1)
+    heads.meta["report"] = report
+    heads.save(path)
+    report["artifact_bytes"] = path.stat().st_size
     print(json.dumps(report, indent=2))
-    if args.out:
-        heads.save(Path(args.out))
     engine.scheduler.stop()
     return 0

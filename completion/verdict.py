@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+# Characters of context before a completion point: about 500 tokens, so calibration stays minutes on 2 cores.
+CONTEXT_CHARS = 1500
+
 FEATURES = ("mean_logprob", "min_logprob", "first_logprob", "mean_margin", "low_prob_frac", "log_tokens")
 
 
@@ -64,7 +67,7 @@ class Point:
 
 
 def completion_points(files: Sequence[Path], count: int, seed: int) -> list[tuple[str, int, str]]:
-    """(text, cursor offset, the real rest of the line) at random cuts inside lines of real code."""
+    """(text up to the cursor, cursor offset, the real rest of the line) at random cuts inside lines of real code."""
     rng = random.Random(seed)
     points = []
     order = list(files)
@@ -83,8 +86,11 @@ def completion_points(files: Sequence[Path], count: int, seed: int) -> list[tupl
         indent = len(line) - len(line.lstrip())
         cut = rng.randint(indent + 2, len(line) - 3)
         offset = sum(len(ln) + 1 for ln in lines[:i]) + cut
-        start = max(0, offset - 3000)  # about 1k tokens of context
-        points.append((text[start:], offset - start, line[cut:].rstrip()))
+        start = max(0, offset - CONTEXT_CHARS)
+        # The file ends at the cursor, as when the rest of the line is being typed: with the rest of
+        # the line still after the cursor, the stop rules (never repeat the text after the cursor)
+        # would rightly refuse to write it.
+        points.append((text[start:offset], offset - start, line[cut:].rstrip()))
         if len(points) == count:
             break
     return points
@@ -113,6 +119,13 @@ def fit_gate(fit: Sequence[Point], held: Sequence[Point], min_shown: float) -> t
 
     x = torch.tensor([p.features for p in fit], dtype=torch.float32)
     y = torch.tensor([p.correct for p in fit])
+    right = int(y.sum())
+    if right in (0, len(fit)) or not torch.isfinite(x).all():
+        raise ValueError(
+            f"abstention gate: {right} of {len(fit)} training completions were right and "
+            f"{'some' if not torch.isfinite(x).all() else 'no'} features were not finite; it needs both right and wrong "
+            "completions with finite features (more --points, or a corpus of ordinary code)"
+        )
     with torch.enable_grad():
         w, b = fit_logistic(x, y)
     gate = Gate(w.tolist(), float(b), 0.0)

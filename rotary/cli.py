@@ -450,13 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--corpus", default=None, metavar="DIR", help="folder of Python files (default: the standard library)")
     k.add_argument("--exit-layers", default=None, help="comma-separated 0-based layers to exit after (default 9,14,19,24,27)")
     k.add_argument("--rank", type=int, default=32, help="rank of each exit adapter (default 32)")
-    k.add_argument("--tokens", type=int, default=None, help="training tokens for the exit heads (default 40000; --quick 6000)")
-    k.add_argument("--points", type=int, default=None, help="completion points for the abstention gate (default 400; --quick 60)")
+    k.add_argument("--tokens", type=int, default=None, help="training tokens for the exit heads (default 20000; --quick 6000)")
+    k.add_argument("--points", type=int, default=None, help="completion points for the abstention gate (default 200, half as many held out; --quick 60)")
     k.add_argument("--agreement", type=float, default=0.9, help="held-out agreement with the full model the exit threshold keeps")
     k.add_argument("--min-shown", type=float, default=0.5, help="the abstention threshold shows at least this fraction")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--quick", action="store_true")
-    k.add_argument("--out", default=None, metavar="PATH", help="also write the artifact here")
+    k.add_argument("--gate-only", action="store_true", help="keep the model's exit heads; refit the abstention gate alone")
+    k.add_argument("--out", default=None, metavar="PATH", help="write the artifact here instead of the cache (where the worker looks for it)")
     k.set_defaults(func=cmd_calibrate)
 
     from rotary.bench import add_bench_parser, add_soak_parser

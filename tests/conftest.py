@@ -10,6 +10,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The oracle comparisons check decoding: the text greedy decoding produces. Abstention (the gate
+# that withholds a likely-wrong suggestion) has tests of its own that set a threshold explicitly
+# (tests/completion/test_verdict.py, tests/lsp/test_abstention.py); everywhere else every worker
+# (in-process or started by a daemon or an editor, which inherit the environment) shows what it
+# decoded.
+os.environ.setdefault("ROTARY_ABSTAIN_THRESHOLD", "0")
+
 
 @functools.lru_cache(maxsize=1)
 def reference_model():

@@ -141,3 +141,24 @@ def test_benchmark_quick_run_writes_the_keys_its_issue_names(name, tmp_path, req
     assert all(math.isfinite(x) for x in numbers_in(report["results"])), report["results"]
     if name == "decode":
         assert at(report, "results.own.identical") is True
+
+
+@pytest.mark.model
+def test_calibrate_writes_an_artifact_the_worker_can_load(tmp_path):
+    """`rotary calibrate`, tiny: one exit layer, a few hundred tokens, a handful of completion points."""
+    from rotary.models.exits import ExitHeads
+
+    path = tmp_path / "exits.safetensors"
+    out = subprocess.run(
+        [sys.executable, "-m", "rotary", "--log-level", "warning", "calibrate", "--quick", "--tokens", "512",
+         "--points", "6", "--exit-layers", "9", "--rank", "4", "--out", str(path)],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    report = json.loads(out.stdout)
+    assert report["artifact"] == str(path) and report["exit_layers"] == [9]
+    assert {"agreement_logit_lens", "agreement_exit_head", "controller_auroc"} <= set(report["exits"]["9"])
+    assert {"auroc", "shown_frac", "em_shown", "em_all", "threshold"} <= set(report["abstention"])
+    heads = ExitHeads.load(path)
+    assert heads.layers == (9,) and heads.down[9].shape[1] == 4
+    assert abs(heads.meta["gate"]["threshold"] - report["abstention"]["threshold"]) < 1e-3  # the report rounds

@@ -57,7 +57,8 @@ def test_a_completion_the_gate_finds_likely_wrong_is_withheld_and_says_so():
     from rotary.completion.engine import CompletionOptions
 
     eng = engine()
-    saved = eng.gate
+    saved = eng.gate, eng.abstain_default
+    eng.abstain_default = None  # the calibrated threshold, as a worker without $ROTARY_ABSTAIN_THRESHOLD has
     text = "def area(width, height):\n    return width"
     try:
         eng.gate = Gate([0.0] * len(FEATURES), -8.0, 0.5)  # scores every line ~0.0003
@@ -72,7 +73,7 @@ def test_a_completion_the_gate_finds_likely_wrong_is_withheld_and_says_so():
         chunks = list(eng.complete(None, text, len(text), CompletionOptions(mode="single_line", cache_mode="none")))
         assert "".join(c.text for c in chunks) == shown and chunks[-1].stats.confidence > 0.99
     finally:
-        eng.gate = saved
+        eng.gate, eng.abstain_default = saved
 
 
 def test_the_daemon_shows_an_abstention_in_its_status_and_stats():
