@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-BENCHMARKS = ("quality", "latency", "edits", "decode", "tests", "exit")
+BENCHMARKS = ("quality", "latency", "edits", "decode", "tests", "exit", "load")
 
 
 def write_report(path: str | None, report: dict) -> None:
@@ -44,8 +44,15 @@ def add_bench_parser(sub, func) -> None:
 
 def add_soak_parser(sub, func) -> None:
     s = sub.add_parser("soak", help="long randomized checks, run on demand (docs/RELIABILITY.md)")
-    s.add_argument("name", choices=("edits",), help="edits: random LSP edit sequences, daemon vs worker vs a reference")
-    s.add_argument("--sequences", type=int, default=10_000)
+    s.add_argument(
+        "name", choices=("edits", "kills"),
+        help="edits: random LSP edit sequences, daemon vs worker vs a reference; "
+        "kills: SIGKILL the daemon's worker mid-completion, then check the next completion and the document",
+    )
+    s.add_argument("--sequences", type=int, default=10_000, help="edits: how many sequences")
+    s.add_argument("--kills", type=int, default=100, help="kills: how many times to kill the worker")
+    s.add_argument("--max-seconds", type=float, default=None, help="kills: stop after this long (reported)")
+    s.add_argument("--model", default=None, help="kills: the model of the daemon's worker (default: the embedded one)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, metavar="PATH", help="write machine-readable results here")
     s.set_defaults(func=func)
@@ -74,6 +81,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return main(args)
     if args.name == "exit":
         from .exit import main
+
+        return main(args)
+    if args.name == "load":
+        from .load import main
 
         return main(args)
     raise SystemExit(f"unknown benchmark {args.name}")

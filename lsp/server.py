@@ -50,7 +50,7 @@ from rotary.completion.rpc import worker_pb2 as pb
 
 from .positions import UTF8, UTF16, offset_at, position_at
 from .settings import Settings, parse_settings
-from .sync import DocumentSync
+from .sync import DocumentSync, text_crc32, wire_text
 from .testgen import function_at, new_test_file_uri
 from .worker import LOADING, READY, STARTING, STOPPED, WorkerConnection
 
@@ -374,6 +374,7 @@ class RotaryServer(LanguageServer):
                     self.calls.pop(uri, None)
         else:
             return None
+        self.worker.mark_served()
         text = "".join(parts)
         latency = (time.perf_counter() - started) * 1000
         self.last_latency_ms = round(latency, 1)
@@ -521,6 +522,19 @@ class RotaryServer(LanguageServer):
                 "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
                 "open_documents": len(self.sync.docs),
                 "skipped_documents": {u: c.skipped_reason for u, c in self.sync.docs.items() if c.skipped_reason},
+                # What the daemon holds per document, to check against a reference (rotary bench load, soak kills):
+                # its text's length and CRC-32 (of the text as the worker gets it), the worker's version of it
+                # and the changes still to send.
+                "documents": {
+                    u: {
+                        "length": len(c.text),
+                        "crc32": text_crc32(wire_text(c.text)),
+                        "worker_version": c.acked_version,
+                        "pending": len(c.pending),
+                        "resend": c.resend,
+                    }
+                    for u, c in self.sync.docs.items()
+                },
                 "trusted_client": self.trusted,
                 "documents_resent": self.sync.reopens,
                 "drift_detected": self.sync.drifts,

@@ -1,0 +1,511 @@
+"""`rotary bench load`: N simulated editors typing at once against one shared worker.
+
+For N = 1, 5 and 20, one real worker is started (`rotary worker --listen 127.0.0.1:PORT`, the
+model given by --model or the embedded one), and N editors connect to it, each a real daemon
+(`rotary lsp --worker ADDR`) driven over stdio by its own pygls LanguageClient, all in one asyncio
+loop. Each editor opens a real Python file from the corpus with a stretch of its code cut out, and
+types that stretch back at human speed: bursts of keystrokes about 0.12 s apart (about 5 keys a
+second overall), a pause after each burst, a typo now and then that is backspaced at once, and the
+editor's auto-indentation after a line break. Every keystroke is an incremental didChange; at the
+start of each pause the editor asks textDocument/inlineCompletion, and its next keystroke waits for
+the answer (the user reads the suggestion), so a slow service slows the typing rather than piling
+requests up without end. The schedule comes from --seed.
+
+Measured per N:
+- completion latency, p50/p95/p99: from sending the inlineCompletion request to its answer, as the
+  client sees it (the daemon's settings are its defaults: debounce 50 ms, mode auto, 64 tokens).
+  Each file's first completion (the editor opening the file encodes it) is timed apart (`open_ms`).
+- lost_edits: after its session every editor compares what the daemon holds (`rotary.stats`:
+  length and CRC-32 of its text, the worker's version, nothing pending) and what the worker holds
+  (an EditDocument with no changes at that version, whose acknowledgement carries the worker's
+  length and CRC-32) with the reference text the client built from its own keystrokes. An editor
+  whose daemon or worker text differs counts all its edits as lost.
+- peak_rss_mb: the worker's VmHWM (/proc), a fresh worker per N.
+- restarts: the daemons' worker restarts (a busy worker must never be restarted), plus whether the
+  worker process is still the one started.
+
+Why asyncio and pygls's client, not locust: locust drives HTTP (or custom) request/response users
+in gevent greenlets and reports per-request stats; our editors are LSP clients over stdio pipes to a
+daemon process each, exchanging notifications (didOpen/didChange) and requests on one stream. The
+pygls client is the one the end-to-end tests use, fits asyncio, and the percentiles are a few lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import write_report
+from .corpus import sample_files
+
+SIZES = (1, 5, 20)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def crc32(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+# -- what an editor types ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Keystroke:
+    delay_s: float  # wait before it
+    kind: str  # "type" (insert text at the cursor) or "backspace" (delete the character before it)
+    text: str = ""
+    complete_after: bool = False  # a pause follows: ask for a completion
+
+
+@dataclass
+class Session:
+    uri: str
+    file: str
+    initial: str  # the file with the stretch to type cut out
+    cursor: int  # code-point offset where typing starts
+    keys: list[Keystroke] = field(default_factory=list)
+
+
+def make_session(path: Path, uri: str, rng: random.Random, keystrokes: int) -> Session | None:
+    """Cut a stretch of code (about `keystrokes` characters, whole lines) out of the file at a line
+    inside its first 120, and the keystrokes that type it back."""
+    text = path.read_text(encoding="utf-8")
+    if "\r" in text:
+        return None  # positions here count \n only
+    lines = text.split("\n")
+    candidates = [i for i in range(10, min(len(lines) - 5, 120)) if lines[i].strip() and not lines[i - 1].rstrip().endswith("\\")]
+    if not candidates:
+        return None
+    first = rng.choice(candidates)
+    last, size = first, 0
+    while last < len(lines) - 1 and size < keystrokes:
+        size += len(lines[last].strip()) + 1
+        last += 1
+    start = sum(len(ln) + 1 for ln in lines[:first]) + (len(lines[first]) - len(lines[first].lstrip()))
+    end = sum(len(ln) + 1 for ln in lines[:last])  # the start of line `last`
+    stretch = text[start:end]
+    if not stretch.strip():
+        return None
+    session = Session(uri=uri, file=str(path), initial=text[:start] + text[end:], cursor=start)
+    # Keystrokes: one per character, except that a line break brings the next line's indentation with
+    # it (the editor's auto-indent). Bursts of 8-30 keys about 0.12 s apart, then a 0.6-2 s pause.
+    burst_left = rng.randint(8, 30)
+    i = 0
+    while i < len(stretch):
+        ch = stretch[i]
+        i += 1
+        if ch == "\n":
+            j = i
+            while j < len(stretch) and stretch[j] in " \t":
+                j += 1
+            ch, i = stretch[i - 1 : j], j
+        delay = max(0.03, rng.gauss(0.12, 0.04))
+        if rng.random() < 0.03 and ch.isalpha():  # a typo, seen and backspaced at once
+            session.keys.append(Keystroke(delay, "type", rng.choice("qxzjkv")))
+            session.keys.append(Keystroke(max(0.05, rng.gauss(0.25, 0.08)), "backspace"))
+            delay = max(0.03, rng.gauss(0.15, 0.05))
+        session.keys.append(Keystroke(delay, "type", ch))
+        burst_left -= 1
+        if burst_left <= 0:
+            session.keys[-1].complete_after = True
+            burst_left = rng.randint(8, 30)
+    session.keys[-1].complete_after = True  # the session ends with a completion: everything is flushed
+    return session
+
+
+def make_sessions(corpus: str | None, count: int, seed: int, keystrokes: int, tag: str) -> list[Session]:
+    rng = random.Random(seed)
+    sessions: list[Session] = []
+    for path in sample_files(corpus, count * 4, seed):
+        session = make_session(path, f"{path.resolve().as_uri()}#{tag}-e{len(sessions)}", rng, keystrokes)
+        if session is not None:
+            sessions.append(session)
+        if len(sessions) == count:
+            break
+    return sessions
+
+
+# -- one editor -------------------------------------------------------------------------------------------
+
+
+class Editor:
+    """A pygls LanguageClient driving one `rotary lsp` daemon over stdio, and the reference text it built."""
+
+    def __init__(self, name: str, daemon_args: list[str], settings: dict | None = None):
+        self.name = name
+        self.daemon_args = daemon_args
+        self.settings = settings or {}
+        self.client = None
+        self.version = 0
+
+    async def start(self) -> None:
+        from lsprotocol import types
+        from pygls.lsp.client import LanguageClient
+
+        self.client = LanguageClient(f"rotary-{self.name}", "1")
+
+        @self.client.feature("rotary/status")
+        def status(params):  # noqa: ARG001  shown in an editor's status bar; nothing to do here
+            return None
+
+        await self.client.start_io(sys.executable, "-m", "rotary", "--log-level", "warning", "lsp", *self.daemon_args)
+        await self.client.initialize_async(
+            types.InitializeParams(capabilities=types.ClientCapabilities(), initialization_options=self.settings)
+        )
+        self.client.initialized(types.InitializedParams())
+
+    @property
+    def pid(self) -> int | None:
+        server = getattr(self.client, "_server", None)
+        return getattr(server, "pid", None)
+
+    async def stats(self) -> dict:
+        from lsprotocol import types
+
+        return await self.client.workspace_execute_command_async(types.ExecuteCommandParams(command="rotary.stats"))
+
+    async def wait_ready(self, timeout: float = 600.0, ok=None) -> dict:
+        ok = ok or (lambda s: s["worker"]["state"] == "ready")
+        deadline = time.monotonic() + timeout
+        while not ok(current := await self.stats()):
+            worker = current["worker"]
+            if worker["state"] == "error" and "retrying" not in worker["message"]:
+                raise RuntimeError(f"{self.name}: the daemon stopped its worker: {worker['message']}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: the worker did not become ready: {current['worker']}")
+            await asyncio.sleep(0.2)
+        return current
+
+    def open(self, uri: str, text: str) -> None:
+        from lsprotocol import types
+
+        self.version = 1
+        self.client.text_document_did_open(
+            types.DidOpenTextDocumentParams(types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text))
+        )
+
+    def change(self, uri: str, text: str, start: int, end: int, new: str) -> str:
+        """Replace text[start:end] by `new` (code-point offsets) with an incremental didChange; return the
+        new text. Positions are UTF-16 (the default encoding when the client names none)."""
+        from lsprotocol import types
+
+        def position(offset: int) -> types.Position:  # the texts have no CR (make_session skips such files)
+            line_start = text.rfind("\n", 0, offset) + 1
+            return types.Position(text.count("\n", 0, line_start), utf16_len(text[line_start:offset]))
+
+        self.version += 1
+        self.client.text_document_did_change(
+            types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=self.version),
+                content_changes=[types.TextDocumentContentChangePartial(range=types.Range(position(start), position(end)), text=new)],
+            )
+        )
+        return text[:start] + new + text[end:]
+
+    async def complete(self, uri: str, text: str, offset: int) -> tuple[float, str | None]:
+        """inlineCompletion at `offset`; (milliseconds to the answer, the suggestion or None)."""
+        from lsprotocol import types
+
+        line_start = text.rfind("\n", 0, offset) + 1
+        position = types.Position(text.count("\n", 0, line_start), utf16_len(text[line_start:offset]))
+        started = time.perf_counter()
+        result = await self.client.text_document_inline_completion_async(
+            types.InlineCompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                position=position,
+                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+            )
+        )
+        elapsed = (time.perf_counter() - started) * 1000
+        return elapsed, (result.items[0].insert_text if result and result.items else None)
+
+    def close(self, uri: str) -> None:
+        from lsprotocol import types
+
+        self.client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri=uri)))
+
+    async def stop(self) -> None:
+        if self.client is None:
+            return
+        try:
+            await asyncio.wait_for(self.client.shutdown_async(None), timeout=30)
+            self.client.exit(None)
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(self.client.stop(), timeout=30)
+        except Exception:
+            server = getattr(self.client, "_server", None)
+            if server is not None and server.returncode is None:
+                server.kill()
+
+
+async def check_texts(editor: Editor, uri: str, reference: str, worker_stub) -> dict:
+    """The daemon's and the worker's copies of `uri` against the reference (length and CRC-32).
+
+    The worker is asked with an EditDocument of no changes at the version the daemon says it has
+    (base = new = that version): it changes nothing and its acknowledgement carries the worker's
+    length and CRC-32. Call it only while the daemon flushes nothing for `uri` (the editor idle)."""
+    from rotary.completion.rpc import worker_pb2 as pb
+    from rotary.lsp.sync import wire_text
+
+    stats = await editor.stats()
+    doc = stats["daemon"].get("documents", {}).get(uri)
+    wire = wire_text(reference)
+    out = {"daemon_ok": False, "worker_ok": False, "why": ""}
+    if doc is None:
+        out["why"] = "the daemon has no such document"
+        return out
+    out["daemon_ok"] = doc["length"] == len(reference) and doc["crc32"] == crc32(wire)
+    if not out["daemon_ok"]:
+        out["why"] = f"daemon length {doc['length']} vs {len(reference)}"
+    if doc["pending"] or doc["resend"] or doc["worker_version"] is None:
+        out["why"] += f" daemon has {doc['pending']} pending changes (resend {doc['resend']})"
+        return out
+    try:
+        ack = await worker_stub.EditDocument(
+            pb.EditDocumentRequest(uri=uri, base_version=doc["worker_version"], new_version=doc["worker_version"]), timeout=10
+        )
+    except Exception as exc:  # noqa: BLE001  any refusal is a failed check
+        out["why"] += f" worker refused the check: {exc}"
+        return out
+    out["worker_ok"] = ack.length == len(wire) and ack.crc32 == crc32(wire)
+    if not out["worker_ok"]:
+        out["why"] += f" worker length {ack.length} vs {len(wire)}"
+    return out
+
+
+@dataclass
+class EditorResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    open_ms: float | None = None
+    suggestions: int = 0
+    edits: int = 0
+    lost_edits: int = 0
+    daemon_ok: bool = False
+    worker_ok: bool = False
+    why: str = ""
+    restarts: int = 0
+    drift_detected: int = 0
+    documents_resent: int = 0
+    worker_unavailable: int = 0
+    errors: int = 0
+
+
+async def run_editor(
+    editor: Editor, session: Session, worker_stub, max_completions: int, deadline: float, rng: random.Random
+) -> EditorResult:
+    out = EditorResult()
+    text, cursor = session.initial, session.cursor
+    editor.open(session.uri, text)
+    out.open_ms, _ = await editor.complete(session.uri, text, cursor)  # opening the file encodes it
+    completions = 0
+    for key in session.keys:
+        await asyncio.sleep(key.delay_s)
+        if key.kind == "type":
+            text = editor.change(session.uri, text, cursor, cursor, key.text)
+            cursor += len(key.text)
+        else:
+            text = editor.change(session.uri, text, cursor - 1, cursor, "")
+            cursor -= 1
+        out.edits += 1
+        stop = completions + 1 >= max_completions or time.monotonic() > deadline
+        if key.complete_after or stop:
+            ms, suggestion = await editor.complete(session.uri, text, cursor)
+            out.latencies_ms.append(ms)
+            out.suggestions += suggestion is not None
+            completions += 1
+            if stop:
+                break
+            await asyncio.sleep(rng.uniform(0.6, 2.0))  # the pause (it begins when the suggestion shows)
+    check = await check_texts(editor, session.uri, text, worker_stub)
+    out.daemon_ok, out.worker_ok, out.why = check["daemon_ok"], check["worker_ok"], check["why"].strip()
+    if not (out.daemon_ok and out.worker_ok):
+        out.lost_edits = out.edits  # which of them is unknown: all are counted
+    stats = await editor.stats()
+    out.restarts = stats["worker"]["restarts"]
+    daemon = stats["daemon"]
+    out.drift_detected, out.documents_resent = daemon["drift_detected"], daemon["documents_resent"]
+    out.worker_unavailable, out.errors = daemon["worker_unavailable"], daemon["errors"]
+    editor.close(session.uri)
+    return out
+
+
+# -- one N ------------------------------------------------------------------------------------------------
+
+
+def start_worker(model: str | None) -> tuple[subprocess.Popen, str]:
+    address = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address]
+    if model:
+        cmd += ["--model", model]
+    worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from rotary.completion.client import WorkerClient
+
+    probe = WorkerClient(address)
+    try:
+        probe.wait_ready(timeout=600)
+    finally:
+        probe.close()
+    return worker, address
+
+
+async def run_size(n: int, sessions: list[Session], address: str, worker_pid: int, max_completions: int, seconds: float, seed: int) -> dict:
+    import grpc
+
+    from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
+
+    editors = [Editor(f"e{i}", ["--worker", address]) for i in range(n)]
+    channel = grpc.aio.insecure_channel(address)
+    stub = pb_grpc.WorkerStub(channel)
+    try:
+        await asyncio.gather(*(e.start() for e in editors))
+        await asyncio.gather(*(e.wait_ready() for e in editors))
+        started = time.monotonic()
+        deadline = started + seconds
+        results = await asyncio.gather(
+            *(
+                run_editor(e, s, stub, max_completions, deadline, random.Random(seed * 1000 + i))
+                for i, (e, s) in enumerate(zip(editors, sessions))
+            )
+        )
+        wall = time.monotonic() - started
+    finally:
+        await asyncio.gather(*(e.stop() for e in editors))
+        await channel.close()
+    latencies = [ms for r in results for ms in r.latencies_ms]
+    opens = [r.open_ms for r in results if r.open_ms is not None]
+    alive = _alive(worker_pid)
+    edits = sum(r.edits for r in results)
+    return {
+        "editors": n,
+        "completions": len(latencies),
+        "p50_ms": _round(percentile(latencies, 0.5)),
+        "p95_ms": _round(percentile(latencies, 0.95)),
+        "p99_ms": _round(percentile(latencies, 0.99)),
+        "mean_ms": _round(statistics.fmean(latencies) if latencies else None),
+        "open_ms_p50": _round(percentile(opens, 0.5)),
+        "suggestions": sum(r.suggestions for r in results),
+        "edits_sent": edits,
+        "edits_applied": edits - sum(r.lost_edits for r in results),
+        "lost_edits": sum(r.lost_edits for r in results),
+        "texts_checked": len(results),
+        "texts_differing": [r.why for r in results if not (r.daemon_ok and r.worker_ok)],
+        "keystrokes_per_s": round(edits / wall / n, 2) if wall else None,
+        "seconds": round(wall, 1),
+        "restarts": sum(r.restarts for r in results) + (0 if alive else 1),
+        "worker_alive": alive,
+        "drift_detected": sum(r.drift_detected for r in results),
+        "documents_resent": sum(r.documents_resent for r in results),
+        "worker_unavailable": sum(r.worker_unavailable for r in results),
+        "errors": sum(r.errors for r in results),
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+def main(args) -> int:
+    keystrokes = 90 if args.quick else 300  # characters typed per editor (about 20 s or 60 s of typing)
+    seconds = 45.0 if args.quick else 120.0  # a bound on each N's typing time (slow answers slow typing)
+    max_completions = args.limit or 10_000
+    sizes = [(n, min(n, args.limit) if args.limit else n) for n in SIZES]
+    results = {}
+    load_avg = os.getloadavg()
+    print(f"load: N = {[n for n, _ in sizes]} editors (seed {args.seed}, {'quick' if args.quick else 'full'}); load average {load_avg}", file=sys.stderr)
+    for n, count in sizes:
+        sessions = make_sessions(args.corpus, count, args.seed + n, keystrokes, f"load-n{n}-{os.getpid()}")
+        if len(sessions) < count:
+            raise SystemExit(f"only {len(sessions)} usable files in the corpus for {count} editors")
+        worker, address = start_worker(args.model)
+        try:
+            result = asyncio.run(run_size(count, sessions, address, worker.pid, max_completions, seconds, args.seed))
+            result["peak_rss_mb"] = peak_rss_mb(worker.pid)
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        results[f"n={n}"] = result
+        print(
+            f"  n={n}: {result['completions']} completions, p50 {result['p50_ms']} p95 {result['p95_ms']} p99 {result['p99_ms']} ms, "
+            f"lost edits {result['lost_edits']}/{result['edits_sent']}, worker peak RSS {result['peak_rss_mb']} MB, "
+            f"restarts {result['restarts']}",
+            file=sys.stderr,
+        )
+    p95_1, p95_20 = results["n=1"]["p95_ms"], results["n=20"]["p95_ms"]
+    report = {
+        "benchmark": "load",
+        "config": {
+            "sizes": [n for n, _ in sizes],
+            "editors": {f"n={n}": count for n, count in sizes},
+            "seed": args.seed,
+            "corpus": args.corpus or "stdlib",
+            "model": args.model or "embedded SmolLM2-135M",
+            "keystrokes_per_editor": keystrokes,
+            "max_seconds_per_n": seconds,
+            "max_completions_per_editor": args.limit,
+            "daemon_settings": "defaults (debounceMs 50, completionMode auto, maxTokens 64)",
+            "client": "asyncio + pygls LanguageClient over stdio, one `rotary lsp --worker` per editor",
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": [round(x, 2) for x in load_avg],
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "quick": bool(args.quick),
+        },
+        "results": results,
+        "p95_ratio_n20_n1": round(p95_20 / p95_1, 2) if p95_1 and p95_20 else None,
+    }
+    print(f"\n{'N':>4}{'compl.':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'lost':>6}{'RSS MB':>8}{'restarts':>9}")
+    for n, _ in sizes:
+        r = results[f"n={n}"]
+        print(f"{n:>4}{r['completions']:>8}{r['p50_ms']!s:>9}{r['p95_ms']!s:>9}{r['p99_ms']!s:>9}{r['lost_edits']:>6}{r['peak_rss_mb']!s:>8}{r['restarts']:>9}")
+    print(f"p95 at N=20 / p95 at N=1: {report['p95_ratio_n20_n1']} (goal <= 4)")
+    write_report(args.json, report)
+    lost = sum(r["lost_edits"] for r in results.values())
+    return 1 if lost else 0
