@@ -41,6 +41,8 @@ KEEP_WORKER_LOGS = 20
 MAX_BACKOFF_S = 30.0
 MAX_START_FAILURES = 5  # of our own worker, in a row; then stop with a clear status
 STABLE_S = 60.0  # a worker ready this long has really started: its failures count from zero again
+# So has one that answered a completion (mark_served): a worker killed after serving is no crash loop,
+# and kills in a row (an OOM killer, a user's kill) must not stop the daemon after MAX_START_FAILURES.
 # One step of the worker's model thread (a prefill chunk, a decode round) takes well under a second;
 # one that has run this long is hung, and the worker is restarted. A busy worker is never: its Health
 # is answered off the model thread and its steps keep finishing.
@@ -84,6 +86,7 @@ class WorkerConnection:
         self._wake = asyncio.Event()
         self.last_failure: str | None = None  # why the last start failed; cleared once ready
         self.failures = 0  # failed starts in a row
+        self.served = False  # the current worker answered a completion (it really started)
         self._wanted = False
         self.backoff_base_s = 1.0
         self.hung_after_s = HUNG_STEP_S
@@ -117,6 +120,10 @@ class WorkerConnection:
                 return None
             await asyncio.sleep(0.1)
         return self.ready_stub()
+
+    def mark_served(self) -> None:
+        """The current worker answered a completion: it has really started (its failures start over)."""
+        self.served = True
 
     def report_failure(self, exc: BaseException) -> None:
         """A call failed as if the worker were gone: check it now rather than at the next poll."""
@@ -160,6 +167,7 @@ class WorkerConnection:
                     self.restarts += 1
                     self.on_restart()
                 first = False
+                self.served = False
                 address = await self._launch()
                 await self._open_channel(address)
                 await self._wait_ready()
@@ -175,7 +183,7 @@ class WorkerConnection:
                 self.last_failure = str(exc)
             await self._close_channel()
             await self._kill_process()
-            if ready_at is not None and time.monotonic() - ready_at >= STABLE_S:
+            if ready_at is not None and (self.served or time.monotonic() - ready_at >= STABLE_S):
                 self.failures = 0
             self.failures += 1
             if not self.external_address and self.failures >= MAX_START_FAILURES:
