@@ -154,6 +154,8 @@ def main(args) -> int:
     first_right = [r["text"].split("\n")[0].strip() == r["truth"].split("\n")[0].strip() for r in full]
     results["abstain"] = measure(scores, first_right, gate.threshold) | {"threshold": gate.threshold}
     results["abstain"]["auroc"] = round(auroc(scores, first_right), 4)
+    # Per point, so the abstention figures can be recomputed at any other threshold of the same gate.
+    results["abstain"]["points"] = [[round(s, 6), ok] for s, ok in zip(scores, first_right)]
 
     print(f"\n{'method':<22}{'layers':>8}{'speedup':>9}{'ROUGE-L':>9}{'EM':>7}{'agree':>7}{'tok/s':>8}")
     for name in methods:
@@ -168,5 +170,6 @@ def main(args) -> int:
                    "exit_layers": list(runner.exits.layers), "thresholds": thresholds, "quick": bool(args.quick),
                    "model": runner.info.name, "exit_heads": runner.exits_from},
         "results": results,
+        "gate": runner.exits.meta["gate"],
     })
     return 0

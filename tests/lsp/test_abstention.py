@@ -49,8 +49,8 @@ async def test_an_abstention_is_shown_in_status_and_stats_and_the_setting_turns_
     assert await inline(client, 5, len(last_line), invoked=True) is None
     daemon = await daemon_stats(client)
     assert daemon["abstained"] == 1 and daemon["suggestions"] == 0
-    said = [s for s in client.statuses if s.get("lastResult") == "abstained"]
-    assert said and "likely wrong (confidence 0." in said[-1]["message"], client.statuses
+    said = [s for s in client.statuses if getattr(s, "lastResult", None) == "abstained"]
+    assert said and "likely wrong (confidence 0." in said[-1].message, client.statuses
 
     client.workspace_did_change_configuration(
         types.DidChangeConfigurationParams(settings={"rotary": {"abstainThreshold": 0, "completionMode": "singleLine", "debounceMs": 0, "maxTokens": 32}})
