@@ -309,6 +309,10 @@ def strategies():
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "name", "edits") == "kills":
+        from .kills import main as kills_main
+
+        return kills_main(args)
     from hypothesis import HealthCheck, Phase, given, seed, settings
 
     import logging
