@@ -1,5 +1,6 @@
 """Test generation on the real model, in-process: greedy output is the same with every drafter (lossless),
-the drafters save forward passes, and sampling is reproducible from its seed."""
+the drafters save forward passes, and sampling is reproducible from its seed; a C++ focal function takes the
+same path."""
 
 from __future__ import annotations
 
@@ -54,3 +55,20 @@ def test_sampling_is_reproducible_and_drafts_are_verified():
     again = generate("ast+ngram", temperature=0.8, seed=3)
     assert [t.code for t in first] == [t.code for t in again]
     assert sum(t.stats.tokens_drafted for t in first) > 0
+
+
+CPP = '''int add(int a, int b) {
+    return a + b;
+}
+'''
+
+
+def test_cpp_tests_take_the_same_path():
+    from rotary.completion.testgen import find_focal, generate_tests
+
+    focal = find_focal("calc.cpp", CPP, "add")
+    plain = list(generate_tests(engine(), focal, count=2, max_tokens=32, drafter="plain"))
+    drafted = list(generate_tests(engine(), focal, count=2, max_tokens=32, drafter="ast+ngram"))
+    assert plain[0].code.startswith("TEST(calcTest, add_1) {\n    // a typical input\n    EXPECT_EQ"), plain[0].code
+    assert [t.code for t in drafted] == [t.code for t in plain]
+    assert sum(t.stats.forwards for t in drafted) < sum(t.stats.forwards for t in plain)
