@@ -14,7 +14,8 @@ requests up without end. The schedule comes from --seed.
 Measured per N:
 - completion latency, p50/p95/p99: from sending the inlineCompletion request to its answer, as the
   client sees it (the daemon's settings are its defaults: debounce 50 ms, mode auto, 64 tokens).
-  Each file's first completion (the editor opening the file encodes it) is timed apart (`open_ms`).
+  The editors open their files one after another before the typing starts, each asking once (the
+  worker encodes the whole file), timed apart as `open_ms`; then all type at once.
 - lost_edits: after its session every editor compares what the daemon holds (`rotary.stats`:
   length and CRC-32 of its text, the worker's version, nothing pending) and what the worker holds
   (an EditDocument with no changes at that version, whose acknowledgement carries the worker's
@@ -327,13 +328,19 @@ class EditorResult:
     errors: int = 0
 
 
+async def open_file(editor: Editor, session: Session) -> float:
+    """The editor opens its file and asks once: the worker encodes the file (timed as `open_ms`)."""
+    editor.open(session.uri, session.initial)
+    ms, _ = await editor.complete(session.uri, session.initial, session.cursor)
+    return ms
+
+
 async def run_editor(
-    editor: Editor, session: Session, worker_stub, max_completions: int, deadline: float, rng: random.Random
+    editor: Editor, session: Session, worker_stub, max_completions: int, deadline: float, rng: random.Random,
+    open_ms: float | None = None,
 ) -> EditorResult:
-    out = EditorResult()
+    out = EditorResult(open_ms=open_ms)
     text, cursor = session.initial, session.cursor
-    editor.open(session.uri, text)
-    out.open_ms, _ = await editor.complete(session.uri, text, cursor)  # opening the file encodes it
     completions = 0
     for key in session.keys:
         await asyncio.sleep(key.delay_s)
@@ -396,11 +403,14 @@ async def run_size(n: int, sessions: list[Session], address: str, worker_pid: in
     try:
         await asyncio.gather(*(e.start() for e in editors))
         await asyncio.gather(*(e.wait_ready() for e in editors))
+        # The files are opened one after another before the typing starts (users open files at
+        # different times; 20 whole-file encodes at the same instant would measure that, not typing).
+        opens = [await open_file(e, s) for e, s in zip(editors, sessions)]
         started = time.monotonic()
         deadline = started + seconds
         results = await asyncio.gather(
             *(
-                run_editor(e, s, stub, max_completions, deadline, random.Random(seed * 1000 + i))
+                run_editor(e, s, stub, max_completions, deadline, random.Random(seed * 1000 + i), opens[i])
                 for i, (e, s) in enumerate(zip(editors, sessions))
             )
         )
