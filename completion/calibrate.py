@@ -227,11 +227,11 @@ def fit_exit_heads(args, runner, engine, train: list[Path], test: list[Path], re
     return ExitHeads(layers, downs, ups, gate_w, gate_b, threshold)
 
 
-def main(args) -> int:
-    """The CLI entry point: rotary calibrate [--model M] [--corpus DIR] [--tokens N] [--seed S] [--quick]."""
+def main(args, files: list[Path]) -> int:
+    """The CLI entry point: rotary calibrate [--model M] [--corpus DIR] [--tokens N] [--seed S] [--quick];
+    `files`: the corpus's Python files (the CLI lists them)."""
     from tqdm import tqdm
 
-    from rotary.bench.corpus import python_files
     from rotary.cache.store import KVStore
     from rotary.models.exits import artifact_path, model_fingerprint
     from rotary.models.loader import load_model
@@ -247,7 +247,6 @@ def main(args) -> int:
         print(f"calibrate: {runner.info.name} runs through transformers: no layer access, no exit heads", file=sys.stderr)
         return 2
     engine = CompletionEngine(runner, KVStore())
-    files = python_files(args.corpus)
     train, test = split_files(files, args.seed)
     report: dict = {"model": runner.info.name, "seed": args.seed, "corpus": args.corpus or "stdlib",
                     "train_files": len(train), "held_out_files": len(test)}

@@ -316,9 +316,10 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit the exit heads, their controller and the abstention gate (completion/calibrate.py)."""
     _setup_logging(args.log_level)
+    from rotary.bench.corpus import python_files
     from rotary.completion.calibrate import main
 
-    return main(args)
+    return main(args, python_files(args.corpus))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
