@@ -38,6 +38,7 @@ from .corpus import sample_files
 from .load import Editor, crc32
 
 MAX_TOKENS = 48
+ANSWER_TIMEOUT_S = 120.0  # the daemon's own deadline for a completion is 60 s
 SETTINGS = {"completionMode": "multiLine", "maxTokens": MAX_TOKENS, "debounceMs": 0, "abstainThreshold": 0}
 
 
@@ -116,20 +117,26 @@ async def _soak(args) -> dict:
             in_flight = not request.done()
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
-            _ms, killed_answer = await request
+            try:  # a lost answer fails the round instead of hanging the soak
+                _ms, killed_answer = await asyncio.wait_for(request, timeout=ANSWER_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                killed_answer = "NO ANSWER"
             text, rest = type_some(text, rest)  # typed while the worker is gone
             ready = await editor.wait_ready(
                 timeout=300, ok=lambda s: s["worker"]["state"] == "ready" and s["worker"].get("pid") not in (None, pid)
             )
             recovery_s = time.monotonic() - killed_at
             new_pid = ready["worker"]["pid"]
-            _ms, suggestion = await editor.complete(uri, text, len(text))
+            try:
+                _ms, suggestion = await asyncio.wait_for(editor.complete(uri, text, len(text)), timeout=ANSWER_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                suggestion = "NO ANSWER"
             first_answer_s = time.monotonic() - killed_at
             expected = reference_complete(text, len(text))
             stats = await editor.stats()
             doc = stats["daemon"]["documents"].get(uri)
             intact = doc is not None and doc["length"] == len(text) and doc["crc32"] == crc32(text)
-            right = (suggestion or "") == expected
+            right = suggestion != "NO ANSWER" and (suggestion or "") == expected
             rounds.append(
                 {
                     "kill": i + 1,

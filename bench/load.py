@@ -198,7 +198,9 @@ class Editor:
     async def stats(self) -> dict:
         from lsprotocol import types
 
-        return await self.client.workspace_execute_command_async(types.ExecuteCommandParams(command="rotary.stats"))
+        return await asyncio.wait_for(
+            self.client.workspace_execute_command_async(types.ExecuteCommandParams(command="rotary.stats")), timeout=120
+        )
 
     async def wait_ready(self, timeout: float = 600.0, ok=None) -> dict:
         ok = ok or (lambda s: s["worker"]["state"] == "ready")
