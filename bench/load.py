@@ -184,7 +184,8 @@ class Editor:
         def status(params):  # noqa: ARG001  shown in an editor's status bar; nothing to do here
             return None
 
-        await self.client.start_io(sys.executable, "-m", "rotary", "--log-level", "warning", "lsp", *self.daemon_args)
+        # pygls pipes the daemon's stderr and never reads it: errors only, so a long run cannot fill the pipe.
+        await self.client.start_io(sys.executable, "-m", "rotary", "--log-level", "error", "lsp", *self.daemon_args)
         await self.client.initialize_async(
             types.InitializeParams(capabilities=types.ClientCapabilities(), initialization_options=self.settings)
         )
