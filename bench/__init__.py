@@ -35,7 +35,7 @@ def add_bench_parser(sub, func) -> None:
     b.add_argument("--corpus", default=None, metavar="DIR", help="folder of source files to draw cases from (default: the standard library)")
     b.add_argument("--model", default=None)
     b.add_argument("--contexts", default=None, help="edits: context sizes in tokens with optional case counts, e.g. 1024:200,4096:60 (the default)")
-    b.add_argument("--data", default=None, metavar="PATH", help="tests: a TestEval-format .jsonl (default: ../shared/data/testeval/leetcode-py.jsonl)")
+    b.add_argument("--data", default=None, metavar="PATH", help="tests: a TestEval-format .jsonl (default: TestEval's leetcode-py.jsonl, shipped in bench/data/testeval)")
     b.add_argument("--methods", default=None, help="tests: the drafters to compare, comma-separated (default: plain,ngram,ast-strict,ast,ast+ngram; plain is always run)")
     b.add_argument("--cursor", choices=("indent", "col0"), default="indent", help="quality: cursor after the auto-indentation (the editor's case) or at column 0")
     b.add_argument("--thresholds", default=None, help="exit: exit-controller thresholds besides the calibrated one, e.g. 0.8,0.95")

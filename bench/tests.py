@@ -37,7 +37,8 @@ from pathlib import Path
 from . import write_report
 
 METHODS = ("plain", "ngram", "ast-strict", "ast", "ast+ngram")
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "testeval" / "leetcode-py.jsonl"
+# TestEval's Python programs ship with Rotary (MIT, bench/data/testeval/LICENSE): a fresh machine has them.
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "testeval" / "leetcode-py.jsonl"
 TESTS_PER_PROGRAM = 5
 TEST_TOKENS = 128
 # DiffTester (TECHNIQUES.md section 3), n = 5, Python, TestEval-extend: wall-clock 1.42-2.30x, TFLOP ratio 1.55-2.70x.
