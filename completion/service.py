@@ -200,21 +200,26 @@ class WorkerService(pb_grpc.WorkerServicer):
             **verdict_options(opts),
         )
         self.last_request = time.monotonic()
+        yield from self._relay(
+            context, f"rotary-complete-{request.request_id}", "completion failed",
+            lambda cancelled, out: self._run_completion(doc, request, options, cancelled, out),
+        )
+
+    @staticmethod
+    def _relay(context, thread_name: str, failure: str, work):
+        """Run `work(cancelled, out)` on its own thread and yield what it puts on `out` until None.
+
+        The work holds the model only on that thread: if the caller cancels or stops reading, the
+        loop still ends at its next cancel check and frees the model. An exception put on `out`
+        ends the call with INTERNAL.
+        """
         cancelled = threading.Event()
         context.add_callback(cancelled.set)  # fires when the caller cancels or the call ends
-        # Decoding runs on its own thread and holds the model lock only there: if the caller
-        # cancels or stops reading, the loop still ends at its next cancel check and frees the model.
-        chunks: queue.Queue = queue.Queue()
-        thread = threading.Thread(
-            target=self._run_completion,
-            args=(doc, request, options, cancelled, chunks),
-            name=f"rotary-complete-{request.request_id}",
-            daemon=True,
-        )
-        thread.start()
-        while (item := chunks.get()) is not None:
+        out: queue.Queue = queue.Queue()
+        threading.Thread(target=work, args=(cancelled, out), name=thread_name, daemon=True).start()
+        while (item := out.get()) is not None:
             if isinstance(item, Exception):
-                context.abort(grpc.StatusCode.INTERNAL, f"completion failed: {item}")
+                context.abort(grpc.StatusCode.INTERNAL, f"{failure}: {item}")
             yield item
 
     def _run_completion(self, doc, request, options, cancelled: threading.Event, chunks: queue.Queue) -> None:
@@ -261,19 +266,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         )
         doc = Document(cache_uri(request.cache_key), 0, request.language_id or "plaintext", request.text)
         self.last_request = time.monotonic()
-        cancelled = threading.Event()
-        context.add_callback(cancelled.set)
-        chunks: queue.Queue = queue.Queue()
-        threading.Thread(
-            target=self._run_completion,
-            args=(doc, request, options, cancelled, chunks),
-            name=f"rotary-complete-text-{request.request_id}",
-            daemon=True,
-        ).start()
-        while (item := chunks.get()) is not None:
-            if isinstance(item, Exception):
-                context.abort(grpc.StatusCode.INTERNAL, f"completion failed: {item}")
-            yield item
+        yield from self._relay(
+            context, f"rotary-complete-text-{request.request_id}", "completion failed",
+            lambda cancelled, out: self._run_completion(doc, request, options, cancelled, out),
+        )
 
     # -- unit-test generation ----------------------------------------------
 
@@ -291,19 +287,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         if not self.ready.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, self.load_message)
         self.last_request = time.monotonic()
-        cancelled = threading.Event()
-        context.add_callback(cancelled.set)
-        replies: queue.Queue = queue.Queue()
-        threading.Thread(
-            target=self._run_test_generation,
-            args=(focal, request, cancelled, replies),
-            name=f"rotary-tests-{request.request_id}",
-            daemon=True,
-        ).start()
-        while (item := replies.get()) is not None:
-            if isinstance(item, Exception):
-                context.abort(grpc.StatusCode.INTERNAL, f"test generation failed: {item}")
-            yield item
+        yield from self._relay(
+            context, f"rotary-tests-{request.request_id}", "test generation failed",
+            lambda cancelled, out: self._run_test_generation(focal, request, cancelled, out),
+        )
 
     def _run_test_generation(self, focal, request, cancelled: threading.Event, replies: queue.Queue) -> None:
         from .testgen import DEFAULT_DRAFTER, DEFAULT_TEST_TOKENS, DEFAULT_TESTS, file_text, generate_tests, layout
