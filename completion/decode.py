@@ -172,12 +172,13 @@ class Generation:
         if remaining is not None:
             logits = logits.masked_fill(~self.healing_mask(remaining, self.constraint.forbidden_next), float("-inf"))
         token = int(torch.argmax(logits)) if self.sampler is None else self.sampler.choose(logits, guess)
-        logprobs = torch.log_softmax(logits.float(), -1)
-        first, second = (float(v) for v in torch.topk(logprobs, 2).values)
-        chosen = float(logprobs[token])
-        # The lead over the runner-up (a sampled token below the top: its gap to the top, negative).
-        margin = chosen - second if chosen >= first else chosen - first
-        self._scored = (chosen, min(margin, MAX_MARGIN))
+        if self.confidence is None:  # the gate reads the first line's scores only; later tokens skip the softmax
+            logprobs = torch.log_softmax(logits.float(), -1)
+            first, second = (float(v) for v in torch.topk(logprobs, 2).values)
+            chosen = float(logprobs[token])
+            # The lead over the runner-up (a sampled token below the top: its gap to the top, negative).
+            margin = chosen - second if chosen >= first else chosen - first
+            self._scored = (chosen, min(margin, MAX_MARGIN))
         if token in self.eos_ids:
             self._finish("eos")
         return token
