@@ -26,6 +26,7 @@ restart, so a kill there tests the operator's process manager, not Rotary.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import os
 import random
@@ -39,6 +40,7 @@ from .load import Editor, crc32
 
 MAX_TOKENS = 48
 ANSWER_TIMEOUT_S = 120.0  # the daemon's own deadline for a completion is 60 s
+ROUND_STACK_DUMP_S = 300  # a round takes ~10-30 s: past this, dump stacks (see _soak)
 SETTINGS = {"completionMode": "multiLine", "maxTokens": MAX_TOKENS, "debounceMs": 0, "abstainThreshold": 0}
 
 
@@ -111,6 +113,9 @@ async def _soak(args) -> dict:
                 uri = f"{file_uri}#soak-kills-{os.getpid()}-{i}"
                 file_uri, text, rest = _document(args.seed + i + 1)
                 editor.open(uri, text)
+            # A round that hangs (one did, once, in an earlier run) prints every thread's stack to stderr
+            # after this long, so its cause is in the log; the round itself is bounded by the timeouts below.
+            faulthandler.dump_traceback_later(ROUND_STACK_DUMP_S, exit=False)
             text, rest = type_some(text, rest)
             request = asyncio.ensure_future(editor.complete(uri, text, len(text)))
             await asyncio.sleep(rng.uniform(0.05, 0.6))
@@ -158,6 +163,7 @@ async def _soak(args) -> dict:
                 file=sys.stderr,
             )
             pid = new_pid
+            faulthandler.cancel_dump_traceback_later()
         final = await editor.stats()
     finally:
         await editor.stop()

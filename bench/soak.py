@@ -128,6 +128,9 @@ class _Aborted(Exception):
 
 
 class _Context:
+    def invocation_metadata(self):
+        return ()  # no session: the in-process worker serves this one daemon
+
     def abort(self, code, details):
         raise _Aborted(code, details)
 

@@ -98,11 +98,13 @@ class Generation:
 
     # -- one verify step --------------------------------------------------
 
-    def to_feed(self, context_ids: Sequence[int]) -> list[int]:
-        """The pending token and the drafter's guesses (none while healing still constrains the text)."""
+    def to_feed(self, context_ids: Sequence[int], max_draft: int | None = None) -> list[int]:
+        """The pending token and the drafter's guesses (none while healing still constrains the text).
+
+        `max_draft`: at most this many guesses this step (the scheduler's share when it batches)."""
         room = self.max_tokens - len(self.generated)
         healing = self.constraint.remaining(self.text) is not None
-        k = 0 if healing or self.early_exit else min(self.draft_tokens, room)
+        k = 0 if healing or self.early_exit else min(self.draft_tokens, room, self.draft_tokens if max_draft is None else max_draft)
         draft = self.drafter.propose([*context_ids, *self.generated], k) if k > 0 else []
         self.drafted += len(draft)
         return [self.pending, *draft]

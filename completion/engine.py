@@ -41,6 +41,11 @@ DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 512
 PREFILL_CHUNK = 256  # tokens per prefill step: the longest another request waits for the model thread
 REFRESH_CHUNK = 64  # tokens per background refresh step
+# Guessed tokens per batched decode round, shared by its rows. One guess is cheap next to a step's
+# fixed cost while the batch is small; in a wide batch every row is padded to the longest row and
+# each position costs a full-vocabulary LM head, so guesses (mostly rejected on unseen code) would
+# slow every request in the round. The text is the same whatever the guesses (decode.py).
+DRAFT_ROUND_BUDGET = 16
 IDLE_SECONDS = 1.0  # background work waits this long after the last request
 
 EDIT_AWARE, PREFIX, NO_CACHE, CONFLICT = "edit_aware", "prefix", "none", "conflict"
@@ -317,7 +322,8 @@ class CompletionEngine:
                 self._early_exit_step(job)
         if not batched:
             return
-        rows = [job.generation.to_feed(job.entry.buffer.token_ids) for job in batched]
+        share = DRAFT_ROUND_BUDGET // len(batched)
+        rows = [job.generation.to_feed(job.entry.buffer.token_ids, max_draft=share) for job in batched]
         buffers = [job.entry.buffer for job in batched]
         starts = [buffer.length for buffer in buffers]
         out = extend_batch(buffers, rows, self.runner.forward, logits="all")

@@ -6,8 +6,9 @@ verify step per round -> done). Each round of the loop:
    document is busy with an earlier one waits for it (one document, one cache);
 2. ends cancelled requests (checked every round: during prefill between chunks, during
    decoding between steps);
-3. runs one prefill chunk for the oldest request that is prefilling, so that a long
-   prefill delays the others by at most one chunk;
+3. runs prefill steps (one chunk each) of the requests that are prefilling, oldest first,
+   until PREFILL_ROUND_S is spent, so that a long prefill delays the others by at most that
+   plus one chunk;
 4. runs one batched forward for every request that is decoding: each feeds its pending
    token plus its drafter's guesses, and keeps what greedy decoding keeps (decode.py).
 With nothing to do it runs background work, the lowest priority: one chunk of a stale
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger(__name__)
 
 QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
+PREFILL_ROUND_S = 0.15  # prefill work per round before the decoding requests get their step
 
 # Model threads still running at interpreter exit would be torn down inside a forward (the
 # process then aborts): every scheduler is stopped, its current step finished, before that.
@@ -89,6 +91,7 @@ class Scheduler:
         self.rounds = 0
         self.batched_rows = 0  # decode rows run, summed over rounds (rows / decode rounds = mean batch)
         self.decode_rounds = 0
+        self.prefill_round_s = PREFILL_ROUND_S
 
     # -- callers' side (any thread) ---------------------------------------
 
@@ -180,12 +183,28 @@ class Scheduler:
                 job.steps = job.prefill(job)
                 if job.key is not None:
                     busy.add(job.key)
-        prefilling = next((job for job in self._jobs if job.state == PREFILL), None)
-        if prefilling is not None:
-            self._prefill_step(prefilling)
+        self._prefill_steps()
         decoding = [job for job in self._jobs if job.state == DECODE]
         if decoding:
             self._decode_step(decoding)
+
+    def _prefill_steps(self) -> None:
+        """Prefill steps in arrival order, one per job and pass, until PREFILL_ROUND_S is spent.
+
+        A request's prefill after a keystroke is a few small steps (the edited tokens, the refresh
+        near the cursor, the last token); one step per round would make the twentieth of twenty
+        editors wait for sixty rounds, each carrying a batched decode forward. The budget still
+        bounds how long decoding requests wait: at most prefill_round_s plus one chunk (0: one step a round).
+        """
+        deadline = time.monotonic() + self.prefill_round_s
+        while True:
+            prefilling = [job for job in self._jobs if job.state == PREFILL]
+            if not prefilling:
+                return
+            for job in prefilling:
+                self._prefill_step(job)
+                if time.monotonic() >= deadline:
+                    return
 
     def _prefill_step(self, job: Job) -> None:
         self.step_started = time.monotonic()

@@ -34,7 +34,7 @@ from .documents import (
 )
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
-from .rpc.access import WorkerInterceptor, server_credentials, unix_socket_path
+from .rpc.access import SESSION_METADATA, WorkerInterceptor, server_credentials, unix_socket_path
 from .standard_services import add_standard_services, is_local_address, report_load
 from .text_request import InvalidArgument, cache_uri, check_complete_text
 
@@ -52,6 +52,11 @@ CACHE_MODES = {
     pb.CACHE_MODE_NONE: "none",
 }
 
+# A daemon calls Health every 2 s while its worker is ready: a session silent this long has gone
+# away (exited, killed, lost its connection), and its documents are dropped. A daemon that comes
+# back finds its documents gone (NOT_FOUND) and resends them.
+SESSION_LEASE_S = 120.0
+
 STATUS_OF_ERROR = {
     DocumentNotOpen: grpc.StatusCode.NOT_FOUND,
     VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
@@ -68,8 +73,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         max_context_tokens: int = 2048,
         refresh_window: int = 128,
         stale_budget: int = 1024,
+        session_lease_s: float = SESSION_LEASE_S,
     ):
         self.model_path = model_path
+        self.session_lease_s = session_lease_s
+        self._session_seen: dict[str, float] = {}  # session -> when it last called (monotonic)
         self.refresh_window = refresh_window
         self.stale_budget = stale_budget
         self.cache_budget_mb = cache_budget_mb
@@ -98,6 +106,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             "edits": 0,
             "edits_rejected": 0,
             "tests_generated": 0,
+            "sessions_expired": 0,
+            "documents_expired": 0,
         }
         self._latencies_ms: list[float] = []
         self.last_request = time.monotonic()
@@ -158,14 +168,15 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def OpenDocument(self, request, context):
         # A reopened document keeps its KV cache: the next completion diffs token ids against it.
-        doc = self._guard(context, self.documents.open, request.uri, request.version, request.language_id, request.text)
+        session = self._session(context)
+        doc = self._guard(context, self.documents.open, request.uri, request.version, request.language_id, request.text, session)
         return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text), crc32=text_crc32(doc.text))
 
     def EditDocument(self, request, context):
         try:
             check_change_count(request.uri, len(request.changes))  # before a million objects are built
             changes = [Change(c.start, c.end, c.text) for c in request.changes]
-            doc = self.documents.edit(request.uri, request.base_version, request.new_version, changes)
+            doc = self.documents.edit(request.uri, request.base_version, request.new_version, changes, self._session(context))
         except tuple(STATUS_OF_ERROR) as exc:
             self._count("edits_rejected")
             context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
@@ -173,17 +184,44 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text), crc32=text_crc32(doc.text))
 
     def CloseDocument(self, request, context):
-        self.documents.close(request.uri)
-        if self.engine is not None:
+        # The KV cache is per URI, shared by the sessions that have it open (it is checked against
+        # each request's token ids, so sharing never changes an answer): dropped with the last one.
+        if self.documents.close(request.uri, self._session(context)) and self.engine is not None:
             self.engine.kv_store.drop(request.uri)
         return pb.DocumentAck(uri=request.uri)
+
+    # -- sessions (one per daemon) ---------------------------------------------
+
+    def _session(self, context) -> str:
+        """The caller's session ("" when it names none), and a note that it is alive."""
+        session = dict(context.invocation_metadata() or ()).get(SESSION_METADATA, "")
+        if session:
+            self._session_seen[session] = time.monotonic()
+        return session
+
+    def expire_sessions(self, now: float | None = None) -> list[str]:
+        """Drop the documents of sessions silent for longer than the lease; the sessions dropped."""
+        now = time.monotonic() if now is None else now
+        expired = [s for s, seen in list(self._session_seen.items()) if now - seen > self.session_lease_s]
+        for session in expired:
+            self._session_seen.pop(session, None)
+            open_before = self.documents.sessions().get(session, 0)
+            unused = self.documents.close_session(session)
+            if self.engine is not None:
+                for uri in unused:  # nobody has it open: the memory goes, the snapshot stays for a reopen
+                    self.engine.kv_store.forget(uri)
+            with self._counter_lock:
+                self.counters["sessions_expired"] += 1
+                self.counters["documents_expired"] += open_before
+            log.info("session %s silent for over %.0f s: %d documents dropped", session[:8], self.session_lease_s, open_before)
+        return expired
 
     # -- completion --------------------------------------------------------
 
     def Complete(self, request, context):
         if not self.ready.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, self.load_message)
-        doc = self._guard(context, self.documents.get, request.uri, request.version)
+        doc = self._guard(context, self.documents.get, request.uri, request.version, self._session(context))
         if not 0 <= request.offset <= len(doc.text):
             context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
@@ -331,6 +369,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     # -- health and stats --------------------------------------------------
 
     def Health(self, request, context):
+        self._session(context)  # the daemon's polling keeps its session alive
         info = self.model_info
         return pb.HealthReply(
             ready=self.ready.is_set(),
@@ -356,6 +395,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             "ready": self.ready.is_set(),
             "model": self.model_info.as_dict() if self.model_info else None,
             "open_documents": len(self.documents),
+            "document_chars": self.documents.total_chars,
+            "sessions": len(self.documents.sessions()),
+            "session_lease_s": self.session_lease_s,
             **counters,
         }
         if latencies:
@@ -448,6 +490,7 @@ def serve(
     reflection: bool | None = None,
     token: str | None = None,
     tls: tuple[bytes, bytes] | None = None,
+    session_lease_s: float = SESSION_LEASE_S,
 ) -> None:
     """Serve until interrupted (or until the parent process, when given, is gone).
 
@@ -456,7 +499,7 @@ def serve(
 
     Beside rotary.v1.Worker: grpc.health.v1.Health, and server reflection when `reflection`
     (None: on for loopback and unix sockets, off elsewhere)."""
-    service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window, stale_budget)
+    service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window, stale_budget, session_lease_s)
     server = grpc.server(
         # Completion calls wait on the model thread without holding it; enough threads that waiting
         # calls never starve Health or Stats (each answered without the model).
@@ -484,6 +527,7 @@ def serve(
             if parent_pid and not _alive(parent_pid):
                 log.info("parent %s is gone; worker exits", parent_pid)
                 break
+            service.expire_sessions()
     except KeyboardInterrupt:
         pass
     finally:

@@ -549,6 +549,7 @@ class RotaryServer(LanguageServer):
                 "message": self.worker.message,
                 "restarts": self.worker.restarts,
                 "log": str(self.worker.log_path or ""),
+                "session": self.worker.session,  # this daemon's documents in the worker are under it
             },
         }
         stub = self.worker.ready_stub()

@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -71,6 +72,9 @@ class WorkerConnection:
         self.external_address = address
         self.model = model
         self.token = token  # sent to an external worker (ROTARY_WORKER_TOKEN)
+        # This daemon's session in the worker: its documents are kept apart from other daemons' and
+        # dropped when it stops calling (completion/documents.py, service.py).
+        self.session = uuid.uuid4().hex
         self.ca_file = ca_file  # PEM that an external worker's TLS certificate must chain to
         self.on_state = on_state or (lambda state, message: None)
         self.on_restart = on_restart or (lambda: None)
@@ -229,7 +233,7 @@ class WorkerConnection:
     async def _open_channel(self, address: str) -> None:
         await self._close_channel()
         token = self.token if self.external_address else None  # our own worker is on a private socket
-        self.channel = worker_channel(address, token, self.ca_file)
+        self.channel = worker_channel(address, token, self.ca_file, session=self.session)
         self.stub = pb_grpc.WorkerStub(self.channel)
 
     async def _wait_ready(self) -> None:

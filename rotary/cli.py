@@ -67,6 +67,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         refresh_window=args.refresh_window,
         stale_budget=args.stale_budget,
         reflection=args.reflection,
+        session_lease_s=args.session_lease,
         token=token,
         tls=tls,
     )
@@ -374,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--stale-budget", type=int, default=1024,
         help="a document with more stale cached tokens is refreshed in the background at once, not only when idle",
+    )
+    w.add_argument(
+        "--session-lease", type=float, default=120.0, metavar="SECONDS",
+        help="drop the documents of a daemon that has not called for this long (daemons call every 2 s)",
     )
     w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (used by the daemon)")
     w.add_argument("--allow-remote", action="store_true", help=argparse.SUPPRESS)  # older spelling; token and TLS decide

@@ -86,6 +86,11 @@ def daemon(worker):
     stop_daemon(proc, client)
 
 
+def daemon_session(daemon: RawClient) -> str:
+    """The daemon's session in the worker, under which its documents are kept."""
+    return stats(daemon)["worker"]["session"]
+
+
 def both_serve(daemon: RawClient, worker) -> None:
     """The daemon completes a fresh document through the worker, and the worker answers a client directly."""
     stub = worker[0]
@@ -193,7 +198,7 @@ def test_positions_out_of_range_clamp_and_negative_ones_are_invalid(daemon, work
     })
     reply = inline(daemon, "file:///range.py", 10**6, 10**9)
     assert reply["result"]["items"][0]["insertText"] == FAKE_COMPLETION
-    assert worker[1].documents.get("file:///range.py").text == "a = 1\nb = "
+    assert worker[1].documents.get("file:///range.py", session=daemon_session(daemon)).text == "a = 1\nb = "
     reply = daemon.request("textDocument/inlineCompletion", {
         "textDocument": {"uri": "file:///range.py"}, "position": {"line": -1, "character": 0}, "context": {"triggerKind": 1}})
     assert reply["error"]["code"] == -32602

@@ -27,6 +27,8 @@ import grpc
 log = logging.getLogger(__name__)
 
 TOKEN_METADATA = "authorization"
+# The daemon's session id, sent on every call: the worker keys documents by it (documents.py).
+SESSION_METADATA = "rotary-session"
 TOKEN_ENV = "ROTARY_TOKEN"  # the token a server (worker, `lsp --tcp`) requires
 WORKER_TOKEN_ENV = "ROTARY_WORKER_TOKEN"  # the token the daemon sends to a worker
 WORKER_CA_ENV = "ROTARY_WORKER_CA"  # PEM file the daemon trusts for a worker's TLS certificate
@@ -241,19 +243,33 @@ def server_credentials(cert: bytes, key: bytes) -> grpc.ServerCredentials:
 # -- the daemon's side --------------------------------------------------------------------------------------
 
 
-class _TokenMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, token: str):
-        self.pair = (TOKEN_METADATA, f"Bearer {token}")
+class _CallMetadata:
+    """Adds the daemon's metadata (access token, session) to every call.
+
+    grpc.aio files an interceptor under the first kind it is an instance of (unary-unary before
+    unary-stream), so one object of a class deriving from both would never see a streaming call
+    such as Complete: each kind gets an instance of its own (`_metadata_interceptors`)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.pair)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self.pairs)
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
+
+class _UnaryMetadata(_CallMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _StreamMetadata(_CallMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
+
+
+def _metadata_interceptors(pairs: list[tuple[str, str]]) -> list | None:
+    return [_UnaryMetadata(pairs), _StreamMetadata(pairs)] if pairs else None
 
 
 def _remote_credentials(address: str, token: str | None, ca_file: str | None) -> grpc.ChannelCredentials:
@@ -271,12 +287,18 @@ def _remote_credentials(address: str, token: str | None, ca_file: str | None) ->
     return grpc.ssl_channel_credentials(root_certificates=root)
 
 
-def worker_channel(address: str, token: str | None = None, ca_file: str | None = None) -> grpc.aio.Channel:
+def worker_channel(
+    address: str, token: str | None = None, ca_file: str | None = None, session: str | None = None
+) -> grpc.aio.Channel:
     """The daemon's channel to a worker: plain on a local address, TLS (required) elsewhere.
 
-    Raises AccessError for a non-local address without a token: the daemon never sends documents
-    in plain text or to a worker anyone could reach without one."""
-    interceptors = [_TokenMetadata(token)] if token else None
+    `session`: the daemon's session id, sent with every call (the worker keeps each session's
+    documents apart). Raises AccessError for a non-local address without a token: the daemon never
+    sends documents in plain text or to a worker anyone could reach without one."""
+    pairs = [(TOKEN_METADATA, f"Bearer {token}")] if token else []
+    if session:
+        pairs.append((SESSION_METADATA, session))
+    interceptors = _metadata_interceptors(pairs)
     if is_local_address(address):
         return grpc.aio.insecure_channel(address, interceptors=interceptors)
     credentials = _remote_credentials(address, token, ca_file)

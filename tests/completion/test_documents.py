@@ -83,3 +83,46 @@ def test_crc32_of_the_text():
     from rotary.completion.documents import text_crc32
 
     assert text_crc32("é😀") == zlib.crc32("é😀".encode())
+
+
+def test_sessions_keep_their_own_copy_of_a_uri():
+    store = DocumentStore()
+    store.open("u", 1, "python", "text of a", session="a")
+    store.open("u", 1, "python", "text of b", session="b")
+    store.edit("u", 1, 2, [Change(0, 4, "TEXT")], session="a")
+    assert store.get("u", session="a").text == "TEXT of a"
+    assert store.get("u", session="b").text == "text of b" and store.get("u", session="b").version == 1
+    with pytest.raises(DocumentNotOpen):
+        store.get("u")  # the shared session "" never opened it
+    assert store.close("u", session="b") is False  # a still has it open
+    assert store.close("u", session="a") is True
+
+
+def test_closing_a_session_drops_its_documents_and_names_the_uris_nobody_has_open():
+    store = DocumentStore()
+    store.open("shared", 1, "python", "x", session="a")
+    store.open("shared", 1, "python", "y", session="b")
+    store.open("only-a", 1, "python", "zz", session="a")
+    assert sorted(store.close_session("a")) == ["only-a"]
+    assert store.sessions() == {"b": 1} and store.total_chars == 1
+    with pytest.raises(DocumentNotOpen):
+        store.get("only-a", session="a")
+
+
+def test_all_documents_together_are_bounded():
+    store = DocumentStore(max_total_chars=10, max_documents=3)
+    store.open("a", 1, "python", "12345", session="s")
+    store.open("a", 2, "python", "123456", session="s")  # reopening replaces: 6 in all
+    with pytest.raises(DocumentTooLarge, match="limit"):
+        store.open("b", 1, "python", "12345", session="t")  # 11 > 10
+    store.open("b", 1, "python", "1234", session="t")
+    with pytest.raises(DocumentTooLarge):
+        store.open("c", 1, "python", "x")
+    with pytest.raises(DocumentTooLarge):
+        store.edit("b", 1, 2, [Change(0, 0, "x")], session="t")  # an edit may not grow past the bound either
+    assert store.total_chars == 10 and store.get("b", session="t").text == "1234"
+    store.close("a", session="s")
+    store.open("c", 1, "python", "x")
+    store.open("d", 1, "python", "")
+    with pytest.raises(DocumentTooLarge, match="3 documents"):
+        store.open("e", 1, "python", "")

@@ -26,7 +26,9 @@ def engine():
     from rotary.models.loader import load_model
     from rotary.models.runner import ModelRunner
 
-    return CompletionEngine(ModelRunner(load_model(None)), KVStore(), prefill_chunk=64)
+    eng = CompletionEngine(ModelRunner(load_model(None)), KVStore(), prefill_chunk=64)
+    eng.scheduler.prefill_round_s = 0.0  # one prefill step a round: the cancel tests below count rounds
+    return eng
 
 
 def complete(uri, text, drafter="none", max_tokens=24, mode="multi_line", is_cancelled=lambda: False, cache_mode="none"):
@@ -111,6 +113,54 @@ def test_cancel_during_decoding_generates_nothing_after_the_cancel():
     assert last.stop_reason == "cancelled"
     assert last.stats.tokens_generated == 5
     assert full.startswith(reply)  # what was streamed before the cancel is a prefix of the real answer
+
+
+def test_a_round_runs_the_prefill_steps_of_every_waiting_request_within_its_budget():
+    # Four requests arrive while the model thread is held; each needs its whole prefill and no
+    # decoding (max_tokens=1: the token comes from the prefill's logits). With a budget, one round
+    # runs all four prefills; with none, one step a round, so at least one round per request.
+    scheduler = engine().scheduler
+    texts = {f"file:///budget-{i}.py": text for i, text in enumerate(DOCUMENTS.values())}
+
+    def rounds_for_all(budget: float) -> int:
+        scheduler.prefill_round_s = budget
+        hold, held = threading.Event(), threading.Event()
+        threading.Thread(target=lambda: scheduler.run_exclusive(lambda: (held.set(), hold.wait(60))), daemon=True).start()
+        assert held.wait(60)
+        answers: dict[str, str] = {}
+        threads = [threading.Thread(target=lambda u=u, t=t: answers.update({u: complete(u, t, max_tokens=1)[0]})) for u, t in texts.items()]
+        for t in threads:
+            t.start()
+        while scheduler.queue_depth < len(texts):
+            threading.Event().wait(0.01)
+        before = scheduler.rounds
+        hold.set()
+        for t in threads:
+            t.join(timeout=300)
+        assert len(answers) == len(texts)
+        return scheduler.rounds - before
+
+    try:
+        assert rounds_for_all(60.0) == 1
+        assert rounds_for_all(0.0) >= len(texts)
+    finally:
+        scheduler.prefill_round_s = 0.0
+
+
+def test_batched_rounds_share_a_budget_of_guesses(monkeypatch):
+    # Repetitive code: alone, the n-gram drafter guesses many tokens a step. With no guesses left
+    # for the round's rows, the same request guesses none, in one forward per token, and its text
+    # is unchanged.
+    from rotary.completion import engine as engine_module
+
+    text = "".join(f"    '{name}': {name},\n" for name in ("alpha", "beta", "gamma", "delta", "epsilon"))
+    text = "VALUES = {\n" + text + "    '"
+    drafted, with_guesses = complete("file:///budget-values.py", text, drafter="ngram", max_tokens=40)
+    monkeypatch.setattr(engine_module, "DRAFT_ROUND_BUDGET", 0)
+    plain, without = complete("file:///budget-values.py", text, drafter="ngram", max_tokens=40)
+    assert plain == drafted
+    assert with_guesses.stats.tokens_drafted > 0 and without.stats.tokens_drafted == 0
+    assert without.stats.forwards == without.stats.tokens_generated - 1
 
 
 def test_health_and_stats_never_wait_for_a_busy_model_thread():

@@ -1,0 +1,159 @@
+"""Daemons sharing one worker: each session (one daemon) keeps its own copy of a URI, and the
+documents of a session that stops calling are dropped after the lease. A real worker over loopback
+gRPC; the last test drives two real daemons over stdio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from rotary.completion.client import WorkerClient
+from rotary.completion.rpc import worker_pb2 as pb
+from rotary.completion.rpc.access import SESSION_METADATA
+
+pytestmark = pytest.mark.model
+
+LEASE_S = 3
+
+
+@pytest.fixture(scope="module")
+def worker():
+    from bench.load import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, "--session-lease", str(LEASE_S)],
+        stdin=subprocess.DEVNULL,
+    )
+    client = WorkerClient(address)
+    try:
+        client.wait_ready(timeout=300)
+        yield client, address
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def as_session(session: str) -> list[tuple[str, str]]:
+    return [(SESSION_METADATA, session)] if session else []
+
+
+def open_doc(stub, session: str, uri: str, text: str) -> pb.DocumentAck:
+    return stub.OpenDocument(pb.OpenDocumentRequest(uri=uri, version=1, language_id="python", text=text), metadata=as_session(session))
+
+
+def held(stub, session: str, uri: str, version: int) -> pb.DocumentAck:
+    """The session's copy, as length and CRC-32 (an edit with no changes changes nothing)."""
+    return stub.EditDocument(pb.EditDocumentRequest(uri=uri, base_version=version, new_version=version), metadata=as_session(session))
+
+
+def complete(stub, session: str, uri: str, version: int, offset: int) -> str:
+    request = pb.CompleteRequest(
+        uri=uri, version=version, offset=offset,
+        options=pb.CompleteOptions(max_tokens=16, mode=pb.COMPLETION_MODE_SINGLE_LINE, abstain_threshold=0.0),
+    )
+    return "".join(chunk.text for chunk in stub.Complete(request, metadata=as_session(session), timeout=120))
+
+
+def complete_text(stub, text: str) -> str:
+    """The same completion from the text alone (no document, no cache): what the session's copy should give."""
+    request = pb.CompleteTextRequest(
+        text=text, offset=len(text), language_id="python",
+        options=pb.CompleteOptions(max_tokens=16, mode=pb.COMPLETION_MODE_SINGLE_LINE, abstain_threshold=0.0),
+    )
+    return "".join(chunk.text for chunk in stub.CompleteText(request, timeout=120))
+
+
+def worker_stats(stub) -> dict:
+    return json.loads(stub.Stats(pb.StatsRequest()).json)
+
+
+def test_two_sessions_open_one_uri_with_different_texts(worker):
+    client, _ = worker
+    stub = client.stub
+    uri = "file:///shared/name.py"
+    text_a = "def add(a, b):\n    return a +"
+    text_b = "import os\n\n\ndef read_lines(path):\n    with open(path) as handle:\n        return"
+    open_doc(stub, "a" * 32, uri, text_a)
+    open_doc(stub, "b" * 32, uri, text_b)
+    # Each session completes on its own text, as a request carrying that text would.
+    assert complete(stub, "a" * 32, uri, 1, len(text_a)) == complete_text(stub, text_a)
+    assert complete(stub, "b" * 32, uri, 1, len(text_b)) == complete_text(stub, text_b)
+    # An edit in one session leaves the other's copy alone.
+    stub.EditDocument(
+        pb.EditDocumentRequest(uri=uri, base_version=1, new_version=2, changes=[pb.TextChange(start=4, end=7, text="plus")]),
+        metadata=as_session("a" * 32),
+    )
+    assert held(stub, "b" * 32, uri, 1).length == len(text_b)
+    assert held(stub, "a" * 32, uri, 2).length == len(text_a) + 1
+    # Closing it in one session keeps it open in the other.
+    stub.CloseDocument(pb.CloseDocumentRequest(uri=uri), metadata=as_session("b" * 32))
+    with pytest.raises(grpc.RpcError) as err:
+        held(stub, "b" * 32, uri, 1)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    text_a2 = "def plus(a, b):\n    return a +"
+    assert complete(stub, "a" * 32, uri, 2, len(text_a2)) == complete_text(stub, text_a2)
+    stub.CloseDocument(pb.CloseDocumentRequest(uri=uri), metadata=as_session("a" * 32))
+
+
+def test_a_silent_session_loses_its_documents_after_the_lease(worker):
+    client, _ = worker
+    stub = client.stub
+    silent, alive = "c" * 32, "d" * 32
+    open_doc(stub, silent, "file:///silent.py", "x = 1\n")
+    open_doc(stub, alive, "file:///alive.py", "y = 2\n")
+    open_doc(stub, "", "file:///no-session.py", "z = 3\n")  # a client naming no session: no lease
+    before = worker_stats(stub)
+    deadline = time.monotonic() + LEASE_S + 4
+    while time.monotonic() < deadline:
+        stub.Health(pb.HealthRequest(), metadata=as_session(alive))  # what a daemon does every 2 s
+        time.sleep(0.5)
+    with pytest.raises(grpc.RpcError) as err:
+        held(stub, silent, "file:///silent.py", 1)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert held(stub, alive, "file:///alive.py", 1).length == 6
+    assert held(stub, "", "file:///no-session.py", 1).length == 6
+    after = worker_stats(stub)
+    assert after["sessions_expired"] > before["sessions_expired"]  # the earlier test's silent sessions count too
+    assert after["documents_expired"] == before["documents_expired"] + 1
+
+
+def test_two_daemons_sharing_a_worker_keep_their_own_text(worker):
+    """Two real daemons (`rotary lsp --worker ADDR`) open one URI with different texts and type into it."""
+    from bench.load import Editor, check_texts
+
+    _, address = worker
+
+    async def run() -> list[dict]:
+        channel = grpc.aio.insecure_channel(address)
+        from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.WorkerStub(channel)
+        editors = [Editor(f"s{i}", ["--worker", address], {"debounceMs": 0}) for i in range(2)]
+        uri = "file:///shared/two-daemons.py"
+        texts = ["def first():\n    return 1\n", "class Second:\n    pass\n"]
+        try:
+            await asyncio.gather(*(e.start() for e in editors))
+            await asyncio.gather(*(e.wait_ready() for e in editors))
+            for editor, text in zip(editors, texts):
+                editor.open(uri, text)
+            for step in range(3):
+                for i, editor in enumerate(editors):
+                    texts[i] = editor.change(uri, texts[i], len(texts[i]), len(texts[i]), f"# {editor.name} {step}\n")
+                    await editor.complete(uri, texts[i], len(texts[i]))  # flushes the edits to the worker
+            sessions = {(await e.stats())["worker"]["session"] for e in editors}
+            assert len(sessions) == 2
+            return [await check_texts(e, uri, t, stub) for e, t in zip(editors, texts)]
+        finally:
+            await asyncio.gather(*(e.stop() for e in editors))
+            await channel.close()
+
+    for check in asyncio.run(run()):
+        assert check["daemon_ok"] and check["worker_ok"], check
