@@ -45,7 +45,7 @@ REFRESH_CHUNK = 64  # tokens per background refresh step
 # fixed cost while the batch is small; in a wide batch every row is padded to the longest row and
 # each position costs a full-vocabulary LM head, so guesses (mostly rejected on unseen code) would
 # slow every request in the round. The text is the same whatever the guesses (decode.py).
-DRAFT_ROUND_BUDGET = 16
+DRAFT_ROUND_BUDGET = 8
 IDLE_SECONDS = 1.0  # background work waits this long after the last request
 
 EDIT_AWARE, PREFIX, NO_CACHE, CONFLICT = "edit_aware", "prefix", "none", "conflict"

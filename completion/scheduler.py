@@ -35,7 +35,12 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger(__name__)
 
 QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
-PREFILL_ROUND_S = 0.15  # prefill work per round before the decoding requests get their step
+# Prefill work per round before the decoding requests get their step. Requests that arrive
+# together (many editors pausing at once) then start decoding together, in one wide batch, rather
+# than trickling in a few a round; a decoding request waits at most this long for its next token,
+# which an inline completion (shown whole) does not see. Measured with 20 documents completing at
+# once: 0.15 s gave batches of ~4 rows, 1.0 s fewer rounds and a shorter wall time (noisy, 2 cores).
+PREFILL_ROUND_S = 0.5
 
 # Model threads still running at interpreter exit would be torn down inside a forward (the
 # process then aborts): every scheduler is stopped, its current step finished, before that.
