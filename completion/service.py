@@ -471,10 +471,12 @@ def _test_message(test, explain: bool) -> pb.GeneratedTest:
 
 
 def verdict_options(opts) -> dict:
-    """Abstention and early exit as the request asks (unset abstain_threshold: the calibrated one)."""
+    """Abstention, early exit and drafting as the request asks (unset thresholds: the calibrated ones)."""
     return {
         "abstain_threshold": opts.abstain_threshold if opts.HasField("abstain_threshold") else None,
         "early_exit": opts.early_exit,
+        "exit_threshold": opts.exit_threshold if opts.HasField("exit_threshold") else None,
+        "drafter": "none" if opts.plain_decoding else "ngram",
     }
 
 

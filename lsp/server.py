@@ -329,9 +329,11 @@ class RotaryServer(LanguageServer):
                             max_tokens=self.settings.maxTokens,
                             mode=MODES[mode],
                             cache=pb.CACHE_MODE_EDIT_AWARE if self.settings.editAwareCache else pb.CACHE_MODE_PREFIX,
-                            early_exit=self.settings.earlyExit,
+                            early_exit=self.settings.decodingMode == "earlyExit",
+                            plain_decoding=self.settings.decodingMode == "plain",
                             # Negative: the threshold calibrated for the model (the field left unset).
                             **({"abstain_threshold": self.settings.abstainThreshold} if self.settings.abstainThreshold >= 0 else {}),
+                            **({"exit_threshold": self.settings.exitThreshold} if self.settings.exitThreshold >= 0 else {}),
                         ),
                     ),
                     timeout=COMPLETION_TIMEOUT_S,  # a hung worker must not hang the editor's request

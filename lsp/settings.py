@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 COMPLETION_MODES = ("auto", "singleLine", "multiLine")
+DECODING_MODES = ("lossless", "earlyExit", "plain")
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,19 @@ class Settings:
     # line is right, no suggestion (the status says "likely wrong"). Negative: the model's calibrated
     # threshold; 0: never abstain.
     abstainThreshold: float = -1.0
-    # Lossy early exit: easy tokens stop after fewer layers (faster, text may differ slightly).
-    earlyExit: bool = False
+    # How tokens are decoded: "lossless" (n-gram guesses verified in one forward: the same text as
+    # "plain", in fewer forwards where code repeats), "earlyExit" (lossy: easy tokens stop after fewer
+    # layers, the text may differ; needs calibrated exit heads), "plain" (one token per forward).
+    decodingMode: str = "lossless"
+    # earlyExit's threshold: the exit controller's probability a token needs to stop early (higher:
+    # fewer exits, closer to the full model). Negative: the model's calibrated threshold.
+    exitThreshold: float = -1.0
 
     def worker_mode(self) -> str:
         return {"auto": "auto", "singleLine": "single_line", "multiLine": "multi_line"}[self.completionMode]
 
 
-_LIMITS = {"maxTokens": (1, 512), "debounceMs": (0, 5000), "abstainThreshold": (-1.0, 1.0)}
+_LIMITS = {"maxTokens": (1, 512), "debounceMs": (0, 5000), "abstainThreshold": (-1.0, 1.0), "exitThreshold": (-1.0, 1.0)}
 
 
 def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, list[str]]:
@@ -88,6 +94,8 @@ def _check(key: str, value: Any, default: Any) -> str | None:
         return f"expected a string, got {value!r}"
     if key == "completionMode" and value not in COMPLETION_MODES:
         return f"expected one of {', '.join(COMPLETION_MODES)}, got {value!r}"
+    if key == "decodingMode" and value not in DECODING_MODES:
+        return f"expected one of {', '.join(DECODING_MODES)}, got {value!r}"
     return None
 
 

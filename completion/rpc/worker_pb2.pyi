@@ -78,18 +78,22 @@ class DocumentAck(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., version: _Optional[int] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class CompleteOptions(_message.Message):
-    __slots__ = ("max_tokens", "mode", "cache", "abstain_threshold", "early_exit")
+    __slots__ = ("max_tokens", "mode", "cache", "abstain_threshold", "early_exit", "exit_threshold", "plain_decoding")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     ABSTAIN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     EARLY_EXIT_FIELD_NUMBER: _ClassVar[int]
+    EXIT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_DECODING_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     mode: CompletionMode
     cache: CacheMode
     abstain_threshold: float
     early_exit: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., mode: _Optional[_Union[CompletionMode, str]] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., abstain_threshold: _Optional[float] = ..., early_exit: _Optional[bool] = ...) -> None: ...
+    exit_threshold: float
+    plain_decoding: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., mode: _Optional[_Union[CompletionMode, str]] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., abstain_threshold: _Optional[float] = ..., early_exit: _Optional[bool] = ..., exit_threshold: _Optional[float] = ..., plain_decoding: _Optional[bool] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("uri", "version", "offset", "options", "request_id")

@@ -60,3 +60,22 @@ async def test_an_abstention_is_shown_in_status_and_stats_and_the_setting_turns_
     result = await inline(client, 5, len(last_line), invoked=True)
     assert result is not None and result.items[0].insert_text == expected
     assert (await daemon_stats(client))["abstained"] == 1
+
+    # decodingMode reaches the worker. "plain": one token per forward, no guesses, the same text.
+    async def complete_with(**settings) -> tuple[str, dict]:
+        base = {"abstainThreshold": 0, "completionMode": "singleLine", "debounceMs": 0, "maxTokens": 32}
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"rotary": {**base, **settings}}))
+        result = await inline(client, 5, len(last_line), invoked=True)
+        return (result.items[0].insert_text if result else None), (await daemon_stats(client))["last_completion"]
+
+    plain, stats = await complete_with(decodingMode="plain")
+    assert plain == expected
+    assert stats["tokens_drafted"] == 0 and stats["forwards"] == stats["tokens_generated"] - 1
+    assert stats["tokens_generated"] > 2, stats  # enough tokens for the early-exit check below
+    # "earlyExit" with a threshold every token passes: each decoding step stops at the first exit layer.
+    _, stats = await complete_with(decodingMode="earlyExit", exitThreshold=0.0)
+    steps = stats["tokens_generated"] - 1  # the first token comes from the prefill, with every layer
+    assert 0 < stats["layers_run"] < 30 * steps, stats
+    # Back to the default: the text of plain decoding again.
+    lossless, stats = await complete_with(decodingMode="lossless")
+    assert lossless == expected and stats["layers_run"] == 30 * (stats["tokens_generated"] - 1)

@@ -70,7 +70,7 @@ H.eq("config: defaults untouched", config.defaults.settings.maxTokens, 64)
 H.eq("config: server settings", config.defaults.settings, {
   enabled = true, workerAddress = "", model = "", maxTokens = 64,
   completionMode = "auto", debounceMs = 50, editAwareCache = true,
-  abstainThreshold = -1, earlyExit = false,
+  abstainThreshold = -1, decodingMode = "lossless", exitThreshold = -1,
 })
 
 -- Every module loads; the 0.12 path is chosen only where vim.lsp.inline_completion exists.

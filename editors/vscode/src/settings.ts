@@ -12,7 +12,8 @@ export const SERVER_SETTING_DEFAULTS = {
   debounceMs: 50,
   editAwareCache: true,
   abstainThreshold: -1.0,
-  earlyExit: false,
+  decodingMode: "lossless",
+  exitThreshold: -1.0,
 } as const;
 
 export type ServerSettingKey = keyof typeof SERVER_SETTING_DEFAULTS;

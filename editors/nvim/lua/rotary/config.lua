@@ -29,7 +29,8 @@ M.defaults = {
     debounceMs = 50,         -- the server waits this long for more keystrokes before generating
     editAwareCache = true,   -- reuse the KV cache across edits (re-rotating shifted keys)
     abstainThreshold = -1,   -- no suggestion when it is likely wrong: -1 = calibrated threshold, 0 = never abstain
-    earlyExit = false,       -- lossy early exit: fewer layers for easy tokens
+    decodingMode = "lossless", -- "lossless" (verified n-gram guesses) | "earlyExit" (lossy, fewer layers) | "plain"
+    exitThreshold = -1,      -- earlyExit's threshold: -1 = calibrated; higher = fewer exits, closer to the full model
   },
 
   ghost_text = {
