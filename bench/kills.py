@@ -113,8 +113,9 @@ async def _soak(args) -> dict:
                 uri = f"{file_uri}#soak-kills-{os.getpid()}-{i}"
                 file_uri, text, rest = _document(args.seed + i + 1)
                 editor.open(uri, text)
-            # A round that hangs (one did, once, in an earlier run) prints every thread's stack to stderr
-            # after this long, so its cause is in the log; the round itself is bounded by the timeouts below.
+            # A round that hangs prints every thread's stack to stderr after this long; the round itself is
+            # bounded by the timeouts below. (Two runs hung, after 2 and after 79 kills: the daemon's stderr,
+            # a pipe nobody read, had filled and its next log line blocked it. The Editor reads it now.)
             faulthandler.dump_traceback_later(ROUND_STACK_DUMP_S, exit=False)
             text, rest = type_some(text, rest)
             request = asyncio.ensure_future(editor.complete(uri, text, len(text)))
@@ -127,9 +128,19 @@ async def _soak(args) -> dict:
             except asyncio.TimeoutError:
                 killed_answer = "NO ANSWER"
             text, rest = type_some(text, rest)  # typed while the worker is gone
-            ready = await editor.wait_ready(
-                timeout=300, ok=lambda s: s["worker"]["state"] == "ready" and s["worker"].get("pid") not in (None, pid)
-            )
+            try:
+                ready = await editor.wait_ready(
+                    timeout=300, ok=lambda s: s["worker"]["state"] == "ready" and s["worker"].get("pid") not in (None, pid)
+                )
+            except (RuntimeError, asyncio.TimeoutError) as exc:  # the daemon never came back: the run ends here
+                rounds.append({
+                    "kill": i + 1, "mid_completion": in_flight, "answer_of_killed_request": killed_answer,
+                    "recovery_s": None, "first_answer_s": None, "suggestion": None, "expected": None,
+                    "right": False, "document_intact": False, "worker_state": f"no new worker: {exc!r}",
+                    "daemon_log_tail": list(editor.stderr_tail)[-20:],
+                })
+                print(f"  kill {i + 1}: NO NEW WORKER ({exc!r}): FAILED; the soak stops", file=sys.stderr)
+                break
             recovery_s = time.monotonic() - killed_at
             new_pid = ready["worker"]["pid"]
             try:
@@ -164,10 +175,16 @@ async def _soak(args) -> dict:
             )
             pid = new_pid
             faulthandler.cancel_dump_traceback_later()
-        final = await editor.stats()
+        faulthandler.cancel_dump_traceback_later()
+        try:
+            final = await editor.stats()
+        except asyncio.TimeoutError:  # a daemon that stopped answering: reported with the rounds so far
+            final = {"worker": {"restarts": None, "state": "no answer"}, "daemon": {"documents_resent": None, "drift_detected": None}}
     finally:
         await editor.stop()
     recovered = [r for r in rounds if r["right"] and r["document_intact"]]
+    recoveries = [r["recovery_s"] for r in rounds if r["recovery_s"] is not None]
+    first_answers = [r["first_answer_s"] for r in rounds if r["first_answer_s"] is not None]
     return {
         "kills": len(rounds),
         "kills_asked": kills,
@@ -176,9 +193,9 @@ async def _soak(args) -> dict:
         "lost_documents": sum(not r["document_intact"] for r in rounds),
         "wrong_completions": sum(not r["right"] for r in rounds),
         "nonempty_expected": sum(bool(r["expected"]) for r in rounds),
-        "mean_recovery_s": round(statistics.fmean(r["recovery_s"] for r in rounds), 2) if rounds else None,
-        "max_recovery_s": max((r["recovery_s"] for r in rounds), default=None),
-        "mean_first_answer_s": round(statistics.fmean(r["first_answer_s"] for r in rounds), 2) if rounds else None,
+        "mean_recovery_s": round(statistics.fmean(recoveries), 2) if recoveries else None,
+        "max_recovery_s": max(recoveries, default=None),
+        "mean_first_answer_s": round(statistics.fmean(first_answers), 2) if first_answers else None,
         "daemon_restarts": final["worker"]["restarts"],
         "daemon_worker_state": final["worker"]["state"],
         "documents_resent": final["daemon"]["documents_resent"],

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from . import write_report
 from .corpus import sample_files
 
 SIZES = (1, 5, 20)
+STDERR_LINES_KEPT = 200  # of each daemon's log (errors only), for a report on a failure
 # The editors' daemons run at a lower priority than the worker: in a shared-worker deployment each
 # daemon runs on its user's machine, and here twenty of them (pygls, asyncio, a gRPC channel each,
 # ~5% of a core apiece while typing) would otherwise take CPU from the worker they measure. Their
@@ -190,11 +192,15 @@ class Editor:
         def status(params):  # noqa: ARG001  shown in an editor's status bar; nothing to do here
             return None
 
-        # pygls pipes the daemon's stderr and never reads it: errors only, so a long run cannot fill the pipe.
         command = [sys.executable, "-m", "rotary", "--log-level", "error", "lsp", *self.daemon_args]
         if self.niceness:  # through nice(1): a preexec hook would fork a process that has gRPC threads
             command = ["nice", "-n", str(self.niceness), *command]
         await self.client.start_io(*command)
+        # pygls pipes the daemon's stderr and never reads it. An editor does (its output panel, its log):
+        # a pipe nobody reads fills after ~64 KB, and the daemon's next log line then blocks its event
+        # loop for good (a kill soak's error lines filled it after ~80 kills). Read it; keep the tail.
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_LINES_KEPT)
+        self._stderr_reader = asyncio.ensure_future(self._read_stderr())
         await self.client.initialize_async(
             types.InitializeParams(capabilities=types.ClientCapabilities(), initialization_options=self.settings)
         )
@@ -271,6 +277,13 @@ class Editor:
         from lsprotocol import types
 
         self.client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri=uri)))
+
+    async def _read_stderr(self) -> None:
+        stream = getattr(getattr(self.client, "_server", None), "stderr", None)
+        if stream is None:
+            return
+        while line := await stream.readline():
+            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
 
     async def stop(self) -> None:
         if self.client is None:
