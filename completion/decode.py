@@ -104,7 +104,8 @@ class Generation:
         `max_draft`: at most this many guesses this step (the scheduler's share when it batches)."""
         room = self.max_tokens - len(self.generated)
         healing = self.constraint.remaining(self.text) is not None
-        k = 0 if healing or self.early_exit else min(self.draft_tokens, room, self.draft_tokens if max_draft is None else max_draft)
+        limit = self.draft_tokens if max_draft is None else min(self.draft_tokens, max_draft)
+        k = 0 if healing or self.early_exit else min(limit, room)
         draft = self.drafter.propose([*context_ids, *self.generated], k) if k > 0 else []
         self.drafted += len(draft)
         return [self.pending, *draft]
