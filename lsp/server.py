@@ -348,7 +348,12 @@ class RotaryServer(LanguageServer):
                 if self.latest_request.get(uri) != number:
                     self.counters["superseded"] += 1
                     return None
-                raise
+                if own_task_cancelled():
+                    raise
+                # grpc.aio raised it out of a call whose channel a worker restart closed: no answer
+                # this time, and the request is answered (an unanswered one hangs its editor's wait).
+                self.counters["worker_unavailable"] += 1
+                return None
             except grpc.aio.UsageError as exc:  # a stub of a channel closed by a restart
                 self.counters["worker_unavailable"] += 1
                 log.info("completion %s: the worker connection was replaced (%s)", number, exc)
@@ -451,8 +456,7 @@ class RotaryServer(LanguageServer):
             # must propagate so that pygls drops the request.
             call.cancel()
             self._end_tests_progress(token, progress, "cancelled")
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if own_task_cancelled():
                 raise
             return {"cancelled": True}
         except grpc.aio.AioRpcError as exc:
@@ -556,14 +560,33 @@ class RotaryServer(LanguageServer):
         }
         stub = self.worker.ready_stub()
         if stub is not None:
-            try:
-                reply = await stub.Stats(pb.StatsRequest(), timeout=5)
-                out["worker"].update(json.loads(reply.json))
-            except grpc.aio.AioRpcError as exc:
-                out["worker"]["stats_error"] = exc.details()
-            except grpc.aio.UsageError as exc:
-                out["worker"]["stats_error"] = str(exc)
+            out["worker"].update(await worker_stats(stub))
         return out
+
+
+def own_task_cancelled() -> bool:
+    """Whether the running request's own task is being cancelled ($/cancelRequest, shutdown).
+
+    grpc.aio also raises asyncio.CancelledError out of a call that was cancelled under it, as when
+    a worker restart closes the channel mid-call; that one must be answered, not propagated (pygls
+    would leave the request unanswered, and the editor waiting)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def worker_stats(stub) -> dict:
+    """The worker's own stats, or {"stats_error": why} (unreachable, restarted mid-call)."""
+    try:
+        reply = await stub.Stats(pb.StatsRequest(), timeout=5)
+        return json.loads(reply.json)
+    except grpc.aio.AioRpcError as exc:
+        return {"stats_error": exc.details()}
+    except grpc.aio.UsageError as exc:
+        return {"stats_error": str(exc)}
+    except asyncio.CancelledError:
+        if own_task_cancelled():
+            raise
+        return {"stats_error": "the worker's connection closed during the call (a restart)"}
 
 
 def _stats_dict(stats) -> dict:
