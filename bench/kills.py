@@ -174,8 +174,7 @@ async def _soak(args) -> dict:
                 file=sys.stderr,
             )
             pid = new_pid
-            faulthandler.cancel_dump_traceback_later()
-        faulthandler.cancel_dump_traceback_later()
+        faulthandler.cancel_dump_traceback_later()  # each round's call replaced the previous round's timer
         try:
             final = await editor.stats()
         except asyncio.TimeoutError:  # a daemon that stopped answering: reported with the rounds so far

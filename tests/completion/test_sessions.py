@@ -16,6 +16,7 @@ import pytest
 from rotary.completion.client import WorkerClient
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc.access import SESSION_METADATA
+from tests.fakes import free_port
 
 pytestmark = pytest.mark.model
 
@@ -24,8 +25,6 @@ LEASE_S = 3
 
 @pytest.fixture(scope="module")
 def worker():
-    from bench.load import free_port
-
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, "--session-lease", str(LEASE_S)],
