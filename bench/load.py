@@ -433,6 +433,7 @@ async def run_size(n: int, sessions: list[Session], address: str, worker_pid: in
         # The files are opened one after another before the typing starts (users open files at
         # different times; 20 whole-file encodes at the same instant would measure that, not typing).
         opens = [await open_file(e, s) for e, s in zip(editors, sessions)]
+        at_start = await worker_side(stub)
         started = time.monotonic()
         deadline = started + seconds
         results = await asyncio.gather(
@@ -442,7 +443,7 @@ async def run_size(n: int, sessions: list[Session], address: str, worker_pid: in
             )
         )
         wall = time.monotonic() - started
-        worker_view = await worker_side(stub)
+        worker_view = await worker_side(stub, at_start)
     finally:
         await asyncio.gather(*(e.stop() for e in editors))
         await channel.close()
@@ -476,16 +477,18 @@ async def run_size(n: int, sessions: list[Session], address: str, worker_pid: in
     }
 
 
-async def worker_side(stub) -> dict:
+async def worker_side(stub, before: dict | None = None) -> dict:
     """The worker's own view of the run: its latency (request to last chunk, without the daemon and the
-    LSP hop) and how its model thread batched."""
+    LSP hop; over its last 1,000 completions, the opening ones included) and how its model thread
+    spent the run: counters are the change since `before` (taken when the typing starts), so the
+    opening encodes are not in them."""
     import json
 
     from rotary.completion.rpc import worker_pb2 as pb
 
     stats = json.loads((await stub.Stats(pb.StatsRequest(), timeout=30)).json)
     thread = stats.get("model_thread", {})
-    return {
+    view = {
         "latency_ms_p50": stats.get("latency_ms_p50"),
         "latency_ms_p95": stats.get("latency_ms_p95"),
         "completions": stats.get("completions"),
@@ -493,10 +496,20 @@ async def worker_side(stub) -> dict:
         "tokens_generated": stats.get("tokens_generated"),
         "forwards": stats.get("forwards"),
         "tokens_encoded": stats.get("tokens_encoded"),
-        "mean_batch": thread.get("mean_batch"),
+        "stale_refreshed": stats.get("stale_refreshed"),
         "decode_rounds": thread.get("decode_rounds"),
+        "batched_rows": thread.get("batched_rows"),
         "rounds": thread.get("rounds"),
+        "prefill_steps": thread.get("prefill_steps"),
+        "prefill_s": thread.get("prefill_s"),
+        "decode_s": thread.get("decode_s"),
     }
+    if before is not None:
+        for key, value in view.items():
+            if not key.startswith("latency") and isinstance(value, (int, float)) and isinstance(before.get(key), (int, float)):
+                view[key] = round(value - before[key], 2)
+    view["mean_batch"] = round(view["batched_rows"] / view["decode_rounds"], 2) if view["batched_rows"] and view["decode_rounds"] else None
+    return view
 
 
 def _alive(pid: int) -> bool:
@@ -540,7 +553,8 @@ def main(args) -> int:
             f"  n={n}: {result['completions']} completions, p50 {result['p50_ms']} p95 {result['p95_ms']} p99 {result['p99_ms']} ms, "
             f"lost edits {result['lost_edits']}/{result['edits_sent']}, worker peak RSS {result['peak_rss_mb']} MB, "
             f"restarts {result['restarts']}; worker p50/p95 {result['worker']['latency_ms_p50']}/{result['worker']['latency_ms_p95']} ms, "
-            f"mean batch {result['worker']['mean_batch']}",
+            f"mean batch {result['worker']['mean_batch']}; model thread: prefill {result['worker']['prefill_s']} s "
+            f"in {result['worker']['prefill_steps']} steps, decode {result['worker']['decode_s']} s in {result['worker']['decode_rounds']} rounds",
             file=sys.stderr,
         )
     p95_1, p95_20 = (results.get(k, {}).get("p95_ms") for k in ("n=1", "n=20"))

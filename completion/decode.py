@@ -78,6 +78,8 @@ class Generation:
     def __post_init__(self) -> None:
         self.constraint = HealingConstraint(self.prompt.heal, self.prompt.forbidden_after_heal)
         self._scored = (0.0, 0.0)  # log-probability and margin of the token _choose picked last
+        # The context's last token when the prefill left it to the first decoding step (start_unfed).
+        self._unfed_context: int | None = None
 
     # -- the first token, from the prefill's logits -------------------------
 
@@ -86,6 +88,17 @@ class Generation:
         token = self._choose(logits)
         if not self.finished:
             self._take(token)
+
+    def start_unfed(self, last_context_token: int) -> None:
+        """The prefill stopped one token short: the first decoding step feeds the context's last token,
+        alone, and its logits choose the first token, as start() would have (so under load the
+        token joins a batched round instead of costing a forward of its own)."""
+        self._unfed_context = last_context_token
+
+    @property
+    def feeds_context(self) -> bool:
+        """The next step feeds the context's last token (start_unfed), not a generated one."""
+        return self._unfed_context is not None
 
     @property
     def finished(self) -> bool:
@@ -102,6 +115,8 @@ class Generation:
         """The pending token and the drafter's guesses (none while healing still constrains the text).
 
         `max_draft`: at most this many guesses this step (the scheduler's share when it batches)."""
+        if self._unfed_context is not None:
+            return [self._unfed_context]  # no guesses: the first token is chosen exactly as start() would
         room = self.max_tokens - len(self.generated)
         healing = self.constraint.remaining(self.text) is not None
         limit = self.draft_tokens if max_draft is None else min(self.draft_tokens, max_draft)
@@ -112,6 +127,10 @@ class Generation:
 
     def verify(self, fed: Sequence[int], logits: torch.Tensor) -> VerifyResult:
         """Take the model's logits [len(fed), vocab] for the fed tokens; keep what greedy decoding keeps."""
+        if self._unfed_context is not None:  # the context's last token: its logits give the first token
+            self._unfed_context = None  # (the prefill's forward, done late: not counted as a decoding one)
+            self.start(logits[0])
+            return VerifyResult(keep=1, finished=self.finished)
         self.forwards += 1
         draft = list(fed[1:])
         kept = 0

@@ -252,16 +252,25 @@ class CompletionEngine:
             job.entry = self.kv_store.acquire(job.key, self.new_buffer)
         else:
             job.entry = DocumentKV(buffer=self.new_buffer())
-        logits = yield from self.prepare(job.entry, prompt.ids, options, job.stats)
+        # The context's last token is fed by the first decoding round, batched with the other requests'
+        # steps (a forward of its own per request was ~1/6 of a loaded worker's time); an early-exit
+        # request feeds it here, through every layer, as its K/V must not come from an exit.
+        fold = not job.generation.early_exit
+        logits = yield from self.prepare(job.entry, prompt.ids, options, job.stats, feed_last=not fold)
+        if fold:
+            job.generation.start_unfed(prompt.ids[-1])
         job.stats.prefill_ms = (time.perf_counter() - job.submitted) * 1000
         job.decode_started = time.perf_counter()
         return logits
 
-    def prepare(self, entry: DocumentKV, ids: list[int], options: CompletionOptions, stats: CompletionStats) -> Iterator[None]:
+    def prepare(
+        self, entry: DocumentKV, ids: list[int], options: CompletionOptions, stats: CompletionStats, feed_last: bool = True
+    ) -> Iterator[None]:
         """Bring a cache to `ids`, one chunk of work per step; return the logits after the last id.
 
         Every id but the last is put in the cache as the cache mode allows; the last is fed on
-        its own to get the logits the first generated token comes from. Abandoned between steps
+        its own to get the logits the first generated token comes from (feed_last=False: it is left
+        to the caller, the cache then holding ids[:-1], and None is returned). Abandoned between steps
         (cancelled), the cache holds a consistent prefix of the work, which the next request reuses.
         """
         buffer = entry.buffer
@@ -292,8 +301,10 @@ class CompletionEngine:
             for first in range(keep, len(context), self.prefill_chunk):
                 buffer.extend(context[first : first + self.prefill_chunk], self.runner.forward, logits=None)
                 yield
-        out = buffer.extend(last, self.runner.forward, logits="last")
         stats.tokens_encoded += 1
+        if not feed_last:
+            return None
+        out = buffer.extend(last, self.runner.forward, logits="last")
         return out.logits[0]  # [vocab]
 
     def prepare_now(self, entry: DocumentKV, ids: list[int], options: CompletionOptions) -> tuple[torch.Tensor, CompletionStats]:
@@ -328,10 +339,15 @@ class CompletionEngine:
         starts = [buffer.length for buffer in buffers]
         out = extend_batch(buffers, rows, self.runner.forward, logits="all")
         for b, job in enumerate(batched):
-            before = len(job.generation.generated)
-            verdict = job.generation.verify(rows[b], out.logits[b, : len(rows[b])])
+            generation = job.generation
+            # The first token comes from the context's last token, the prefill's forward run late: as
+            # when the prefill ran it, its layers are not counted as decoding ones.
+            first = generation.feeds_context
+            before = len(generation.generated)
+            verdict = generation.verify(rows[b], out.logits[b, : len(rows[b])])
             buffers[b].rollback(starts[b] + verdict.keep)
-            job.generation.layers_run += layers * (len(job.generation.generated) - before)
+            if not first:
+                generation.layers_run += layers * (len(generation.generated) - before)
 
     def _early_exit_step(self, job: Job) -> None:
         generation, buffer = job.generation, job.entry.buffer

@@ -96,6 +96,9 @@ class Scheduler:
         self.rounds = 0
         self.batched_rows = 0  # decode rows run, summed over rounds (rows / decode rounds = mean batch)
         self.decode_rounds = 0
+        self.prefill_steps = 0
+        self.prefill_seconds = 0.0  # time in prefill steps, summed (where a loaded worker's time goes)
+        self.decode_seconds = 0.0  # time in batched decode rounds, summed
         self.prefill_round_s = PREFILL_ROUND_S
 
     # -- callers' side (any thread) ---------------------------------------
@@ -213,15 +216,18 @@ class Scheduler:
 
     def _prefill_step(self, job: Job) -> None:
         self.step_started = time.monotonic()
+        self.prefill_steps += 1
         try:
             next(job.steps)
         except StopIteration as done:
-            job.generation.start(done.value)  # the logits after the context
+            if done.value is not None:  # the logits after the context (else the first round feeds its last token)
+                job.generation.start(done.value)
             job.state = DECODE
             self._emit(job)
         except Exception as exc:
             self._fail(job, exc)
         finally:
+            self.prefill_seconds += time.monotonic() - self.step_started
             self.step_started = None
 
     def _decode_step(self, jobs: list[Job]) -> None:
@@ -233,6 +239,7 @@ class Scheduler:
                 self._fail(job, exc)
             return
         finally:
+            self.decode_seconds += time.monotonic() - self.step_started
             self.step_started = None
         self.decode_rounds += 1
         self.batched_rows += len(jobs)

@@ -423,6 +423,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "rounds": scheduler.rounds,
                 "decode_rounds": scheduler.decode_rounds,
                 "mean_batch": round(scheduler.batched_rows / scheduler.decode_rounds, 2) if scheduler.decode_rounds else None,
+                "batched_rows": scheduler.batched_rows,
+                "prefill_steps": scheduler.prefill_steps,
+                "prefill_s": round(scheduler.prefill_seconds, 2),
+                "decode_s": round(scheduler.decode_seconds, 2),
             }
         return out
 

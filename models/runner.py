@@ -22,12 +22,12 @@ from .transformer import ForwardOutput, Transformer, supports
 
 log = logging.getLogger(__name__)
 
-# Forward calls with at most this many tokens run on the decode thread count (see ModelRunner.forward).
+# Forward calls with at most this many tokens run on decode_threads() (see ModelRunner.forward).
 DECODE_STEP_TOKENS = 16
 
 
 def configure_threads() -> None:
-    """Use every core for matmuls but keep inter-op threads at 1: one request runs at a time."""
+    """Use every core for matmuls but keep inter-op threads at 1: one forward runs at a time."""
     torch.set_num_threads(prefill_threads())
 
 
@@ -36,13 +36,16 @@ def prefill_threads() -> int:
 
 
 def decode_threads() -> int:
-    """Threads for one-token steps: half the cores.
+    """Threads for decoding steps (a few tokens: one token, a verify step, a batch of documents): half the cores.
 
-    A one-token step is hundreds of small matrix-vector products whose cost is mostly per-op
-    overhead: on 2 cores it runs as fast on 1 thread as on 2 (measured: 61 vs 60 ms/token),
-    and the idle core then serves the LSP daemon and gRPC instead of a spinning OpenMP thread.
+    Measured on 2 AVX2 cores (EPYC), 2026-11-30: alone, a one-token forward took 43-48 ms on 2 threads
+    against 54-69 ms on 1; but under `rotary bench load`, where the LSP daemon and the editor share
+    the cores with the worker, 2 threads made every step slower (one document: 131 against 90 ms a
+    step; twenty: 268 against 240 ms a round, p95 latency 11.8 against 8.6-9.0 s): an OpenMP thread
+    that loses its core stalls the whole product. With one thread the other core serves the daemon
+    and gRPC. `ROTARY_DECODE_THREADS` overrides it (a worker alone on its machine).
     """
-    return max(1, prefill_threads() // 2)
+    return int(os.environ.get("ROTARY_DECODE_THREADS", "0")) or max(1, prefill_threads() // 2)
 
 
 class ModelRunner:
@@ -86,12 +89,8 @@ class ModelRunner:
                 log.info("no exit heads for this model (run `rotary calibrate`): no early exit, no abstention")
 
     def forward(self, ids: torch.Tensor | None, caches, **kwargs) -> ForwardOutput:
-        """The model's forward (models/transformer.py's contract); the thread count follows the work.
-
-        A step of a few tokens is hundreds of small matrix-vector products whose cost is
-        per-op overhead: it runs as fast on half the cores, and the other half then serves
-        the LSP daemon and gRPC; bigger steps (prefill) take every core.
-        """
+        """The model's forward (models/transformer.py's contract); the thread count follows the work:
+        decoding steps (a few tokens) on decode_threads(), bigger steps (prefill) on every core."""
         if self.device.type == "cpu":
             tokens = (ids.numel() if ids is not None else kwargs["hidden"].shape[0] * kwargs["hidden"].shape[1])
             torch.set_num_threads(self._decode_threads if tokens <= DECODE_STEP_TOKENS else self._prefill_threads)

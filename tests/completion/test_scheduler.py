@@ -105,24 +105,28 @@ def test_cancel_during_prefill_stops_between_chunks_and_keeps_a_consistent_prefi
 
 
 def test_cancel_during_decoding_generates_nothing_after_the_cancel():
-    # A short prompt: round 1 prefills; round 2 ends the prefill (first token) and decodes one token;
-    # every later round decodes one token (no drafts). Cancelled at round 6: 5 tokens, none after.
+    # A short prompt: round 1 prefills all but the context's last token; round 2 ends the prefill and
+    # its decoding forward feeds that token (the first token comes from its logits); every later round
+    # decodes one token (no drafts). Cancelled at round 6: 4 tokens, none after.
     text = DOCUMENTS["file:///table.py"]
     full, _ = complete("file:///c.py", text, max_tokens=40, mode="multi_line")
     reply, last = complete("file:///c.py", text, max_tokens=40, mode="multi_line", is_cancelled=cancel_at(6))
     assert last.stop_reason == "cancelled"
-    assert last.stats.tokens_generated == 5
+    assert last.stats.tokens_generated == 4
     assert full.startswith(reply)  # what was streamed before the cancel is a prefix of the real answer
 
 
 def test_a_round_runs_the_prefill_steps_of_every_waiting_request_within_its_budget():
-    # Four requests arrive while the model thread is held; each needs its whole prefill and no
-    # decoding (max_tokens=1: the token comes from the prefill's logits). With a budget, one round
-    # runs all four prefills; with none, one step a round, so at least one round per request.
+    # Four requests arrive while the model thread is held; each needs its whole prefill and one token
+    # (max_tokens=1). With a budget, one round runs all four prefills, and its decoding forward feeds
+    # the four contexts' last tokens as one batch of four rows (the prefill leaves that token to it),
+    # whose logits give the four answers; with no budget, one prefill step a round, so at least one
+    # round per request. Either way each answer is the one it gets alone.
     scheduler = engine().scheduler
     texts = {f"file:///budget-{i}.py": text for i, text in enumerate(DOCUMENTS.values())}
+    alone = {uri: complete(uri, text, max_tokens=1)[0] for uri, text in texts.items()}
 
-    def rounds_for_all(budget: float) -> int:
+    def rounds_for_all(budget: float) -> tuple[int, int, int]:
         scheduler.prefill_round_s = budget
         hold, held = threading.Event(), threading.Event()
         threading.Thread(target=lambda: scheduler.run_exclusive(lambda: (held.set(), hold.wait(60))), daemon=True).start()
@@ -133,16 +137,16 @@ def test_a_round_runs_the_prefill_steps_of_every_waiting_request_within_its_budg
             t.start()
         while scheduler.queue_depth < len(texts):
             threading.Event().wait(0.01)
-        before = scheduler.rounds
+        before = scheduler.rounds, scheduler.decode_rounds, scheduler.batched_rows
         hold.set()
         for t in threads:
             t.join(timeout=300)
-        assert len(answers) == len(texts)
-        return scheduler.rounds - before
+        assert answers == alone
+        return scheduler.rounds - before[0], scheduler.decode_rounds - before[1], scheduler.batched_rows - before[2]
 
     try:
-        assert rounds_for_all(60.0) == 1
-        assert rounds_for_all(0.0) >= len(texts)
+        assert rounds_for_all(60.0) == (1, 1, len(texts))
+        assert rounds_for_all(0.0)[0] >= len(texts)
     finally:
         scheduler.prefill_round_s = 0.0
 
