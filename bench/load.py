@@ -501,8 +501,12 @@ async def worker_side(stub, before: dict | None = None) -> dict:
         "batched_rows": thread.get("batched_rows"),
         "rounds": thread.get("rounds"),
         "prefill_steps": thread.get("prefill_steps"),
+        "encode_batches": thread.get("encode_batches"),
+        "encode_rows": thread.get("encode_rows"),
         "prefill_s": thread.get("prefill_s"),
         "decode_s": thread.get("decode_s"),
+        "decode_tokens_fed": thread.get("decode_tokens_fed"),
+        "decode_positions": thread.get("decode_positions"),
     }
     if before is not None:
         for key, value in view.items():

@@ -384,5 +384,44 @@ def extend_batch(
     return out
 
 
+class DeferredForward:
+    """A `Forward` that records the calls of one buffer's `apply` or `refresh` instead of running them.
+
+    Those calls only write K/V (their logits are not used), so they may run later, as long as they
+    run in order and before anything reads the buffer: `run_deferred` then runs them, batched with
+    other documents' (one request's edited tokens are a few tokens, whose forward alone costs
+    nearly as much as twenty documents' together). Until then the buffer's ids are ahead of its K/V.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[KVBuffer, int, list[int]]] = []  # (buffer, first slot, ids), in call order
+
+    def __call__(self, ids, caches, *, starts, lengths=None, layers=None, hidden=None, logits=None, return_hidden=False):
+        assert hidden is None and layers is None and not return_hidden and lengths is None and len(caches) == 1
+        self.calls.append((caches[0], int(starts[0]), [int(i) for i in ids.reshape(-1)]))
+        return None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for _, _, ids in self.calls)
+
+
+def run_deferred(recorded: Sequence[DeferredForward], forward: Forward) -> None:
+    """Run the recorded calls of several buffers (one recorder each): the k-th call of every buffer
+    in one batched forward (rows right-padded; the padding writes no K/V), k = 0, 1, ..."""
+    assert len({id(call[0]) for r in recorded for call in r.calls[:1]}) == sum(1 for r in recorded if r.calls), "a buffer appears twice"
+    for k in range(max((len(r.calls) for r in recorded), default=0)):
+        calls = [r.calls[k] for r in recorded if len(r.calls) > k]
+        width = max(len(ids) for _, _, ids in calls)
+        counts = [len(ids) for _, _, ids in calls]
+        padded = [ids + [ids[-1]] * (width - len(ids)) for _, _, ids in calls]
+        forward(
+            torch.tensor(padded, device=calls[0][0].device), [buffer for buffer, _, _ in calls],
+            starts=[start for _, start, _ in calls], lengths=None if min(counts) == width else counts, logits=None,
+        )
+    for r in recorded:
+        r.calls.clear()
+
+
 def _round_up(n: int, chunk: int) -> int:
     return -(-n // chunk) * chunk

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from rotary.cache.buffer import KVBuffer, extend_batch
+from rotary.cache.buffer import DeferredForward, KVBuffer, extend_batch, run_deferred
 from rotary.cache.plan import common_prefix_length
 from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
@@ -41,6 +41,10 @@ DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 512
 PREFILL_CHUNK = 256  # tokens per prefill step: the longest another request waits for the model thread
 REFRESH_CHUNK = 64  # tokens per background refresh step
+# A prefill step encoding at most this many tokens (the edited tokens after a keystroke, the refresh of
+# stale ones near the cursor) runs batched with the other waiting requests' (scheduler.py); a bigger one
+# (a paste, a first open) runs alone, as a forward of that size is already efficient.
+BATCHED_STEP_TOKENS = 64
 # Guessed tokens per batched decode round, shared by its rows. One guess is cheap next to a step's
 # fixed cost while the batch is small; in a wide batch every row is padded to the longest row and
 # each position costs a full-vocabulary LM head, so guesses (mostly rejected on unseen code) would
@@ -119,6 +123,8 @@ class CompletionEngine:
         self.edit_aware_supported = runner.info.rope.composable and self.inv_freq is not None
         self.prefill_chunk = prefill_chunk
         self.background_refreshed = 0
+        self.decode_tokens_fed = 0  # tokens fed by batched decoding rounds (pending tokens and guesses)
+        self.decode_positions = 0  # positions those rounds ran, padding included (rows padded to the longest)
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
         self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
@@ -246,7 +252,7 @@ class CompletionEngine:
             info.num_layers, info.num_kv_heads, info.head_dim, dtype=self.runner.dtype, device=self.runner.device
         )
 
-    def _prefill(self, job: Job, prompt: Prompt, options: CompletionOptions) -> Iterator[None]:
+    def _prefill(self, job: Job, prompt: Prompt, options: CompletionOptions) -> Iterator[DeferredForward | None]:
         """The job's prefill steps on its document's cache (pinned until the job ends); returns the logits."""
         if job.key is not None:
             job.entry = self.kv_store.acquire(job.key, self.new_buffer)
@@ -265,8 +271,11 @@ class CompletionEngine:
 
     def prepare(
         self, entry: DocumentKV, ids: list[int], options: CompletionOptions, stats: CompletionStats, feed_last: bool = True
-    ) -> Iterator[None]:
+    ) -> Iterator[DeferredForward | None]:
         """Bring a cache to `ids`, one chunk of work per step; return the logits after the last id.
+
+        A step yields None (its work is done) or recorded encoding the caller must run (run_encodes)
+        before the next step, which it may batch with other requests' recorded steps.
 
         Every id but the last is put in the cache as the cache mode allows; the last is fed on
         its own to get the logits the first generated token comes from (feed_last=False: it is left
@@ -282,18 +291,21 @@ class CompletionEngine:
             mode = PREFIX
         plan = buffer.tokens.plan(context) if mode in (EDIT_AWARE, CONFLICT) else None
         if plan is not None and plan.tokens_reused:
-            # Reuse what the plan keeps (moved keys re-rotated: PIE), encode the edited pieces.
+            # Reuse what the plan keeps (moved keys re-rotated: PIE), encode the edited pieces. The
+            # encoding is recorded, then run by the scheduler with other requests' (or at once if big).
+            deferred = DeferredForward()
             buffer.apply(
-                plan, context, self.runner.forward, inv_freq=self.inv_freq,
+                plan, context, deferred, inv_freq=self.inv_freq,
                 convention=self.runner.info.rope.convention, rerotate=mode == EDIT_AWARE, chunk=self.prefill_chunk,
             )
             stats.tokens_reused, stats.tokens_encoded = plan.tokens_reused, plan.tokens_encoded
             stats.tokens_rerotated = plan.tokens_rerotated
-            yield
+            yield self._encode_step(deferred)
             stale = buffer.tokens.stale_range_before(len(context), options.refresh_window) if options.refresh_window else None
             if stale is not None and mode == EDIT_AWARE:
-                stats.stale_refreshed = buffer.refresh(stale[0], None, self.runner.forward, chunk=self.prefill_chunk)
-                yield
+                deferred = DeferredForward()
+                stats.stale_refreshed = buffer.refresh(stale[0], None, deferred, chunk=self.prefill_chunk)
+                yield self._encode_step(deferred)
         else:
             keep = common_prefix_length(buffer.token_ids, context) if mode != NO_CACHE and plan is None else 0
             buffer.rollback(keep)
@@ -307,6 +319,20 @@ class CompletionEngine:
         out = buffer.extend(last, self.runner.forward, logits="last")
         return out.logits[0]  # [vocab]
 
+    def _encode_step(self, deferred: DeferredForward) -> DeferredForward | None:
+        """What a prefill step hands the scheduler: recorded encoding small enough to batch with other
+        requests' (the scheduler runs it before this request's next step), or None when it ran here."""
+        if not deferred.calls:
+            return None
+        if deferred.tokens <= BATCHED_STEP_TOKENS:
+            return deferred
+        run_deferred([deferred], self.runner.forward)
+        return None
+
+    def run_encodes(self, recorded: list[DeferredForward]) -> None:
+        """Run several requests' recorded prefill steps together (the scheduler calls this)."""
+        run_deferred(recorded, self.runner.forward)
+
     def prepare_now(self, entry: DocumentKV, ids: list[int], options: CompletionOptions) -> tuple[torch.Tensor, CompletionStats]:
         """`prepare` to the end, on the model thread (benchmarks and tests that set up a cache by hand)."""
 
@@ -315,9 +341,11 @@ class CompletionEngine:
             steps = self.prepare(entry, ids, options, stats)
             while True:
                 try:
-                    next(steps)
+                    step = next(steps)
                 except StopIteration as done:
                     return done.value, stats
+                if step is not None:
+                    self.run_encodes([step])
 
         return self.scheduler.run_exclusive(run)
 
@@ -338,6 +366,8 @@ class CompletionEngine:
         buffers = [job.entry.buffer for job in batched]
         starts = [buffer.length for buffer in buffers]
         out = extend_batch(buffers, rows, self.runner.forward, logits="all")
+        self.decode_tokens_fed += sum(len(row) for row in rows)
+        self.decode_positions += len(rows) * max(len(row) for row in rows)
         for b, job in enumerate(batched):
             generation = job.generation
             # The first token comes from the context's last token, the prefill's forward run late: as

@@ -8,7 +8,7 @@ verify step per round -> done). Each round of the loop:
    decoding between steps);
 3. runs prefill steps (one chunk each) of the requests that are prefilling, oldest first,
    until PREFILL_ROUND_S is spent, so that a long prefill delays the others by at most that
-   plus one chunk;
+   plus one chunk; small steps (a keystroke's edited tokens) of all of them in one batched forward;
 4. runs one batched forward for every request that is decoding: each feeds its pending
    token plus its drafter's guesses, and keeps what greedy decoding keeps (decode.py).
 With nothing to do it runs background work, the lowest priority: one chunk of a stale
@@ -97,6 +97,8 @@ class Scheduler:
         self.batched_rows = 0  # decode rows run, summed over rounds (rows / decode rounds = mean batch)
         self.decode_rounds = 0
         self.prefill_steps = 0
+        self.encode_batches = 0  # batched forwards of small prefill steps (and rows in them, summed)
+        self.encode_rows = 0
         self.prefill_seconds = 0.0  # time in prefill steps, summed (where a loaded worker's time goes)
         self.decode_seconds = 0.0  # time in batched decode rounds, summed
         self.prefill_round_s = PREFILL_ROUND_S
@@ -200,25 +202,35 @@ class Scheduler:
         """Prefill steps in arrival order, one per job and pass, until PREFILL_ROUND_S is spent.
 
         A request's prefill after a keystroke is a few small steps (the edited tokens, the refresh
-        near the cursor, the last token); one step per round would make the twentieth of twenty
-        editors wait for sixty rounds, each carrying a batched decode forward. The budget still
-        bounds how long decoding requests wait: at most prefill_round_s plus one chunk (0: one step a round).
+        near the cursor); one step per round would make the twentieth of twenty editors wait for
+        sixty rounds, each carrying a batched decode forward. A small step comes back as recorded
+        encoding (the engine's DeferredForward): a pass runs all of them in one batched forward, so
+        twenty requests' edited tokens cost about one request's. The budget still bounds how long
+        decoding requests wait: at most prefill_round_s plus one pass (0: one pass a round).
         """
         deadline = time.monotonic() + self.prefill_round_s
         while True:
             prefilling = [job for job in self._jobs if job.state == PREFILL]
             if not prefilling:
                 return
+            recorded: list[tuple[Job, Any]] = []
             for job in prefilling:
-                self._prefill_step(job)
+                step = self._prefill_step(job)
+                if step is not None:
+                    recorded.append((job, step))
                 if time.monotonic() >= deadline:
-                    return
+                    break
+            if recorded:  # before anything else reads those caches (a cancel, a decoding round)
+                self._run_encodes(recorded)
+            if time.monotonic() >= deadline:
+                return
 
-    def _prefill_step(self, job: Job) -> None:
+    def _prefill_step(self, job: Job) -> Any:
+        """One step of the job's prefill; returns the recorded encoding it left to run, if any."""
         self.step_started = time.monotonic()
         self.prefill_steps += 1
         try:
-            next(job.steps)
+            return next(job.steps)
         except StopIteration as done:
             if done.value is not None:  # the logits after the context (else the first round feeds its last token)
                 job.generation.start(done.value)
@@ -226,6 +238,20 @@ class Scheduler:
             self._emit(job)
         except Exception as exc:
             self._fail(job, exc)
+        finally:
+            self.prefill_seconds += time.monotonic() - self.step_started
+            self.step_started = None
+        return None
+
+    def _run_encodes(self, recorded: list[tuple[Job, Any]]) -> None:
+        self.step_started = time.monotonic()
+        self.encode_batches += 1
+        self.encode_rows += len(recorded)
+        try:
+            self.engine.run_encodes([step for _, step in recorded])
+        except Exception as exc:
+            for job, _ in recorded:
+                self._fail(job, exc)
         finally:
             self.prefill_seconds += time.monotonic() - self.step_started
             self.step_started = None

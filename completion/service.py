@@ -425,8 +425,12 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "mean_batch": round(scheduler.batched_rows / scheduler.decode_rounds, 2) if scheduler.decode_rounds else None,
                 "batched_rows": scheduler.batched_rows,
                 "prefill_steps": scheduler.prefill_steps,
+                "encode_batches": scheduler.encode_batches,
+                "encode_rows": scheduler.encode_rows,
                 "prefill_s": round(scheduler.prefill_seconds, 2),
                 "decode_s": round(scheduler.decode_seconds, 2),
+                "decode_tokens_fed": self.engine.decode_tokens_fed,
+                "decode_positions": self.engine.decode_positions,
             }
         return out
 

@@ -301,9 +301,9 @@ class Transformer:
             or None with `hidden`.
         starts: per row, the position of its first new token; its K/V go to slots [start, start + S)
             and it attends to slots [0, position]. Default: each cache's fill depth at the first layer run.
-        lengths: per row, how many of the S tokens are real (rows right-padded to S: the padding
-            writes K/V past the real tokens, which the cache does not count, and is never attended to
-            by real tokens). Default: S for every row.
+        lengths: per row, how many of the S tokens are real (rows right-padded to S: the padding's
+            K/V are not written, so a short row may encode tokens in the middle of a document, before
+            cached ones, and real tokens never attend to padding). Default: S for every row.
         layers: which layers to run, a range with step 1 (default: all). Not starting at 0, the input
             is `hidden` [B, S, dim] (the hidden state after layer layers.start - 1), not ids.
         logits: "last" (each row's last real token: [B, vocab]), "all" ([B, S, vocab]) or None.
@@ -335,15 +335,16 @@ class Transformer:
         # Past the last layer run, only each row's last token is needed ("last"), or nothing (None):
         # that layer writes K/V for every token but runs attention and MLP on those rows only.
         last_rows = [seq - 1] * batch if lengths is None else [n - 1 for n in lengths]
+        written = [seq] * batch if lengths is None else [int(n) for n in lengths]
         trim = not return_hidden and logits != "all" and seq > 1
         assert early_exit is None or (batch == 1 and seq == 1), "early exit decides for one token at a time"
         exited = None
         for i in layers:
             window = config.sliding_windows[i]
             if trim and i == layers.stop - 1:
-                x = self._layer(i, x, caches, starts, cos, sin, masks[window], rows=last_rows if logits else [])
+                x = self._layer(i, x, caches, starts, written, cos, sin, masks[window], rows=last_rows if logits else [])
             else:
-                x = self._layer(i, x, caches, starts, cos, sin, masks[window])
+                x = self._layer(i, x, caches, starts, written, cos, sin, masks[window])
             if early_exit is not None and i < layers.stop - 1 and early_exit.exit_here(i, x):
                 exited = i
                 break  # the early exit: the controller says this layer's head already has the token
@@ -369,10 +370,12 @@ class Transformer:
     __call__ = forward
 
     def _layer(
-        self, i: int, x: torch.Tensor, caches: list, starts: list[int], cos, sin, masks: list, rows: list[int] | None = None
+        self, i: int, x: torch.Tensor, caches: list, starts: list[int], written: list[int], cos, sin, masks: list,
+        rows: list[int] | None = None,
     ) -> torch.Tensor:
-        """One decoder layer. rows: run attention and MLP only for query row rows[b] of each sequence
-        (K/V are written for all), returning [B, 1, dim]; an empty list: write K/V only."""
+        """One decoder layer. written: per row, how many new tokens' K/V go into its cache (the rest is
+        padding). rows: run attention and MLP only for query row rows[b] of each sequence (K/V are
+        written for all), returning [B, 1, dim]; an empty list: write K/V only."""
         config, w = self.config, self.layers[i]
         batch, seq = x.shape[0], x.shape[1]
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -382,8 +385,9 @@ class Transformer:
         rope_(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k rotated in place
         for b, cache in enumerate(caches):
             # The new tokens' keys and values sit side by side in qkv: one copy into the cache.
-            new_kv = qkv[b, :, heads:].view(seq, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2, KV, S, Dh]
-            cache.kv[i, :, :, starts[b] : starts[b] + seq].copy_(new_kv)
+            n = written[b]
+            new_kv = qkv[b, :n, heads:].view(n, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2, KV, n, Dh]
+            cache.kv[i, :, :, starts[b] : starts[b] + n].copy_(new_kv)
         if rows is not None:
             if not rows:
                 return x  # nothing reads this layer's output: its K/V were all that was needed

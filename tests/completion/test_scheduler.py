@@ -185,3 +185,62 @@ def test_health_and_stats_never_wait_for_a_busy_model_thread():
     worker.join()
     assert any(depth >= 1 for depth, _ in seen)
     assert max(busy for _, busy in seen) < 60
+
+
+def test_edits_of_waiting_requests_are_encoded_in_one_batch_with_the_caches_each_gets_alone():
+    # Each document gets a comment line inserted at its top while the cursor stays at its end (so the
+    # edited tokens are encoded before cached ones, which move), each of a different length (so rows
+    # are padded). Encoded alone, one after another, and encoded together while the model thread was
+    # held, the caches hold the same K/V (padding must not overwrite the cached tokens after an edit)
+    # and the answers are the same.
+    import torch
+
+    scheduler = engine().scheduler
+    kv_store = engine().kv_store
+    edits = {uri: (text, len(text), "# " + "note " * (i + 1) + "\n") for i, (uri, text) in enumerate(DOCUMENTS.items())}
+
+    def edited(text, cursor, insert):
+        return insert + text, cursor + len(insert)
+
+    def ask(uri, text, cursor):
+        from rotary.completion.engine import CompletionOptions
+
+        # No refresh of stale tokens: it would re-encode the tokens after the edit, hiding a clobbered one.
+        options = CompletionOptions(max_tokens=4, mode="multi_line", drafter="none", cache_mode="edit_aware", refresh_window=0)
+        return "".join(c.text for c in engine().complete(uri, text, cursor, options))
+
+    alone = {}
+    for uri, (text, cursor, insert) in edits.items():
+        ask(uri + "-alone", text, cursor)
+        alone[uri] = ask(uri + "-alone", *edited(text, cursor, insert))
+    for uri, (text, cursor, _) in edits.items():
+        ask(uri + "-together", text, cursor)
+
+    scheduler.prefill_round_s = 60.0
+    try:
+        hold, held = threading.Event(), threading.Event()
+        threading.Thread(target=lambda: scheduler.run_exclusive(lambda: (held.set(), hold.wait(60))), daemon=True).start()
+        assert held.wait(60)
+        together: dict[str, str] = {}
+        threads = [
+            threading.Thread(target=lambda u=u, e=e: together.update({u: ask(u + "-together", *edited(*e))}))
+            for u, e in edits.items()
+        ]
+        for t in threads:
+            t.start()
+        while scheduler.queue_depth < len(edits):
+            threading.Event().wait(0.01)
+        batches, rows = scheduler.encode_batches, scheduler.encode_rows
+        hold.set()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        scheduler.prefill_round_s = 0.0
+    assert together == alone
+    assert scheduler.encode_rows - rows >= len(edits) and scheduler.encode_batches - batches < scheduler.encode_rows - rows
+    for uri in edits:
+        a, b = kv_store.get(uri + "-alone").buffer, kv_store.get(uri + "-together").buffer
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(b.used(), a.used(), rtol=1e-4, atol=1e-4)
+        kv_store.drop(uri + "-alone")
+        kv_store.drop(uri + "-together")
