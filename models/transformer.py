@@ -54,6 +54,16 @@ class KVCache(Protocol):
     def reserve(self, length: int) -> None: ...
 
 
+class Segment(NamedTuple):
+    """One row of a forward, packed: its tokens are x[0, offset : offset + length], at positions
+    [start, start + length) of `cache`."""
+
+    cache: Any
+    start: int
+    offset: int
+    length: int
+
+
 class ForwardOutput(NamedTuple):
     logits: torch.Tensor | None  # [B, vocab] ("last"), [B, S, vocab] ("all"), None
     hidden: torch.Tensor | None  # [B, S, dim] after the last layer run, before the final norm (return_hidden)
@@ -327,24 +337,31 @@ class Transformer:
         batch, seq = x.shape[0], x.shape[1]
         assert batch == len(caches), f"{batch} rows for {len(caches)} caches"
         starts = [cache.filled[layers.start] for cache in caches] if starts is None else [int(s) for s in starts]
+        counts = [seq] * batch if lengths is None else [int(n) for n in lengths]
+        assert all(1 <= n <= seq for n in counts), f"lengths {counts} for {seq} positions"
         for cache, start in zip(caches, starts):
             cache.reserve(start + seq)
-        cos, sin = self._rope(starts, seq)  # [B, S, 1, head_dim / 2] each
-        masks = self._masks(starts, seq, {config.sliding_windows[i] for i in layers})
+        # Rows are packed into one sequence of their real tokens, [1, N, dim]: the matrix products run
+        # on N rows, not on B x S with padding (ragged rows: a decoding round's rows differ in guesses).
+        ragged = min(counts) < seq
+        real = torch.arange(seq, device=x.device)[None, :] < torch.tensor(counts, device=x.device)[:, None] if ragged else None
+        x = x[real].unsqueeze(0) if ragged else x.reshape(1, batch * seq, -1)  # [1, N, dim]
+        offsets = [sum(counts[:b]) for b in range(batch)]
+        segments = [Segment(cache, start, offset, n) for cache, start, offset, n in zip(caches, starts, offsets, counts)]
+        cos, sin = self._rope(segments)  # [1, N, 1, head_dim] each
+        masks = self._masks(segments, {config.sliding_windows[i] for i in layers})
 
         # Past the last layer run, only each row's last token is needed ("last"), or nothing (None):
         # that layer writes K/V for every token but runs attention and MLP on those rows only.
-        last_rows = [seq - 1] * batch if lengths is None else [n - 1 for n in lengths]
-        written = [seq] * batch if lengths is None else [int(n) for n in lengths]
         trim = not return_hidden and logits != "all" and seq > 1
         assert early_exit is None or (batch == 1 and seq == 1), "early exit decides for one token at a time"
         exited = None
         for i in layers:
             window = config.sliding_windows[i]
             if trim and i == layers.stop - 1:
-                x = self._layer(i, x, caches, starts, written, cos, sin, masks[window], rows=last_rows if logits else [])
+                x = self._layer(i, x, segments, cos, sin, masks[window], keep_last=bool(logits))
             else:
-                x = self._layer(i, x, caches, starts, written, cos, sin, masks[window])
+                x = self._layer(i, x, segments, cos, sin, masks[window])
             if early_exit is not None and i < layers.stop - 1 and early_exit.exit_here(i, x):
                 exited = i
                 break  # the early exit: the controller says this layer's head already has the token
@@ -352,67 +369,72 @@ class Transformer:
             self._copy_state(x, caches, starts, range(exited + 1, layers.stop), cos, sin)
             x = early_exit.adapt(exited, x)  # what the tied head reads at this exit
 
+        def unpack(packed: torch.Tensor) -> torch.Tensor:  # [N, D] -> [B, S, D] (padded positions zero)
+            if not ragged:
+                return packed.view(batch, seq, -1)
+            out = packed.new_zeros(batch, seq, packed.shape[-1])
+            out[real] = packed
+            return out
+
         out_logits = None
         if logits == "last":
             if trim:
-                last = x[:, 0]  # [B, dim]: the last layer kept only these rows
-            elif lengths is None:
-                last = x[:, -1]  # [B, dim]
+                last = x[0]  # [B, dim]: the last layer kept only these rows
             else:
-                last = x[torch.arange(batch, device=x.device), torch.tensor(last_rows, device=x.device)]  # [B, dim]
+                last = x[0, [segment.offset + segment.length - 1 for segment in segments]]  # [B, dim]
             out_logits = self._head(last)  # [B, vocab]
         elif logits == "all":
-            out_logits = self._head(x)  # [B, S, vocab]
+            out_logits = unpack(self._head(x[0]))  # [B, S, vocab]
         else:
             assert logits is None, f"logits must be 'last', 'all' or None, not {logits!r}"
-        return ForwardOutput(out_logits, x if return_hidden else None, exited)
+        return ForwardOutput(out_logits, unpack(x[0]) if return_hidden else None, exited)
 
     __call__ = forward
 
     def _layer(
-        self, i: int, x: torch.Tensor, caches: list, starts: list[int], written: list[int], cos, sin, masks: list,
-        rows: list[int] | None = None,
+        self, i: int, x: torch.Tensor, segments: list[Segment], cos, sin, masks: list, keep_last: bool | None = None
     ) -> torch.Tensor:
-        """One decoder layer. written: per row, how many new tokens' K/V go into its cache (the rest is
-        padding). rows: run attention and MLP only for query row rows[b] of each sequence (K/V are
-        written for all), returning [B, 1, dim]; an empty list: write K/V only."""
+        """One decoder layer on packed rows x [1, N, dim] (segments say whose tokens are where).
+
+        keep_last: run attention and MLP only for each segment's last token (K/V are written for all),
+        returning [1, B, dim]; False: write K/V only (nothing reads this layer's output)."""
         config, w = self.config, self.layers[i]
-        batch, seq = x.shape[0], x.shape[1]
+        tokens = x.shape[1]
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
 
-        h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)  # [B, S, dim]
-        qkv = linear(h, w.wqkv, w.bqkv).view(batch, seq, heads + 2 * kv_heads, head_dim)  # [B, S, H + 2KV, Dh]
+        h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)  # [1, N, dim]
+        qkv = linear(h, w.wqkv, w.bqkv).view(1, tokens, heads + 2 * kv_heads, head_dim)  # [1, N, H + 2KV, Dh]
         rope_(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k rotated in place
-        for b, cache in enumerate(caches):
+        for seg in segments:
             # The new tokens' keys and values sit side by side in qkv: one copy into the cache.
-            n = written[b]
-            new_kv = qkv[b, :n, heads:].view(n, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2, KV, n, Dh]
-            cache.kv[i, :, :, starts[b] : starts[b] + n].copy_(new_kv)
-        if rows is not None:
-            if not rows:
-                return x  # nothing reads this layer's output: its K/V were all that was needed
-            index = torch.arange(batch, device=x.device), torch.tensor(rows, device=x.device)
-            x, qkv = x[index].unsqueeze(1), qkv[index].unsqueeze(1)  # [B, 1, dim], [B, 1, H + 2KV, Dh]
+            new_kv = qkv[0, seg.offset : seg.offset + seg.length, heads:].view(seg.length, 2, kv_heads, head_dim)
+            seg.cache.kv[i, :, :, seg.start : seg.start + seg.length].copy_(new_kv.permute(1, 2, 0, 3))  # [2, KV, n, Dh]
+        if keep_last is not None:
+            if not keep_last:
+                return x
+            index = [seg.offset + seg.length - 1 for seg in segments]
+            x, qkv = x[:, index], qkv[:, index]  # [1, B, dim], [1, B, H + 2KV, Dh]
             window = config.sliding_windows[i]
-            masks = [attention_span(start + row, 1, window, x.device) for start, row in zip(starts, rows)]
-            starts, seq = [start + row for start, row in zip(starts, rows)], 1
+            segments = [Segment(seg.cache, seg.start + seg.length - 1, b, 1) for b, seg in enumerate(segments)]
+            masks = [attention_span(seg.start, 1, window, x.device) for seg in segments]
+            tokens = len(segments)
 
-        # Attention per sequence: each row reads only its own cache, as long as it really is
-        # (padding every row to the longest would copy every cache into one tensor per layer).
-        queries = qkv[:, :, :heads].transpose(1, 2)  # [B, H, S, Dh]
+        # Attention per row: each reads only its own cache, as long as it really is (padding every row
+        # to the longest would copy every cache into one tensor per layer).
+        queries = qkv[0, :, :heads].transpose(0, 1)  # [H, N, Dh]
         outs = []
-        for b, cache in enumerate(caches):
-            low, mask, causal = masks[b]
-            end = starts[b] + seq
-            k = cache.kv[i, 0:1, :, low:end]  # [1, KV, T, Dh]
-            v = cache.kv[i, 1:2, :, low:end]  # [1, KV, T, Dh]
-            outs.append(F.scaled_dot_product_attention(queries[b : b + 1], k, v, attn_mask=mask, is_causal=causal, enable_gqa=True))
-        attn = (outs[0] if batch == 1 else torch.cat(outs)).transpose(1, 2).reshape(batch, seq, heads * head_dim)  # [B, S, H * Dh]
-        x = x + linear(attn, w.wo, w.bo)  # [B, S, dim]
+        for seg, (low, mask, causal) in zip(segments, masks):
+            end = seg.start + seg.length
+            k = seg.cache.kv[i, 0:1, :, low:end]  # [1, KV, T, Dh]
+            v = seg.cache.kv[i, 1:2, :, low:end]  # [1, KV, T, Dh]
+            q = queries[None, :, seg.offset : seg.offset + seg.length]  # [1, H, n, Dh]
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True))
+        attn = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2).reshape(1, tokens, heads * head_dim)
+        x = x + linear(attn, w.wo, w.bo)  # [1, N, dim]
 
-        h = F.rms_norm(x, (config.dim,), w.mlp_norm, config.norm_eps)  # [B, S, dim]
-        gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # [B, S, I] each
-        return x + linear(F.silu(gate) * up, w.w_down)  # [B, S, dim]
+        h = F.rms_norm(x, (config.dim,), w.mlp_norm, config.norm_eps)  # [1, N, dim]
+        gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # [1, N, I] each
+        return x + linear(F.silu(gate) * up, w.w_down)  # [1, N, dim]
 
     def _copy_state(self, x: torch.Tensor, caches: list, starts: list[int], skipped: range, cos, sin) -> None:
         """K/V of the layers an early exit skipped, from the exiting hidden state x [1, 1, dim] (SEC's state copying).
@@ -447,9 +469,9 @@ class Transformer:
     # ------------------------------------------------------------------
     # Positions: RoPE tables and attention masks, built once per forward and shared by every layer
 
-    def _rope(self, starts: list[int], seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin (see rope_) for each row's positions, [B, S, 1, head_dim] each."""
-        needed = max(starts) + seq
+    def _rope(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (see rope_) for the packed tokens' positions, [1, N, 1, head_dim] each."""
+        needed = max(seg.start + seg.length for seg in segments)
         if needed > self._cos.shape[0]:
             size = max(needed, 2 * self._cos.shape[0], 1024)
             # Exactly as transformers computes them: fp32 position * inv_freq, cos/sin in fp32,
@@ -459,15 +481,15 @@ class Transformer:
             sin = (freqs.sin() * self.config.rope_scaling).to(self.dtype)
             self._cos = torch.cat((cos, cos), dim=-1)  # [positions, Dh]
             self._sin = torch.cat((-sin, sin), dim=-1)
-        if len(starts) == 1:
-            start = starts[0]
-            return self._cos[start : start + seq][None, :, None], self._sin[start : start + seq][None, :, None]
-        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(seq, device=self.device)  # [B, S]
-        return self._cos[positions][:, :, None], self._sin[positions][:, :, None]
+        if len(segments) == 1:
+            start, end = segments[0].start, segments[0].start + segments[0].length
+            return self._cos[start:end][None, :, None], self._sin[start:end][None, :, None]
+        positions = torch.cat([torch.arange(seg.start, seg.start + seg.length, device=self.device) for seg in segments])  # [N]
+        return self._cos[positions][None, :, None], self._sin[positions][None, :, None]
 
-    def _masks(self, starts: list[int], seq: int, windows: set[int | None]) -> dict:
-        """Per window, per row: (first slot attended, bool mask [S, T] or None, is_causal)."""
-        return {window: [attention_span(start, seq, window, self.device) for start in starts] for window in windows}
+    def _masks(self, segments: list[Segment], windows: set[int | None]) -> dict:
+        """Per window, per segment: (first slot attended, bool mask [n, T] or None, is_causal)."""
+        return {window: [attention_span(seg.start, seg.length, window, self.device) for seg in segments] for window in windows}
 
 
 def attention_span(start: int, seq: int, window: int | None, device) -> tuple[int, torch.Tensor | None, bool]:
