@@ -46,10 +46,12 @@ REFRESH_CHUNK = 64  # tokens per background refresh step
 # (a paste, a first open) runs alone, as a forward of that size is already efficient.
 BATCHED_STEP_TOKENS = 64
 # Guessed tokens per batched decode round, shared by its rows. One guess is cheap next to a step's
-# fixed cost while the batch is small; in a wide batch every row is padded to the longest row and
-# each position costs a full-vocabulary LM head, so guesses (mostly rejected on unseen code) would
-# slow every request in the round. The text is the same whatever the guesses (decode.py).
-DRAFT_ROUND_BUDGET = 8
+# fixed cost while the batch is small; in a wide batch each guessed position costs a full-vocabulary
+# LM head and a row of every matrix product, so guesses (mostly rejected on unseen code) would slow
+# every request in the round. The text is the same whatever the guesses (decode.py). Measured with 20
+# editors (`rotary bench load --quick --sizes 20`, rows packed, not padded): 0 guesses p95 8.9 s,
+# 8: 6.8-7.7 s, 16: 5.3-6.2 s (decoding time 36 s against 40-41 s), 32: 7.1 s.
+DRAFT_ROUND_BUDGET = 16
 IDLE_SECONDS = 1.0  # background work waits this long after the last request
 
 EDIT_AWARE, PREFIX, NO_CACHE, CONFLICT = "edit_aware", "prefix", "none", "conflict"
