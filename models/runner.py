@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # Forward calls with at most this many tokens run on decode_threads() (see ModelRunner.forward).
 DECODE_STEP_TOKENS = 16
+# A decoding round of at least this many documents runs on every core all the same: its matrix
+# products are several rows deep, where a second thread pays even on a shared machine (20 editors,
+# `rotary bench load --quick --sizes 20`: p95 4.6-4.9 s against 5.3-6.2 s on one thread).
+WIDE_BATCH_ROWS = 4
 
 
 def configure_threads() -> None:
@@ -43,7 +47,8 @@ def decode_threads() -> int:
     the cores with the worker, 2 threads made every step slower (one document: 131 against 90 ms a
     step; twenty: 268 against 240 ms a round, p95 latency 11.8 against 8.6-9.0 s): an OpenMP thread
     that loses its core stalls the whole product. With one thread the other core serves the daemon
-    and gRPC. `ROTARY_DECODE_THREADS` overrides it (a worker alone on its machine).
+    and gRPC. `ROTARY_DECODE_THREADS` overrides it (a worker alone on its machine). Wide batched
+    rounds take every core (WIDE_BATCH_ROWS).
     """
     return int(os.environ.get("ROTARY_DECODE_THREADS", "0")) or max(1, prefill_threads() // 2)
 
@@ -90,10 +95,12 @@ class ModelRunner:
 
     def forward(self, ids: torch.Tensor | None, caches, **kwargs) -> ForwardOutput:
         """The model's forward (models/transformer.py's contract); the thread count follows the work:
-        decoding steps (a few tokens) on decode_threads(), bigger steps (prefill) on every core."""
+        decoding steps (a few tokens) on decode_threads(), bigger steps (prefill, wide batches) on every core."""
         if self.device.type == "cpu":
             tokens = (ids.numel() if ids is not None else kwargs["hidden"].shape[0] * kwargs["hidden"].shape[1])
-            torch.set_num_threads(self._decode_threads if tokens <= DECODE_STEP_TOKENS else self._prefill_threads)
+            rows = ids.shape[0] if ids is not None and ids.dim() == 2 else 1
+            wide = rows >= WIDE_BATCH_ROWS
+            torch.set_num_threads(self._decode_threads if tokens <= DECODE_STEP_TOKENS and not wide else self._prefill_threads)
         return self._forward(ids, caches, **kwargs)
 
     def rope_inv_freq(self) -> torch.Tensor | None:
