@@ -358,9 +358,9 @@ def extend_batch(
 ) -> Any:
     """`extend` for several documents in one batched forward: row b appends ids[b] to buffers[b].
 
-    Rows may have different numbers of tokens: shorter ones are right-padded (the padding's K/V
-    land past the tokens held, where nothing counts them). logits="last" gives each row's last real
-    token, [B, vocab]; "all" gives [B, S, vocab] with padded positions meaningless.
+    Rows may have different numbers of tokens: shorter ones are right-padded here, and the forward
+    runs only the real tokens (the padding writes no K/V). logits="last" gives each row's last real
+    token, [B, vocab]; "all" gives [B, S, vocab] with padded positions zero.
     """
     assert len(buffers) == len(ids) and buffers, "one list of ids per buffer"
     assert len({id(b) for b in buffers}) == len(buffers), "a buffer appears twice in one batch"

@@ -126,7 +126,7 @@ class CompletionEngine:
         self.prefill_chunk = prefill_chunk
         self.background_refreshed = 0
         self.decode_tokens_fed = 0  # tokens fed by batched decoding rounds (pending tokens and guesses)
-        self.decode_positions = 0  # positions those rounds ran, padding included (rows padded to the longest)
+        self.decode_positions = 0  # rows x longest row, summed: what padded rows would run (packed, they run decode_tokens_fed)
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
         self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
