@@ -506,7 +506,6 @@ async def worker_side(stub, before: dict | None = None) -> dict:
         "prefill_s": thread.get("prefill_s"),
         "decode_s": thread.get("decode_s"),
         "decode_tokens_fed": thread.get("decode_tokens_fed"),
-        "decode_positions": thread.get("decode_positions"),
     }
     if before is not None:
         for key, value in view.items():

@@ -366,17 +366,14 @@ def extend_batch(
     assert len({id(b) for b in buffers}) == len(buffers), "a buffer appears twice in one batch"
     rows = [[int(i) for i in row] for row in ids]
     assert all(rows), "every row needs at least one token"
-    counts = [len(row) for row in rows]
-    width = max(counts)
     layers = buffers[0]._layers(layers)
     assert layers.start == 0
     starts = [b.length for b in buffers]
     for buffer, start in zip(buffers, starts):
         buffer._check_depth(layers, start)
-    padded = [row + [row[-1]] * (width - len(row)) for row in rows]
+    padded, lengths = _padded(rows, buffers[0].device)
     out = forward(
-        torch.tensor(padded, device=buffers[0].device), list(buffers), starts=starts,
-        lengths=None if min(counts) == width else counts, layers=layers, logits=logits, return_hidden=return_hidden,
+        padded, list(buffers), starts=starts, lengths=lengths, layers=layers, logits=logits, return_hidden=return_hidden,
     )
     for buffer, row, start in zip(buffers, rows, starts):
         buffer.tokens.append(row)
@@ -409,18 +406,22 @@ class DeferredForward:
 def run_deferred(recorded: Sequence[DeferredForward], forward: Forward) -> None:
     """Run the recorded calls of several buffers (one recorder each): the k-th call of every buffer
     in one batched forward (rows right-padded; the padding writes no K/V), k = 0, 1, ..."""
-    assert len({id(call[0]) for r in recorded for call in r.calls[:1]}) == sum(1 for r in recorded if r.calls), "a buffer appears twice"
+    buffers = [r.calls[0][0] for r in recorded if r.calls]
+    assert len({id(b) for b in buffers}) == len(buffers), "a buffer appears twice"
     for k in range(max((len(r.calls) for r in recorded), default=0)):
         calls = [r.calls[k] for r in recorded if len(r.calls) > k]
-        width = max(len(ids) for _, _, ids in calls)
-        counts = [len(ids) for _, _, ids in calls]
-        padded = [ids + [ids[-1]] * (width - len(ids)) for _, _, ids in calls]
-        forward(
-            torch.tensor(padded, device=calls[0][0].device), [buffer for buffer, _, _ in calls],
-            starts=[start for _, start, _ in calls], lengths=None if min(counts) == width else counts, logits=None,
-        )
+        padded, lengths = _padded([ids for _, _, ids in calls], calls[0][0].device)
+        forward(padded, [buffer for buffer, _, _ in calls], starts=[start for _, start, _ in calls], lengths=lengths, logits=None)
     for r in recorded:
         r.calls.clear()
+
+
+def _padded(rows: Sequence[list[int]], device) -> tuple[torch.Tensor, list[int] | None]:
+    """Rows of ids right-padded to the longest, [B, S], and each row's real length (None: all full)."""
+    counts = [len(row) for row in rows]
+    width = max(counts)
+    padded = torch.tensor([row + [row[-1]] * (width - len(row)) for row in rows], device=device)
+    return padded, None if min(counts) == width else counts
 
 
 def _round_up(n: int, chunk: int) -> int:

@@ -126,7 +126,6 @@ class CompletionEngine:
         self.prefill_chunk = prefill_chunk
         self.background_refreshed = 0
         self.decode_tokens_fed = 0  # tokens fed by batched decoding rounds (pending tokens and guesses)
-        self.decode_positions = 0  # rows x longest row, summed: what padded rows would run (packed, they run decode_tokens_fed)
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
         self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
@@ -369,7 +368,6 @@ class CompletionEngine:
         starts = [buffer.length for buffer in buffers]
         out = extend_batch(buffers, rows, self.runner.forward, logits="all")
         self.decode_tokens_fed += sum(len(row) for row in rows)
-        self.decode_positions += len(rows) * max(len(row) for row in rows)
         for b, job in enumerate(batched):
             generation = job.generation
             # The first token comes from the context's last token, the prefill's forward run late: as

@@ -430,7 +430,6 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "prefill_s": round(scheduler.prefill_seconds, 2),
                 "decode_s": round(scheduler.decode_seconds, 2),
                 "decode_tokens_fed": self.engine.decode_tokens_fed,
-                "decode_positions": self.engine.decode_positions,
             }
         return out
 

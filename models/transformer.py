@@ -26,6 +26,7 @@ transformers' within float32 rounding.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol, Sequence
 
@@ -346,7 +347,7 @@ class Transformer:
         ragged = min(counts) < seq
         real = torch.arange(seq, device=x.device)[None, :] < torch.tensor(counts, device=x.device)[:, None] if ragged else None
         x = x[real].unsqueeze(0) if ragged else x.reshape(1, batch * seq, -1)  # [1, N, dim]
-        offsets = [sum(counts[:b]) for b in range(batch)]
+        offsets = [0, *itertools.accumulate(counts)][:-1]  # where each row's tokens start in the packed sequence
         segments = [Segment(cache, start, offset, n) for cache, start, offset, n in zip(caches, starts, offsets, counts)]
         cos, sin = self._rope(segments)  # [1, N, 1, head_dim] each
         masks = self._masks(segments, {config.sliding_windows[i] for i in layers})
