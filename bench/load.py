@@ -503,6 +503,7 @@ async def worker_side(stub, before: dict | None = None) -> dict:
         "prefill_steps": thread.get("prefill_steps"),
         "encode_batches": thread.get("encode_batches"),
         "encode_rows": thread.get("encode_rows"),
+        "riders": thread.get("riders"),
         "prefill_s": thread.get("prefill_s"),
         "decode_s": thread.get("decode_s"),
         "decode_tokens_fed": thread.get("decode_tokens_fed"),

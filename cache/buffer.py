@@ -52,6 +52,7 @@ class Forward(Protocol):
         layers: range | None = None,
         hidden: torch.Tensor | None = None,
         logits: str | None = "last",
+        logit_rows: Sequence[int] | None = None,
         return_hidden: bool = False,
     ) -> Any: ...
 
@@ -355,12 +356,18 @@ def extend_batch(
     layers: range | None = None,
     logits: str | None = "last",
     return_hidden: bool = False,
+    riders: Sequence[DeferredForward] = (),
 ) -> Any:
     """`extend` for several documents in one batched forward: row b appends ids[b] to buffers[b].
 
     Rows may have different numbers of tokens: shorter ones are right-padded here, and the forward
     runs only the real tokens (the padding writes no K/V). logits="last" gives each row's last real
     token, [B, vocab]; "all" gives [B, S, vocab] with padded positions zero.
+
+    riders: recorded encoding (see DeferredForward, each `can_ride`) of these or other buffers, run in
+    the same forward as extra rows that only write K/V; the new rows see their K/V exactly as if they
+    had run first (every layer writes all rows' K/V before any row attends). Their logits are not
+    computed. A prefill's few edited tokens then cost a few rows of a decoding round, not a forward.
     """
     assert len(buffers) == len(ids) and buffers, "one list of ids per buffer"
     assert len({id(b) for b in buffers}) == len(buffers), "a buffer appears twice in one batch"
@@ -371,10 +378,20 @@ def extend_batch(
     starts = [b.length for b in buffers]
     for buffer, start in zip(buffers, starts):
         buffer._check_depth(layers, start)
-    padded, lengths = _padded(rows, buffers[0].device)
+    calls = [call for rider in riders for call in rider.calls]
+    assert not calls or (layers == range(buffers[0].num_layers) and logits == "all" and not return_hidden)
+    for rider in riders:
+        assert can_ride(rider), "recorded calls that overlap or go backwards must run in their own forwards"
+        buffer, start, row = rider.calls[-1]
+        assert start + len(row) <= buffer.length, "recorded calls are inside the buffer's ids"
+    padded, lengths = _padded([row for _, _, row in calls] + rows, buffers[0].device)
     out = forward(
-        padded, list(buffers), starts=starts, lengths=lengths, layers=layers, logits=logits, return_hidden=return_hidden,
+        padded, [buffer for buffer, _, _ in calls] + list(buffers), starts=[start for _, start, _ in calls] + starts,
+        lengths=lengths, layers=layers, logits=logits, return_hidden=return_hidden,
+        **({"logit_rows": range(len(calls), len(calls) + len(rows))} if calls else {}),
     )
+    for rider in riders:
+        rider.calls.clear()
     for buffer, row, start in zip(buffers, rows, starts):
         buffer.tokens.append(row)
         buffer._mark_filled(layers, start + len(row))
@@ -401,6 +418,24 @@ class DeferredForward:
     @property
     def tokens(self) -> int:
         return sum(len(ids) for _, _, ids in self.calls)
+
+    def merge(self, later: DeferredForward) -> None:
+        """Take `later`'s calls (of the same buffer, recorded after these) after this one's."""
+        assert not later.calls or not self.calls or later.calls[0][0] is self.calls[0][0], "one buffer per recorder"
+        self.calls.extend(later.calls)
+        later.calls = []
+
+
+def can_ride(recorded: DeferredForward) -> bool:
+    """Whether recorded calls may run as rows of one forward and give what running them in order gives.
+
+    In one forward each row attends to the K/V every row wrote in the same layer. Calls in order
+    that go strictly forward through the document (each starts past the previous one's end) only
+    attend to what earlier calls wrote, as in order; a call at or before an earlier one would see
+    that call's tokens already changed (or write the same slots twice).
+    """
+    ends = [(start, start + len(ids)) for _, start, ids in recorded.calls]
+    return all(prev_end <= start for (_, prev_end), (start, _) in zip(ends, ends[1:]))
 
 
 def run_deferred(recorded: Sequence[DeferredForward], forward: Forward) -> None:

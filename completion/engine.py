@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from rotary.cache.buffer import DeferredForward, KVBuffer, extend_batch, run_deferred
+from rotary.cache.buffer import DeferredForward, KVBuffer, can_ride, extend_batch, run_deferred
 from rotary.cache.plan import common_prefix_length
 from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
@@ -31,7 +31,7 @@ from rotary.models.runner import ModelRunner
 from .decode import DEFAULT_DRAFT_TOKENS, Generation
 from .drafters import Drafter, NgramDrafter, NoDrafter
 from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
-from .scheduler import Job, Scheduler
+from .scheduler import RUN_RECORDED, Job, Scheduler
 from .stops import AUTO, StopRules
 from .verdict import Gate
 
@@ -42,8 +42,9 @@ MAX_TOKENS_LIMIT = 512
 PREFILL_CHUNK = 256  # tokens per prefill step: the longest another request waits for the model thread
 REFRESH_CHUNK = 64  # tokens per background refresh step
 # A prefill step encoding at most this many tokens (the edited tokens after a keystroke, the refresh of
-# stale ones near the cursor) runs batched with the other waiting requests' (scheduler.py); a bigger one
-# (a paste, a first open) runs alone, as a forward of that size is already efficient.
+# stale ones near the cursor) runs as extra rows of the round's decoding forward (scheduler.py); a
+# bigger one (a paste, a first open) runs before the request's next step, as a forward of that size
+# is already efficient.
 BATCHED_STEP_TOKENS = 64
 # Guessed tokens per batched decode round, shared by its rows. One guess is cheap next to a step's
 # fixed cost while the batch is small; in a wide batch each guessed position costs a full-vocabulary
@@ -275,8 +276,9 @@ class CompletionEngine:
     ) -> Iterator[DeferredForward | None]:
         """Bring a cache to `ids`, one chunk of work per step; return the logits after the last id.
 
-        A step yields None (its work is done) or recorded encoding the caller must run (run_encodes)
-        before the next step, which it may batch with other requests' recorded steps.
+        A step yields None (its work is done), recorded encoding (a DeferredForward) the caller must
+        run before anything reads this cache, batched with other requests' (run_encodes, or rows of a
+        decoding round: decode_round), or RUN_RECORDED: run what was recorded before the next step.
 
         Every id but the last is put in the cache as the cache mode allows; the last is fed on
         its own to get the logits the first generated token comes from (feed_last=False: it is left
@@ -301,12 +303,14 @@ class CompletionEngine:
             )
             stats.tokens_reused, stats.tokens_encoded = plan.tokens_reused, plan.tokens_encoded
             stats.tokens_rerotated = plan.tokens_rerotated
-            yield self._encode_step(deferred)
+            yield from self._recorded(deferred)
             stale = buffer.tokens.stale_range_before(len(context), options.refresh_window) if options.refresh_window else None
             if stale is not None and mode == EDIT_AWARE:
                 deferred = DeferredForward()
                 stats.stale_refreshed = buffer.refresh(stale[0], None, deferred, chunk=self.prefill_chunk)
-                yield self._encode_step(deferred)
+                yield from self._recorded(deferred)
+            if feed_last:
+                yield RUN_RECORDED  # the last id's forward below reads the cache
         else:
             keep = common_prefix_length(buffer.token_ids, context) if mode != NO_CACHE and plan is None else 0
             buffer.rollback(keep)
@@ -320,15 +324,13 @@ class CompletionEngine:
         out = buffer.extend(last, self.runner.forward, logits="last")
         return out.logits[0]  # [vocab]
 
-    def _encode_step(self, deferred: DeferredForward) -> DeferredForward | None:
-        """What a prefill step hands the scheduler: recorded encoding small enough to batch with other
-        requests' (the scheduler runs it before this request's next step), or None when it ran here."""
-        if not deferred.calls:
-            return None
-        if deferred.tokens <= BATCHED_STEP_TOKENS:
-            return deferred
-        run_deferred([deferred], self.runner.forward)
-        return None
+    def _recorded(self, deferred: DeferredForward) -> Iterator[DeferredForward | str]:
+        """Hand recorded encoding to the scheduler; a big one (more than BATCHED_STEP_TOKENS) is to run
+        before the next step rather than wait for the decoding round."""
+        if deferred.calls:
+            yield deferred
+            if deferred.tokens > BATCHED_STEP_TOKENS:
+                yield RUN_RECORDED
 
     def run_encodes(self, recorded: list[DeferredForward]) -> None:
         """Run several requests' recorded prefill steps together (the scheduler calls this)."""
@@ -345,18 +347,24 @@ class CompletionEngine:
                     step = next(steps)
                 except StopIteration as done:
                     return done.value, stats
-                if step is not None:
+                if isinstance(step, DeferredForward):
                     self.run_encodes([step])
 
         return self.scheduler.run_exclusive(run)
 
-    def decode_round(self, jobs: list[Job]) -> None:
+    def decode_round(self, jobs: list[Job], recorded: list[DeferredForward] = ()) -> None:
         """One batched forward for every decoding job: each feeds its pending token and its guesses.
 
+        `recorded`: prefill steps of waiting requests (DeferredForward) to run first: they ride in that
+        forward as rows that only write K/V (those that cannot, see can_ride, run before it).
         Jobs in lossy early-exit mode run one at a time (each token decides its own depth).
         """
         layers = self.runner.info.num_layers
         batched = [job for job in jobs if not job.generation.early_exit]
+        riders = [r for r in recorded if r.calls and can_ride(r)] if batched else []
+        alone = [r for r in recorded if r.calls and not any(r is rider for rider in riders)]
+        if alone:
+            run_deferred(alone, self.runner.forward)
         for job in jobs:
             if job.generation.early_exit:
                 self._early_exit_step(job)
@@ -366,7 +374,7 @@ class CompletionEngine:
         rows = [job.generation.to_feed(job.entry.buffer.token_ids, max_draft=share) for job in batched]
         buffers = [job.entry.buffer for job in batched]
         starts = [buffer.length for buffer in buffers]
-        out = extend_batch(buffers, rows, self.runner.forward, logits="all")
+        out = extend_batch(buffers, rows, self.runner.forward, logits="all", riders=riders)
         self.decode_tokens_fed += sum(len(row) for row in rows)
         for b, job in enumerate(batched):
             generation = job.generation

@@ -8,9 +8,10 @@ verify step per round -> done). Each round of the loop:
    decoding between steps);
 3. runs prefill steps (one chunk each) of the requests that are prefilling, oldest first,
    until PREFILL_ROUND_S is spent, so that a long prefill delays the others by at most that
-   plus one chunk; small steps (a keystroke's edited tokens) of all of them in one batched forward;
+   plus one chunk; small steps (a keystroke's edited tokens) are recorded, not run;
 4. runs one batched forward for every request that is decoding: each feeds its pending
-   token plus its drafter's guesses, and keeps what greedy decoding keeps (decode.py).
+   token plus its drafter's guesses, and keeps what greedy decoding keeps (decode.py); the
+   recorded small steps ride in it as rows that only write K/V (or run alone with no decoding).
 With nothing to do it runs background work, the lowest priority: one chunk of a stale
 document's refresh at a time, and copies of changed caches handed to a writer thread
 (disk I/O never happens on this thread).
@@ -41,6 +42,9 @@ QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
 # which an inline completion (shown whole) does not see. Measured with 20 documents completing at
 # once: 0.15 s gave batches of ~4 rows, 1.0 s fewer rounds and a shorter wall time (noisy, 2 cores).
 PREFILL_ROUND_S = 0.5
+# What a prefill step may yield besides None and recorded encoding: "run what I recorded before my
+# next step" (my next step reads the cache, or what I recorded is too big to wait for the round).
+RUN_RECORDED = "run-recorded"
 
 # Model threads still running at interpreter exit would be torn down inside a forward (the
 # process then aborts): every scheduler is stopped, its current step finished, before that.
@@ -70,6 +74,7 @@ class Job:
     stats: Any = None  # the request's counters, filled in as it goes
     options: Any = None  # the request's options (the engine's CompletionOptions)
     decode_started: float | None = None
+    recorded: Any = None  # its prefill's small encoding steps not run yet (a DeferredForward), or None
 
     def chunks(self) -> Iterator[Any]:
         """What the model thread sends: text chunks, then the last one; an error is raised here."""
@@ -99,6 +104,7 @@ class Scheduler:
         self.prefill_steps = 0
         self.encode_batches = 0  # batched forwards of small prefill steps (and rows in them, summed)
         self.encode_rows = 0
+        self.riders = 0  # recorded prefill steps that ran as extra rows of a decoding round
         self.prefill_seconds = 0.0  # time in prefill steps, summed (where a loaded worker's time goes)
         self.decode_seconds = 0.0  # time in batched decode rounds, summed
         self.prefill_round_s = PREFILL_ROUND_S
@@ -194,9 +200,13 @@ class Scheduler:
                 if job.key is not None:
                     busy.add(job.key)
         self._prefill_steps()
+        # Every recorded step runs in this round (before any cancel or the next step reads its cache).
+        riders = [job for job in self._jobs if job.recorded is not None]
         decoding = [job for job in self._jobs if job.state == DECODE]
         if decoding:
-            self._decode_step(decoding)
+            self._decode_step(decoding, riders)
+        elif riders:
+            self._run_encodes(riders)
 
     def _prefill_steps(self) -> None:
         """Prefill steps in arrival order, one per job and pass, until PREFILL_ROUND_S is spent.
@@ -204,29 +214,37 @@ class Scheduler:
         A request's prefill after a keystroke is a few small steps (the edited tokens, the refresh
         near the cursor); one step per round would make the twentieth of twenty editors wait for
         sixty rounds, each carrying a batched decode forward. A small step comes back as recorded
-        encoding (the engine's DeferredForward): a pass runs all of them in one batched forward, so
-        twenty requests' edited tokens cost about one request's. The budget still bounds how long
-        decoding requests wait: at most prefill_round_s plus one pass (0: one pass a round).
+        encoding (the engine's DeferredForward), kept on the job: the round's decoding forward runs
+        all of them as extra rows, so twenty requests' edited tokens cost a few rows of a forward
+        that runs anyway. A job that needs its recording run before its next step says so
+        (RUN_RECORDED) and it runs after the pass. The budget still bounds how long decoding
+        requests wait: at most prefill_round_s plus one pass (0: one pass a round).
         """
         deadline = time.monotonic() + self.prefill_round_s
         while True:
             prefilling = [job for job in self._jobs if job.state == PREFILL]
             if not prefilling:
                 return
-            recorded: list[tuple[Job, Any]] = []
+            run_now: list[Job] = []
             for job in prefilling:
                 step = self._prefill_step(job)
-                if step is not None:
-                    recorded.append((job, step))
+                if step == RUN_RECORDED:
+                    run_now.append(job)
+                elif step is not None:
+                    if job.recorded is None:
+                        job.recorded = step
+                    else:
+                        job.recorded.merge(step)
                 if time.monotonic() >= deadline:
                     break
-            if recorded:  # before anything else reads those caches (a cancel, a decoding round)
-                self._run_encodes(recorded)
+            run_now = [job for job in run_now if job.recorded is not None]
+            if run_now:
+                self._run_encodes(run_now)
             if time.monotonic() >= deadline:
                 return
 
     def _prefill_step(self, job: Job) -> Any:
-        """One step of the job's prefill; returns the recorded encoding it left to run, if any."""
+        """One step of the job's prefill; returns what it yielded (None, recorded encoding, RUN_RECORDED)."""
         self.step_started = time.monotonic()
         self.prefill_steps += 1
         try:
@@ -243,32 +261,39 @@ class Scheduler:
             self.step_started = None
         return None
 
-    def _run_encodes(self, recorded: list[tuple[Job, Any]]) -> None:
+    def _run_encodes(self, jobs: list[Job]) -> None:
+        """Run these jobs' recorded encoding, batched, in a forward of its own."""
         self.step_started = time.monotonic()
         self.encode_batches += 1
-        self.encode_rows += len(recorded)
+        self.encode_rows += len(jobs)
         try:
-            self.engine.run_encodes([step for _, step in recorded])
-        except Exception as exc:
-            for job, _ in recorded:
-                self._fail(job, exc)
-        finally:
-            self.prefill_seconds += time.monotonic() - self.step_started
-            self.step_started = None
-
-    def _decode_step(self, jobs: list[Job]) -> None:
-        self.step_started = time.monotonic()
-        try:
-            self.engine.decode_round(jobs)
+            self.engine.run_encodes([job.recorded for job in jobs])
         except Exception as exc:
             for job in jobs:
                 self._fail(job, exc)
+        finally:
+            for job in jobs:
+                job.recorded = None
+            self.prefill_seconds += time.monotonic() - self.step_started
+            self.step_started = None
+
+    def _decode_step(self, jobs: list[Job], riders: list[Job]) -> None:
+        """One decoding round for `jobs`, with the recorded encoding of `riders` in its forward."""
+        self.step_started = time.monotonic()
+        try:
+            self.engine.decode_round(jobs, [job.recorded for job in riders])
+        except Exception as exc:
+            for job in {id(job): job for job in jobs + riders}.values():
+                self._fail(job, exc)
             return
         finally:
+            for job in riders:
+                job.recorded = None
             self.decode_seconds += time.monotonic() - self.step_started
             self.step_started = None
         self.decode_rounds += 1
         self.batched_rows += len(jobs)
+        self.riders += len(riders)
         for job in jobs:
             self._emit(job)
 
@@ -283,6 +308,10 @@ class Scheduler:
         """Send what is left and the last chunk; give the document's cache back."""
         if job.steps is not None and job.state == PREFILL:
             job.steps.close()  # an abandoned prefill leaves the cache consistent (see the engine)
+        if job.recorded is not None:  # the cache goes back holding what its ids say
+            self._run_encodes([job])
+            if job.state == DONE:
+                return  # that failed: the job ended there
         job.state = DONE
         if job in self._jobs:
             self._jobs.remove(job)
@@ -297,6 +326,7 @@ class Scheduler:
         if job.steps is not None and job.state == PREFILL:
             job.steps.close()
         job.state = DONE
+        job.recorded = None  # its cache is dropped: nothing to encode into it
         if job in self._jobs:
             self._jobs.remove(job)
         self.engine.discard(job)

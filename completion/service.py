@@ -427,6 +427,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "prefill_steps": scheduler.prefill_steps,
                 "encode_batches": scheduler.encode_batches,
                 "encode_rows": scheduler.encode_rows,
+                "riders": scheduler.riders,  # recorded prefill steps run as rows of a decoding round
                 "prefill_s": round(scheduler.prefill_seconds, 2),
                 "decode_s": round(scheduler.decode_seconds, 2),
                 "decode_tokens_fed": self.engine.decode_tokens_fed,

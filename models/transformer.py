@@ -303,6 +303,7 @@ class Transformer:
         layers: range | None = None,
         hidden: torch.Tensor | None = None,
         logits: Logits = "last",
+        logit_rows: Sequence[int] | None = None,
         return_hidden: bool = False,
         early_exit: Any = None,
     ) -> ForwardOutput:
@@ -319,6 +320,8 @@ class Transformer:
             is `hidden` [B, S, dim] (the hidden state after layer layers.start - 1), not ids.
         logits: "last" (each row's last real token: [B, vocab]), "all" ([B, S, vocab]) or None.
             A slice that stops early still gets logits: the final norm and LM head on its last hidden state.
+        logit_rows: with logits="all", only these rows get logits: [len(logit_rows), S', vocab], S' the
+            longest of them (the other rows only write K/V: the LM head costs as much as ~8 layers a token).
         return_hidden: also return the hidden state after the last layer run, [B, S, dim].
         early_exit: exit heads (models/exits.py) for one token of one document: after each exit layer
             the controller may stop the loop; the layers skipped still get this token's K/V, computed
@@ -356,6 +359,7 @@ class Transformer:
         # that layer writes K/V for every token but runs attention and MLP on those rows only.
         trim = not return_hidden and logits != "all" and seq > 1
         assert early_exit is None or (batch == 1 and seq == 1), "early exit decides for one token at a time"
+        assert logit_rows is None or (logits == "all" and logit_rows), "logit_rows picks rows of logits='all'"
         exited = None
         for i in layers:
             window = config.sliding_windows[i]
@@ -384,6 +388,14 @@ class Transformer:
             else:
                 last = x[0, [segment.offset + segment.length - 1 for segment in segments]]  # [B, dim]
             out_logits = self._head(last)  # [B, vocab]
+        elif logits == "all" and logit_rows is not None:
+            picked = [segments[r] for r in logit_rows]
+            width = max(seg.length for seg in picked)
+            index = torch.cat([torch.arange(seg.offset, seg.offset + seg.length, device=x.device) for seg in picked])
+            head = self._head(x[0, index])  # [sum of their lengths, vocab]
+            out_logits = head.new_zeros(len(picked), width, head.shape[-1])  # [R, S', vocab], padding zero
+            real_out = torch.arange(width, device=x.device)[None, :] < torch.tensor([seg.length for seg in picked], device=x.device)[:, None]
+            out_logits[real_out] = head
         elif logits == "all":
             out_logits = unpack(self._head(x[0]))  # [B, S, vocab]
         else:

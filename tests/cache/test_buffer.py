@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rotary.cache.buffer import KVBuffer, extend_batch
+from rotary.cache.buffer import DeferredForward, KVBuffer, can_ride, extend_batch
 from rotary.cache.plan import DocumentTokens, Segment, UpdatePlan, plan_update
 from rotary.kernels.rope_shift import shift_keys_reference
 
@@ -28,15 +28,18 @@ class FakeForward:
         self.fail_after = fail_after
 
     @torch.inference_mode()
-    def __call__(self, ids, caches, *, starts, lengths=None, layers=None, hidden=None, logits="last", return_hidden=False):
+    def __call__(self, ids, caches, *, starts, lengths=None, layers=None, hidden=None, logits="last", logit_rows=None, return_hidden=False):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise RuntimeError("model failed")
-        self.calls.append(SimpleNamespace(ids=None if ids is None else ids.tolist(), starts=list(starts), lengths=lengths, layers=layers, logits=logits))
+        self.calls.append(SimpleNamespace(
+            ids=None if ids is None else ids.tolist(), starts=list(starts), lengths=lengths, layers=layers, logits=logits,
+            logit_rows=None if logit_rows is None else list(logit_rows),
+        ))
         tokens = ids if ids is not None else hidden[..., 0].long()  # [B, S]
         layers = range(caches[0].num_layers) if layers is None else layers
         for b, cache in enumerate(caches):
             cache.reserve(starts[b] + tokens.shape[1])
-            for s in range(tokens.shape[1]):
+            for s in range(tokens.shape[1] if lengths is None else lengths[b]):  # padding writes no K/V
                 position = starts[b] + s
                 for layer in layers:
                     value = code(tokens[b, s], position, layer)
@@ -280,6 +283,38 @@ def test_extend_batch_pads_rows_and_counts_only_real_tokens():
     assert_holds(buffers[0], [1, 2, 10, 20])
     with pytest.raises(AssertionError, match="twice"):
         extend_batch([buffers[0], buffers[0]], [[1], [2]], forward)
+
+
+def test_recorded_calls_ride_in_extend_batch_as_rows_that_only_write_kv():
+    a, b = buffer(), buffer()
+    forward = FakeForward()
+    a.extend([1, 2, 3, 4, 5, 6], forward)
+    b.extend([7, 8, 9], forward)
+    with torch.inference_mode():
+        a.kv[:, :, :, 1:4] = 0  # what the recorded re-encoding must restore
+    recorded = DeferredForward()
+    assert a.refresh(1, 2, recorded) == 1 and a.refresh(2, 4, recorded) == 2  # two calls, going forward
+    assert can_ride(recorded) and len(recorded.calls) == 2
+    forward.calls.clear()
+    extend_batch([a, b], [[10], [11, 12]], forward, logits="all", riders=[recorded])
+    assert len(forward.calls) == 1  # one forward for both new rows and both recorded calls
+    call = forward.calls[0]
+    assert call.ids == [[2, 2], [3, 4], [10, 10], [11, 12]] and call.starts == [1, 2, 6, 3] and call.lengths == [1, 2, 1, 2]
+    assert call.logit_rows == [2, 3]  # logits for the new rows only
+    assert_holds(a, [1, 2, 3, 4, 5, 6, 10])
+    assert_holds(b, [7, 8, 9, 11, 12])
+    assert recorded.calls == []
+
+
+def test_recorded_calls_that_go_backwards_cannot_ride():
+    a, forward = buffer(), FakeForward()
+    a.extend([1, 2, 3, 4, 5, 6], forward)
+    recorded = DeferredForward()
+    a.refresh(3, 5, recorded)
+    a.refresh(1, 4, recorded)  # overlaps the call before: in one forward it would see that call's K/V too early
+    assert not can_ride(recorded)
+    with pytest.raises(AssertionError, match="overlap"):
+        extend_batch([a], [[7]], forward, logits="all", riders=[recorded])
 
 
 def test_extend_batch_with_an_early_exit_then_fill():

@@ -187,32 +187,37 @@ def test_health_and_stats_never_wait_for_a_busy_model_thread():
     assert max(busy for _, busy in seen) < 60
 
 
-def test_edits_of_waiting_requests_are_encoded_in_one_batch_with_the_caches_each_gets_alone():
+def test_edits_of_waiting_requests_ride_in_the_decoding_forward_with_the_caches_each_gets_alone():
     # Each document gets a comment line inserted at its top while the cursor stays at its end (so the
     # edited tokens are encoded before cached ones, which move), each of a different length (so rows
-    # are padded). Encoded alone, one after another, and encoded together while the model thread was
-    # held, the caches hold the same K/V (padding must not overwrite the cached tokens after an edit)
-    # and the answers are the same.
+    # are padded). The four requests wait while the model thread is held, then their edited tokens run
+    # as extra rows of their first decoding forward. Against the same edit encoded in forwards of its
+    # own (prepare_now: one forward per recorded call, then the last token alone), the caches hold the
+    # same K/V (padding must not overwrite the cached tokens after an edit; a rider row must see what
+    # running first gives) and the answers equal each request's answer alone.
     import torch
+
+    from rotary.completion.engine import CompletionOptions
 
     scheduler = engine().scheduler
     kv_store = engine().kv_store
     edits = {uri: (text, len(text), "# " + "note " * (i + 1) + "\n") for i, (uri, text) in enumerate(DOCUMENTS.items())}
+    # No refresh of stale tokens: it would re-encode the tokens after the edit, hiding a clobbered one.
+    options = CompletionOptions(max_tokens=4, mode="multi_line", drafter="none", cache_mode="edit_aware", refresh_window=0)
 
     def edited(text, cursor, insert):
         return insert + text, cursor + len(insert)
 
     def ask(uri, text, cursor):
-        from rotary.completion.engine import CompletionOptions
-
-        # No refresh of stale tokens: it would re-encode the tokens after the edit, hiding a clobbered one.
-        options = CompletionOptions(max_tokens=4, mode="multi_line", drafter="none", cache_mode="edit_aware", refresh_window=0)
         return "".join(c.text for c in engine().complete(uri, text, cursor, options))
 
-    alone = {}
+    alone, reference_ids = {}, {}
     for uri, (text, cursor, insert) in edits.items():
         ask(uri + "-alone", text, cursor)
         alone[uri] = ask(uri + "-alone", *edited(text, cursor, insert))
+        ask(uri + "-reference", text, cursor)
+        reference_ids[uri] = engine().build_context(*edited(text, cursor, insert), options.max_tokens).ids
+        engine().prepare_now(kv_store.get(uri + "-reference"), reference_ids[uri], options)
     for uri, (text, cursor, _) in edits.items():
         ask(uri + "-together", text, cursor)
 
@@ -230,17 +235,19 @@ def test_edits_of_waiting_requests_are_encoded_in_one_batch_with_the_caches_each
             t.start()
         while scheduler.queue_depth < len(edits):
             threading.Event().wait(0.01)
-        batches, rows = scheduler.encode_batches, scheduler.encode_rows
+        batches, riders, rounds = scheduler.encode_batches, scheduler.riders, scheduler.decode_rounds
         hold.set()
         for t in threads:
             t.join(timeout=300)
     finally:
         scheduler.prefill_round_s = 0.0
     assert together == alone
-    assert scheduler.encode_rows - rows >= len(edits) and scheduler.encode_batches - batches < scheduler.encode_rows - rows
+    assert scheduler.riders - riders == len(edits) and scheduler.encode_batches == batches
+    assert scheduler.decode_rounds > rounds
     for uri in edits:
-        a, b = kv_store.get(uri + "-alone").buffer, kv_store.get(uri + "-together").buffer
-        assert a.token_ids == b.token_ids
-        torch.testing.assert_close(b.used(), a.used(), rtol=1e-4, atol=1e-4)
-        kv_store.drop(uri + "-alone")
-        kv_store.drop(uri + "-together")
+        n = len(reference_ids[uri])
+        reference, b = kv_store.get(uri + "-reference").buffer, kv_store.get(uri + "-together").buffer
+        assert b.token_ids[:n] == reference.token_ids == tuple(reference_ids[uri])
+        torch.testing.assert_close(b.used()[:, :, :, :n], reference.used(), rtol=1e-4, atol=1e-4)
+        for suffix in ("-alone", "-reference", "-together"):
+            kv_store.drop(uri + suffix)

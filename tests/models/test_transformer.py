@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rotary.cache.buffer import KVBuffer, extend_batch
+from rotary.cache.buffer import DeferredForward, KVBuffer, extend_batch
 from rotary.models.transformer import Transformer, attention_span, supports
 
 TOL = 1e-4  # fp32 logits
@@ -225,6 +225,32 @@ def test_batch_of_documents_equals_each_alone():
     for b in range(3):
         assert (out.logits[b] - alone[b][-1]).abs().max().item() < TOL
     assert [b.token_ids for b in buffers] == [tuple(d) for d in docs]
+
+
+def test_recorded_encoding_riding_with_decoding_rows_gives_each_document_its_own_logits():
+    """Recorded calls (a re-encoding in the middle of one document, none in another) run as rows of the
+    decoding forward; every decoding row's logits still equal transformers' on its whole document, so
+    the rows saw the re-encoded K/V, and only the decoding rows got logits."""
+    model = tiny("llama")  # no window: every decoding row attends to the re-encoded slots
+    tf = Transformer.from_hf(model, share_weights=False)
+    docs = [random_ids(n, seed=n) for n in (12, 25, 31)]
+    alone = [hf_logits(model, d) for d in docs]
+    buffers = [new_buffer(tf) for _ in docs]
+    for buffer, ids in zip(buffers, docs):
+        buffer.extend(ids[:-3], tf.forward)
+    with torch.inference_mode():
+        buffers[1].kv[:, :, :, 5:14] = 7.0  # wrong K/V, which the recorded re-encoding must replace
+        buffers[2].kv[:, :, :, 20:22] = -3.0
+    recorded = [DeferredForward(), DeferredForward()]
+    buffers[1].refresh(5, 9, recorded[0])
+    buffers[1].refresh(9, 14, recorded[0])  # two calls of one document, going forward
+    buffers[2].refresh(20, 22, recorded[1])
+    rows = [d[-3:-1] for d in docs]
+    out = extend_batch(buffers, rows, tf.forward, logits="all", riders=recorded)
+    assert out.logits.shape[:2] == (3, 2)
+    for b, d in enumerate(docs):
+        assert (out.logits[b] - alone[b][len(d) - 3 : len(d) - 1]).abs().max().item() < TOL, b
+    assert all(not r.calls for r in recorded)
 
 
 def test_layer_slice_then_the_rest_equals_the_whole():
