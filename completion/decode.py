@@ -56,6 +56,9 @@ class Generation:
     # `abstain_below` the completion ends with nothing, "abstained". None: no gate.
     gate: Callable[[list[float]], float] | None = None
     abstain_below: float = 0.0
+    # The gate's upper bound for a first line still being written (Gate.best_score): below
+    # `abstain_below`, decoding stops at once with the same verdict. None: judge whole lines only.
+    gate_bound: Callable[[Sequence[float], Sequence[float], int, float], float] | None = None
     # Lossy early exit: the forward may stop after an exit layer for each token; no guesses then
     # (verifying them would run every layer anyway).
     early_exit: bool = False
@@ -170,14 +173,20 @@ class Generation:
 
     # -- abstention -------------------------------------------------------------
 
-    def _judge(self) -> bool:
-        """Score the first line once it is complete (or the completion ended); False while it is not."""
+    def _first_line_end(self) -> int | None:
+        """Where the first line of the visible text ends (None: no line break after it yet)."""
         visible = self.constraint.visible(self.text)
         content = visible.lstrip("\r\n")  # a single-line completion may begin by opening the next line
         newline = content.find("\n")
-        if not self.finished and newline < 0:
+        return None if newline < 0 else len(visible) - len(content) + newline
+
+    def _judge(self) -> bool:
+        """Score the first line once it is complete (or the completion ended); False while it is not."""
+        first_end = self._first_line_end()
+        if not self.finished and first_end is None:
             return False
-        first_end = len(visible) - len(content) + (newline if newline >= 0 else len(content))
+        if first_end is None:
+            first_end = len(self.constraint.visible(self.text))
         count = next((i + 1 for i, n in enumerate(self.visible_lengths) if n >= first_end), len(self.visible_lengths))
         self.features = line_features(self.logprobs[:count], self.margins[:count])
         self.confidence = self.gate(self.features) if self.gate is not None else -1.0
@@ -220,6 +229,21 @@ class Generation:
             self.stop_reason, self.final_text = decision.stop_reason, decision.final or ""
         elif len(self.generated) >= self.max_tokens:
             self._finish("max_tokens")
+        else:
+            self._abstain_early()
+
+    def _abstain_early(self) -> None:
+        """Abstain now if no ending of the first line (still open: every token so far is in it) could
+        pass the gate; `confidence` is then that bound, an upper bound of the line's score."""
+        if self.gate_bound is None or self.confidence is not None or self.abstain_below <= 0:
+            return
+        if self._first_line_end() is not None:
+            return  # the line is complete: _judge scores it exactly
+        bound = self.gate_bound(self.logprobs, self.margins, self.max_tokens - len(self.generated), MAX_MARGIN)
+        if bound < self.abstain_below:
+            self.features = line_features(self.logprobs, self.margins)
+            self.confidence = bound
+            self.stop_reason, self.final_text = "abstained", ""
 
     def _decision(self):
         return self.stops.check(self.constraint.visible(self.text))

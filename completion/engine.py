@@ -229,6 +229,7 @@ class CompletionEngine:
             drafter=drafter or (NgramDrafter() if options.drafter == "ngram" else NoDrafter()),
             draft_tokens=DEFAULT_DRAFT_TOKENS,
             gate=self.gate.score if self.gate is not None else None,
+            gate_bound=self.gate.best_score if self.gate is not None else None,
             abstain_below=self.abstain_below(options),
             early_exit=options.early_exit and self.runner.exits is not None,
         )

@@ -49,6 +49,41 @@ class Gate:
         z = self.bias + sum(w * f for w, f in zip(self.weights, features))
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
+    def best_score(self, logprobs: Sequence[float], margins: Sequence[float], more: int, margin_bound: float) -> float:
+        """An upper bound of the score of any first line that starts with these tokens and has at most
+        `more` tokens more (each: log-probability <= 0, margin within +-margin_bound).
+
+        Below the threshold, no ending of the line can pass: the completion is abstained on at once,
+        the same decision the whole line would get, without decoding the rest of it (under load,
+        abstained completions were about half of all). Each feature's term is bounded on its own
+        (a sum of maxima bounds the maximum of the sum); every feature of n = k + r tokens is monotone
+        in r, so each term's maximum is at r = 0 or r = more.
+        """
+        k = len(logprobs)
+        if k == 0:
+            return 1.0
+        total, lowest, first = sum(logprobs), min(logprobs), logprobs[0]
+        margin_sum, low = sum(margins), sum(lp < math.log(0.5) for lp in logprobs)
+        z = self.bias
+        for weight, name in zip(self.weights, FEATURES):
+            ends = []
+            for r in {0, max(0, more)}:
+                n = k + r
+                # The feature's range over lines of n tokens (r more, unknown), as (lowest, highest).
+                span = {
+                    "mean_logprob": (-math.inf if r else total / n, total / n),
+                    "min_logprob": (-math.inf if r else lowest, lowest),
+                    "first_logprob": (first, first),
+                    "mean_margin": ((margin_sum - margin_bound * r) / n, (margin_sum + margin_bound * r) / n),
+                    "low_prob_frac": (low / n, (low + r) / n),
+                    "log_tokens": (math.log1p(n), math.log1p(n)),
+                }[name]
+                ends.append(weight * (span[1] if weight >= 0 else span[0]))
+            z += max(ends)
+        if math.isinf(z):
+            return 1.0
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+
     def as_dict(self) -> dict:
         return {"features": list(FEATURES), "weights": self.weights, "bias": self.bias, "threshold": self.threshold}
 
