@@ -341,6 +341,7 @@ async def check_texts(editor: Editor, uri: str, reference: str, worker_stub) -> 
 @dataclass
 class EditorResult:
     latencies_ms: list[float] = field(default_factory=list)
+    shown: list[bool] = field(default_factory=list)  # per completion: a suggestion came back (else nothing: abstained, or none)
     open_ms: float | None = None
     suggestions: int = 0
     edits: int = 0
@@ -382,6 +383,7 @@ async def run_editor(
         if key.complete_after or stop:
             ms, suggestion = await editor.complete(session.uri, text, cursor)
             out.latencies_ms.append(ms)
+            out.shown.append(suggestion is not None)
             out.suggestions += suggestion is not None
             completions += 1
             if stop:
@@ -448,6 +450,8 @@ async def run_size(n: int, sessions: list[Session], address: str, worker_pid: in
         await asyncio.gather(*(e.stop() for e in editors))
         await channel.close()
     latencies = [ms for r in results for ms in r.latencies_ms]
+    with_suggestion = [ms for r in results for ms, shown in zip(r.latencies_ms, r.shown) if shown]
+    without = [ms for r in results for ms, shown in zip(r.latencies_ms, r.shown) if not shown]
     opens = [r.open_ms for r in results if r.open_ms is not None]
     alive = _alive(worker_pid)
     edits = sum(r.edits for r in results)
@@ -458,6 +462,9 @@ async def run_size(n: int, sessions: list[Session], address: str, worker_pid: in
         "p95_ms": _round(percentile(latencies, 0.95)),
         "p99_ms": _round(percentile(latencies, 0.99)),
         "mean_ms": _round(statistics.fmean(latencies) if latencies else None),
+        # split by answer: a suggestion shown, or nothing (mostly abstained: the gate found it likely wrong)
+        "p95_ms_with_suggestion": _round(percentile(with_suggestion, 0.95)),
+        "p95_ms_without": _round(percentile(without, 0.95)),
         "open_ms_p50": _round(percentile(opens, 0.5)),
         "suggestions": sum(r.suggestions for r in results),
         "edits_sent": edits,

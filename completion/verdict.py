@@ -7,7 +7,9 @@ wrote it: how probable its tokens were (mean, lowest, first), how far the chosen
 the runner-up, and how long the line is. A logistic regression fitted by `rotary calibrate`
 turns these into the probability that the line is right; below the threshold the worker
 returns no completion and says so ("abstained"), and the daemon shows it in its status and
-stats. The threshold is a setting (0 turns abstention off).
+stats. The threshold is a setting (0 turns abstention off). While the first line is still being
+written, `Gate.best_score` bounds the score of every way it could end: once even that is below the
+threshold, decoding stops there with the same verdict (one very unlikely token usually settles it).
 """
 
 from __future__ import annotations
