@@ -39,6 +39,7 @@ def add_bench_parser(sub, func) -> None:
     b.add_argument("--methods", default=None, help="tests: the drafters to compare, comma-separated (default: plain,ngram,ast-strict,ast,ast+ngram; plain is always run)")
     b.add_argument("--cursor", choices=("indent", "col0"), default="indent", help="quality: cursor after the auto-indentation (the editor's case) or at column 0")
     b.add_argument("--sizes", default=None, help="load: the numbers of editors to run, comma-separated (default: 1,5,20)")
+    b.add_argument("--decoding-mode", default=None, choices=("lossless", "plain", "earlyExit"), help="load: the daemons' decodingMode setting (default: theirs, lossless)")
     b.add_argument("--thresholds", default=None, help="exit: exit-controller thresholds besides the calibrated one, e.g. 0.8,0.95")
     b.set_defaults(func=func)
 

@@ -421,12 +421,15 @@ def start_worker(model: str | None) -> tuple[subprocess.Popen, str]:
     return worker, address
 
 
-async def run_size(n: int, sessions: list[Session], address: str, worker_pid: int, max_completions: int, seconds: float, seed: int) -> dict:
+async def run_size(
+    n: int, sessions: list[Session], address: str, worker_pid: int, max_completions: int, seconds: float, seed: int,
+    settings: dict | None = None,
+) -> dict:
     import grpc
 
     from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 
-    editors = [Editor(f"e{i}", ["--worker", address], niceness=EDITOR_NICENESS) for i in range(n)]
+    editors = [Editor(f"e{i}", ["--worker", address], settings=settings, niceness=EDITOR_NICENESS) for i in range(n)]
     channel = grpc.aio.insecure_channel(address)
     stub = pb_grpc.WorkerStub(channel)
     try:
@@ -542,6 +545,8 @@ def main(args) -> int:
     wanted = [int(n) for n in args.sizes.split(",")] if getattr(args, "sizes", None) else list(SIZES)
     sizes = [(n, min(n, args.limit) if args.limit else n) for n in wanted]
     results = {}
+    mode = getattr(args, "decoding_mode", None)
+    settings = {"decodingMode": mode} if mode else None  # the daemons' initializationOptions
     load_avg = os.getloadavg()
     print(f"load: N = {[n for n, _ in sizes]} editors (seed {args.seed}, {'quick' if args.quick else 'full'}); load average {load_avg}", file=sys.stderr)
     for n, count in sizes:
@@ -550,7 +555,7 @@ def main(args) -> int:
             raise SystemExit(f"only {len(sessions)} usable files in the corpus for {count} editors")
         worker, address = start_worker(args.model)
         try:
-            result = asyncio.run(run_size(count, sessions, address, worker.pid, max_completions, seconds, args.seed))
+            result = asyncio.run(run_size(count, sessions, address, worker.pid, max_completions, seconds, args.seed, settings))
             result["peak_rss_mb"] = peak_rss_mb(worker.pid)
         finally:
             worker.terminate()
@@ -580,7 +585,8 @@ def main(args) -> int:
             "keystrokes_per_editor": keystrokes,
             "max_seconds_per_n": seconds,
             "max_completions_per_editor": args.limit,
-            "daemon_settings": "defaults (debounceMs 50, completionMode auto, maxTokens 64)",
+            "daemon_settings": "defaults (debounceMs 50, completionMode auto, maxTokens 64, decodingMode lossless)"
+            + (f", but decodingMode {mode}" if mode else ""),
             "client": "asyncio + pygls LanguageClient over stdio, one `rotary lsp --worker` per editor",
             "cpu_count": os.cpu_count(),
             "load_average_at_start": [round(x, 2) for x in load_avg],
