@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .transformer import ForwardOutput, KVCache, Logits
+from .transformer import ForwardOutput, KVCache, Logits, unpacked_rows
 
 
 class HFForward:
@@ -42,6 +42,7 @@ class HFForward:
         layers: range | None = None,
         hidden: torch.Tensor | None = None,
         logits: Logits = "last",
+        logit_rows: Sequence[int] | None = None,
         return_hidden: bool = False,
         early_exit: Any = None,
     ) -> ForwardOutput:
@@ -55,6 +56,7 @@ class HFForward:
         seq = ids.shape[1]
         starts = [cache.filled[0] for cache in caches] if starts is None else [int(s) for s in starts]
         rows_last, rows_all = [], []
+        wanted = set(range(len(caches)) if logit_rows is None else logit_rows)  # rows whose logits "all" returns
         for b, (cache, start) in enumerate(zip(caches, starts)):
             real = seq if lengths is None else int(lengths[b])
             cache.reserve(start + seq)
@@ -71,21 +73,19 @@ class HFForward:
                 position_ids=positions.unsqueeze(0),
                 cache_position=positions,
                 use_cache=True,
-                logits_to_keep=0 if logits == "all" else 1,
+                logits_to_keep=0 if logits == "all" and b in wanted else 1,
             )
             for layer in range(n_layers):
                 new_keys = lent.layers[layer].keys[0, :, -real:]  # [KV, real, Dh]
                 cache.kv[layer, 0, :, start : start + real].copy_(new_keys)
                 cache.kv[layer, 1, :, start : start + real].copy_(lent.layers[layer].values[0, :, -real:])
-            if logits == "all":
-                row = out.logits[0]  # [real, vocab]
-                if real < seq:
-                    row = torch.cat([row, row[-1:].expand(seq - real, -1)])
-                rows_all.append(row)
+            if logits == "all" and b in wanted:
+                rows_all.append(out.logits[0])  # [real, vocab]
             elif logits == "last":
                 rows_last.append(out.logits[0, -1])  # [vocab]
-        if logits == "all":
-            return ForwardOutput(torch.stack(rows_all), None)  # [B, S, vocab]
+        if logits == "all":  # [B, S, vocab] (or the logit_rows' rows, S their longest), padding zero
+            lengths = [row.shape[0] for row in rows_all]
+            return ForwardOutput(unpacked_rows(torch.cat(rows_all), lengths, seq if logit_rows is None else max(lengths)), None)
         if logits == "last":
             return ForwardOutput(torch.stack(rows_last), None)  # [B, vocab]
         return ForwardOutput(None, None)

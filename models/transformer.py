@@ -374,13 +374,6 @@ class Transformer:
             self._copy_state(x, caches, starts, range(exited + 1, layers.stop), cos, sin)
             x = early_exit.adapt(exited, x)  # what the tied head reads at this exit
 
-        def unpack(packed: torch.Tensor) -> torch.Tensor:  # [N, D] -> [B, S, D] (padded positions zero)
-            if not ragged:
-                return packed.view(batch, seq, -1)
-            out = packed.new_zeros(batch, seq, packed.shape[-1])
-            out[real] = packed
-            return out
-
         out_logits = None
         if logits == "last":
             if trim:
@@ -390,17 +383,14 @@ class Transformer:
             out_logits = self._head(last)  # [B, vocab]
         elif logits == "all" and logit_rows is not None:
             picked = [segments[r] for r in logit_rows]
-            width = max(seg.length for seg in picked)
             index = torch.cat([torch.arange(seg.offset, seg.offset + seg.length, device=x.device) for seg in picked])
-            head = self._head(x[0, index])  # [sum of their lengths, vocab]
-            out_logits = head.new_zeros(len(picked), width, head.shape[-1])  # [R, S', vocab], padding zero
-            real_out = torch.arange(width, device=x.device)[None, :] < torch.tensor([seg.length for seg in picked], device=x.device)[:, None]
-            out_logits[real_out] = head
+            lengths_picked = [seg.length for seg in picked]
+            out_logits = unpacked_rows(self._head(x[0, index]), lengths_picked, max(lengths_picked))  # [R, S', vocab]
         elif logits == "all":
-            out_logits = unpack(self._head(x[0]))  # [B, S, vocab]
+            out_logits = unpacked_rows(self._head(x[0]), counts, seq)  # [B, S, vocab]
         else:
             assert logits is None, f"logits must be 'last', 'all' or None, not {logits!r}"
-        return ForwardOutput(out_logits, unpack(x[0]) if return_hidden else None, exited)
+        return ForwardOutput(out_logits, unpacked_rows(x[0], counts, seq) if return_hidden else None, exited)
 
     __call__ = forward
 
@@ -503,6 +493,15 @@ class Transformer:
     def _masks(self, segments: list[Segment], windows: set[int | None]) -> dict:
         """Per window, per segment: (first slot attended, bool mask [n, T] or None, is_causal)."""
         return {window: [attention_span(seg.start, seg.length, window, self.device) for seg in segments] for window in windows}
+
+
+def unpacked_rows(packed: torch.Tensor, lengths: Sequence[int], width: int) -> torch.Tensor:
+    """Packed rows [sum(lengths), D] -> [len(lengths), width, D], each row right-padded with zeros."""
+    if all(n == width for n in lengths):
+        return packed.view(len(lengths), width, -1)
+    out = packed.new_zeros(len(lengths), width, packed.shape[-1])
+    out[torch.arange(width, device=packed.device)[None, :] < torch.tensor(lengths, device=packed.device)[:, None]] = packed
+    return out
 
 
 def attention_span(start: int, seq: int, window: int | None, device) -> tuple[int, torch.Tensor | None, bool]:

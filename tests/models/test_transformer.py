@@ -203,14 +203,21 @@ def test_linear_matches_nn_linear_for_any_number_of_rows():
     assert torch.allclose(linear(odd, w), odd @ w, atol=1e-5)
 
 
-def test_batch_of_documents_equals_each_alone():
-    model = tiny("mistral", sliding_window=9)
-    tf = Transformer.from_hf(model, share_weights=False)
-    docs = [random_ids(n, seed=n) for n in (8, 17, 30)]
+def cached_documents(model, tf: Transformer, sizes, held_back: int, forward=None):
+    """Random documents of these sizes, transformers' logits for each, and caches holding all but
+    their last `held_back` tokens (encoded by `forward`, default the own one)."""
+    docs = [random_ids(n, seed=n) for n in sizes]
     alone = [hf_logits(model, d) for d in docs]
     buffers = [new_buffer(tf) for _ in docs]
     for buffer, ids in zip(buffers, docs):
-        buffer.extend(ids[:-6], tf.forward)
+        buffer.extend(ids[:-held_back], forward or tf.forward)
+    return docs, alone, buffers
+
+
+def test_batch_of_documents_equals_each_alone():
+    model = tiny("mistral", sliding_window=9)
+    tf = Transformer.from_hf(model, share_weights=False)
+    docs, alone, buffers = cached_documents(model, tf, (8, 17, 30), held_back=6)
     taken = [len(d) - 6 for d in docs]
     # batched steps of one token each, then rows of 2, 1 and 3 tokens (right-padded), logits for all
     for counts in ([1, 1, 1], [1, 1, 1], [2, 1, 3]):
@@ -227,17 +234,18 @@ def test_batch_of_documents_equals_each_alone():
     assert [b.token_ids for b in buffers] == [tuple(d) for d in docs]
 
 
-def test_recorded_encoding_riding_with_decoding_rows_gives_each_document_its_own_logits():
+@pytest.mark.parametrize("path", ["own", "hf"])
+def test_recorded_encoding_riding_with_decoding_rows_gives_each_document_its_own_logits(path):
     """Recorded calls (a re-encoding in the middle of one document, none in another) run as rows of the
     decoding forward; every decoding row's logits still equal transformers' on its whole document, so
-    the rows saw the re-encoded K/V, and only the decoding rows got logits."""
+    the rows saw the re-encoded K/V, and only the decoding rows got logits. The same through the
+    transformers fallback (models/hf.py), which a Llama-family model takes with ROTARY_FORWARD=hf."""
+    from rotary.models.hf import HFForward
+
     model = tiny("llama")  # no window: every decoding row attends to the re-encoded slots
     tf = Transformer.from_hf(model, share_weights=False)
-    docs = [random_ids(n, seed=n) for n in (12, 25, 31)]
-    alone = [hf_logits(model, d) for d in docs]
-    buffers = [new_buffer(tf) for _ in docs]
-    for buffer, ids in zip(buffers, docs):
-        buffer.extend(ids[:-3], tf.forward)
+    forward = tf.forward if path == "own" else HFForward(model)
+    docs, alone, buffers = cached_documents(model, tf, (12, 25, 31), held_back=3, forward=forward)
     with torch.inference_mode():
         buffers[1].kv[:, :, :, 5:14] = 7.0  # wrong K/V, which the recorded re-encoding must replace
         buffers[2].kv[:, :, :, 20:22] = -3.0
@@ -246,7 +254,7 @@ def test_recorded_encoding_riding_with_decoding_rows_gives_each_document_its_own
     buffers[1].refresh(9, 14, recorded[0])  # two calls of one document, going forward
     buffers[2].refresh(20, 22, recorded[1])
     rows = [d[-3:-1] for d in docs]
-    out = extend_batch(buffers, rows, tf.forward, logits="all", riders=recorded)
+    out = extend_batch(buffers, rows, forward, logits="all", riders=recorded)
     assert out.logits.shape[:2] == (3, 2)
     for b, d in enumerate(docs):
         assert (out.logits[b] - alone[b][len(d) - 3 : len(d) - 1]).abs().max().item() < TOL, b
