@@ -368,8 +368,10 @@ class CompletionEngine:
         """
         layers = self.runner.info.num_layers
         batched = [job for job in jobs if not job.generation.early_exit]
-        riders = [r for r in recorded if r.calls and can_ride(r)] if batched else []
-        alone = [r for r in recorded if r.calls and not any(r is rider for rider in riders)]
+        riders, alone = [], []
+        for r in recorded:
+            if r.calls:
+                (riders if batched and can_ride(r) else alone).append(r)
         if alone:
             run_deferred(alone, self.runner.forward)
         for job in jobs:

@@ -48,8 +48,7 @@ class Gate:
     threshold: float  # show the completion when score >= threshold
 
     def score(self, features: Sequence[float]) -> float:
-        z = self.bias + sum(w * f for w, f in zip(self.weights, features))
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+        return _sigmoid(self.bias + sum(w * f for w, f in zip(self.weights, features)))
 
     def best_score(self, logprobs: Sequence[float], margins: Sequence[float], more: int, margin_bound: float) -> float:
         """An upper bound of the score of any first line that starts with these tokens and has at most
@@ -66,25 +65,23 @@ class Gate:
             return 1.0
         total, lowest, first = sum(logprobs), min(logprobs), logprobs[0]
         margin_sum, low = sum(margins), sum(lp < math.log(0.5) for lp in logprobs)
+
+        def spans(r: int) -> list[tuple[float, float]]:
+            """Each feature's (lowest, highest) over lines of k + r tokens, in FEATURES order."""
+            n = k + r
+            return [
+                (-math.inf if r else total / n, total / n),  # mean_logprob
+                (-math.inf if r else lowest, lowest),  # min_logprob
+                (first, first),  # first_logprob
+                ((margin_sum - margin_bound * r) / n, (margin_sum + margin_bound * r) / n),  # mean_margin
+                (low / n, (low + r) / n),  # low_prob_frac
+                (math.log1p(n), math.log1p(n)),  # log_tokens
+            ]
+
         z = self.bias
-        for weight, name in zip(self.weights, FEATURES):
-            ends = []
-            for r in {0, max(0, more)}:
-                n = k + r
-                # The feature's range over lines of n tokens (r more, unknown), as (lowest, highest).
-                span = {
-                    "mean_logprob": (-math.inf if r else total / n, total / n),
-                    "min_logprob": (-math.inf if r else lowest, lowest),
-                    "first_logprob": (first, first),
-                    "mean_margin": ((margin_sum - margin_bound * r) / n, (margin_sum + margin_bound * r) / n),
-                    "low_prob_frac": (low / n, (low + r) / n),
-                    "log_tokens": (math.log1p(n), math.log1p(n)),
-                }[name]
-                ends.append(weight * (span[1] if weight >= 0 else span[0]))
-            z += max(ends)
-        if math.isinf(z):
-            return 1.0
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+        for weight, now, later in zip(self.weights, spans(0), spans(max(0, more))):
+            z += max(weight * (hi if weight >= 0 else lo) for lo, hi in (now, later))  # +inf: no bound
+        return _sigmoid(z)
 
     def as_dict(self) -> dict:
         return {"features": list(FEATURES), "weights": self.weights, "bias": self.bias, "threshold": self.threshold}
@@ -93,6 +90,10 @@ class Gate:
     def from_dict(cls, data: dict) -> Gate:
         assert list(data["features"]) == list(FEATURES), "the gate was fitted on other features"
         return cls([float(w) for w in data["weights"]], float(data["bias"]), float(data["threshold"]))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))  # clamped: an infinite z is a sure 0 or 1
 
 
 @dataclass
