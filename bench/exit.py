@@ -164,6 +164,10 @@ def main(args) -> int:
     a = results["abstain"]
     print(f"abstention: AUROC {a['auroc']:.3f}, shown {a['shown_frac']:.2f}, EM shown {a['em_shown']:.3f} vs all {a['em_all']:.3f}")
     print(f"lossless: identical {results['lossless']['identical']}, accepted per verify {results['lossless']['accepted_per_verify']}")
+    # What the worker's speculation policy learnt over the run: guess-by-guess rates per n-gram match
+    # length, and forward times by tokens fed (which decide how many guesses it verified).
+    results["lossless"]["speculation"] = engine.speculation.snapshot()
+    print(f"speculation: {results['lossless']['speculation']}")
     write_report(args.json, {
         "benchmark": "exit",
         "config": {"points": len(cases), "seed": args.seed, "corpus": args.corpus or "stdlib", "max_tokens": MAX_TOKENS,

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .drafters import Drafter, NoDrafter
+from .drafters import Drafter, NoDrafter, SpeculationPolicy
 from .prompt import HealingConstraint, Prompt
 from .sampling import Sampler
 from .stops import StopRules
@@ -27,7 +27,7 @@ from .verdict import line_features
 
 MAX_MARGIN = 20.0  # a token healing left alone leads by infinity; the gate's features stay finite
 
-# Guesses per verify step: verifying 8 tokens costs well under twice one on a CPU.
+# At most this many guesses per verify step (a SpeculationPolicy may verify fewer).
 DEFAULT_DRAFT_TOKENS = 8
 
 
@@ -49,6 +49,9 @@ class Generation:
     healing_mask: Callable[[str, str], torch.Tensor]
     drafter: Drafter = field(default_factory=NoDrafter)
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    # How many of the drafter's guesses are worth verifying on this machine (None: all of them);
+    # it is told what became of them. Shared by the worker's requests.
+    speculation: SpeculationPolicy | None = None
     # None: greedy. A sampler draws each token and accepts guesses by the speculative-sampling
     # rule (sampling.py), so drafts keep the model's distribution.
     sampler: Sampler | None = None
@@ -83,6 +86,7 @@ class Generation:
         self._scored = (0.0, 0.0)  # log-probability and margin of the token _choose picked last
         # The context's last token when the prefill left it to the first decoding step (start_unfed).
         self._unfed_context: int | None = None
+        self._evidence = None  # the drafter's evidence for the guesses being verified (SpeculationPolicy)
 
     # -- the first token, from the prefill's logits -------------------------
 
@@ -114,10 +118,11 @@ class Generation:
 
     # -- one verify step --------------------------------------------------
 
-    def to_feed(self, context_ids: Sequence[int], max_draft: int | None = None) -> list[int]:
+    def to_feed(self, context_ids: Sequence[int], max_draft: int | None = None, base_rows: int = 1) -> list[int]:
         """The pending token and the drafter's guesses (none while healing still constrains the text).
 
-        `max_draft`: at most this many guesses this step (the scheduler's share when it batches)."""
+        `max_draft`: at most this many guesses this step (the scheduler's share when it batches);
+        `base_rows`: documents in this step's forward, one token each (what the guesses are added to)."""
         if self._unfed_context is not None:
             return [self._unfed_context]  # no guesses: the first token is chosen exactly as start() would
         room = self.max_tokens - len(self.generated)
@@ -125,6 +130,9 @@ class Generation:
         limit = self.draft_tokens if max_draft is None else min(self.draft_tokens, max_draft)
         k = 0 if healing or self.early_exit else min(limit, room)
         draft = self.drafter.propose([*context_ids, *self.generated], k) if k > 0 else []
+        if draft and self.speculation is not None:
+            self._evidence = getattr(self.drafter, "evidence", None)
+            draft = draft[: self.speculation.draft_length(self._evidence, len(draft), base_rows)]
         self.drafted += len(draft)
         return [self.pending, *draft]
 
@@ -136,17 +144,20 @@ class Generation:
             return VerifyResult(keep=1, finished=self.finished)
         self.forwards += 1
         draft = list(fed[1:])
-        kept = 0
+        kept, missed = 0, False
         for j in range(len(fed)):
             token = self._choose(logits[j], draft[j] if j < len(draft) else None)
             if self.finished:
                 break
             self._take(token)
-            if self.finished or j == len(draft) or token != draft[j]:
+            missed = j < len(draft) and token != draft[j]
+            if self.finished or j == len(draft) or missed:
                 break
             kept += 1
         self.drafts_kept += kept
         self.drafter.accepted(len(draft), kept)
+        if draft and self.speculation is not None:
+            self.speculation.record(self._evidence, kept, missed)
         return VerifyResult(keep=1 + kept, finished=self.finished)
 
     def cancel(self) -> None:

@@ -6,12 +6,15 @@ longest prefix greedy decoding would have produced and discards the rest, so the
 is identical whatever the drafter (see decode.py). A drafter only decides how many
 forward passes that output costs.
 
-On this machine a decode step is dominated by per-op overhead: one forward over 8 tokens
-costs well under twice one token, so every accepted guess is nearly free.
+What a guess costs depends on the machine: on a GPU or an AMX CPU a forward over 9 tokens costs
+about one of a single token, so guesses are nearly free; on a 2-core AVX2 CPU it costs ~3 (1 thread:
+1 token 49 ms, 2-3 94 ms, 4-5 118-126 ms, 7-9 150-156 ms), so a guess pays only when it is usually
+right. `SpeculationPolicy` decides how many guesses to verify from both, measured as the worker runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Protocol, Sequence
 
 
@@ -47,6 +50,9 @@ class NgramDrafter:
     def __init__(self, max_n: int = 4, min_n: int = 2):
         assert 1 <= min_n <= max_n
         self.max_n, self.min_n = max_n, min_n
+        # The evidence behind the last proposal: the length of the n-gram that matched (0: none).
+        # A longer match is right more often (SpeculationPolicy counts acceptance per length).
+        self.evidence = 0
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> the position just after its latest occurrence
         self._indexed = 0  # tokens[:_indexed] are in the index
         self._tokens: list[int] = []
@@ -61,7 +67,9 @@ class NgramDrafter:
         for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
             after = self._index.get(tuple(self._tokens[end - n :]))
             if after is not None and after < end:
+                self.evidence = n
                 return self._tokens[after : min(after + k, end)]
+        self.evidence = 0
         return []
 
     def accepted(self, proposed: int, kept: int) -> None:
@@ -81,3 +89,117 @@ class NgramDrafter:
                 if p - n >= 0:
                     self._index[tuple(self._tokens[p - n : p])] = p
         self._indexed = len(self._tokens)
+
+
+class StepCosts:
+    """What a decoding forward costs by the number of tokens it feeds, measured: a moving average of
+    seconds per forward for each token count seen. Only ratios are used (`relative`).
+
+    A count not seen yet is estimated from its measured neighbours (linear between two; past the last,
+    growing by `prior_slope` of a one-token step per token). The prior is optimistic on purpose: a
+    policy that believes a size is cheap tries it once, and then knows.
+    """
+
+    def __init__(self, prior_slope: float = 0.1, smoothing: float = 0.2):
+        self.prior_slope, self.smoothing = prior_slope, smoothing
+        self._seconds: dict[int, float] = {}  # tokens fed -> moving average of seconds per forward
+
+    def record(self, tokens: int, seconds: float) -> None:
+        old = self._seconds.get(tokens)
+        if old is None:
+            self._seconds[tokens] = seconds
+        else:
+            # One stalled forward (another process took the core) moves the average by a bounded step.
+            seconds = min(max(seconds, old / 3), old * 3)
+            self._seconds[tokens] = old + self.smoothing * (seconds - old)
+
+    def estimate(self, tokens: int) -> float:
+        """Seconds for a forward of `tokens` tokens (in the prior's units while nothing is measured)."""
+        if tokens in self._seconds:
+            return self._seconds[tokens]
+        below = max((t for t in self._seconds if t < tokens), default=None)
+        above = min((t for t in self._seconds if t > tokens), default=None)
+        if below is not None and above is not None:
+            low, high = self._seconds[below], self._seconds[above]
+            return low + (high - low) * (tokens - below) / (above - below)
+        anchor = below if below is not None else above
+        prior = lambda t: 1.0 + self.prior_slope * (t - 1)  # noqa: E731
+        if anchor is None:
+            return prior(tokens)
+        return self._seconds[anchor] * prior(tokens) / prior(anchor)
+
+    def relative(self, tokens: int, base: int) -> float:
+        """Cost of a forward of `tokens` tokens in forwards of `base` tokens."""
+        return self.estimate(tokens) / self.estimate(base)
+
+
+class SpeculationPolicy:
+    """How many of a drafter's guesses to verify, from how often such guesses are kept and what the
+    extra rows cost on this machine; both are measured while the worker runs (one policy per worker).
+
+    A guess is kept only if every guess before it was, so with a guess-by-guess acceptance rate `a`,
+    verifying k guesses yields 1 + a + a^2 + ... + a^k tokens on average, for a forward of 1 + k
+    tokens. In a batched round of `base` documents (one token each) the round yields base + E[kept]
+    tokens for a forward of base + k. The policy picks the k with the most tokens per second. The
+    rate is counted per kind of evidence (an n-gram drafter's match length: longer matches are right
+    more often), starting from `prior_rate` worth `prior_weight` guesses.
+
+    A kind whose guesses do not pay is not verified, so its rate would never be measured again; every
+    `explore_every`-th proposal that the policy would drop is verified whole all the same. Which
+    guesses are verified never changes the text (decode.py), only how many forwards it takes.
+    """
+
+    def __init__(
+        self,
+        costs: StepCosts | None = None,
+        *,
+        prior_rate: float = 0.7,
+        prior_weight: float = 4.0,
+        explore_every: int = 16,
+    ):
+        self.costs = costs or StepCosts()
+        self.prior_rate, self.prior_weight, self.explore_every = prior_rate, prior_weight, explore_every
+        self._kept: dict[Hashable, float] = {}
+        self._missed: dict[Hashable, float] = {}
+        self._dropped = 0  # proposals dropped since the last exploring one
+        self.explored = 0
+
+    def rate(self, evidence: Hashable) -> float:
+        """P(a guess is right | the guesses before it in the same proposal were), for this evidence."""
+        kept, missed = self._kept.get(evidence, 0.0), self._missed.get(evidence, 0.0)
+        return (kept + self.prior_rate * self.prior_weight) / (kept + missed + self.prior_weight)
+
+    def draft_length(self, evidence: Hashable, available: int, base: int = 1) -> int:
+        """How many of `available` proposed guesses to verify beside `base` rows of one token each."""
+        if available <= 0:
+            return 0
+        a = self.rate(evidence)
+        best_k, best = 0, base / self.costs.estimate(base)
+        expected, p = 0.0, 1.0
+        for k in range(1, available + 1):
+            p *= a
+            expected += p
+            value = (base + expected) / self.costs.estimate(base + k)
+            if value > best:
+                best_k, best = k, value
+        if best_k == 0:
+            self._dropped += 1
+            if self._dropped >= self.explore_every:
+                self._dropped, self.explored = 0, self.explored + 1
+                return available
+        return best_k
+
+    def snapshot(self) -> dict:
+        """What the policy has learnt, for the worker's stats (read from other threads: copies first)."""
+        kept, missed, seconds = dict(self._kept), dict(self._missed), dict(self.costs._seconds)
+        return {
+            "guess_rate": {str(e): round(self.rate(e), 3) for e in sorted(kept, key=str)},
+            "guesses_judged": {str(e): int(kept[e] + missed.get(e, 0)) for e in sorted(kept, key=str)},
+            "forward_ms_by_tokens": {str(t): round(s * 1000, 1) for t, s in sorted(seconds.items())},
+            "explored": self.explored,
+        }
+
+    def record(self, evidence: Hashable, kept: int, missed: bool) -> None:
+        """After a verify: `kept` guesses were right, then one was wrong (`missed`) or none was left."""
+        self._kept[evidence] = self._kept.get(evidence, 0.0) + kept
+        self._missed[evidence] = self._missed.get(evidence, 0.0) + (1.0 if missed else 0.0)

@@ -29,7 +29,7 @@ from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
 
 from .decode import DEFAULT_DRAFT_TOKENS, Generation
-from .drafters import Drafter, NgramDrafter, NoDrafter
+from .drafters import Drafter, NgramDrafter, NoDrafter, SpeculationPolicy
 from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
 from .scheduler import RUN_RECORDED, Job, Scheduler
 from .stops import AUTO, StopRules
@@ -133,6 +133,9 @@ class CompletionEngine:
         self.prefill_chunk = prefill_chunk
         self.background_refreshed = 0
         self.decode_tokens_fed = 0  # tokens fed by batched decoding rounds (pending tokens and guesses)
+        # How many n-gram guesses a completion verifies: learnt from this worker's own forwards and
+        # guesses (what a row costs differs by machine; see drafters.SpeculationPolicy).
+        self.speculation = SpeculationPolicy()
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
         self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
@@ -225,6 +228,7 @@ class CompletionEngine:
         self, prompt: Prompt, options: CompletionOptions, max_tokens: int, drafter: Drafter | None = None
     ) -> Generation:
         assert drafter is not None or options.drafter in DRAFTERS, f"drafter must be one of {DRAFTERS}"
+        ngram = drafter is None and options.drafter == "ngram"
         return Generation(
             prompt=prompt,
             stops=StopRules(prompt.text_before, prompt.text_after, options.mode),
@@ -232,8 +236,10 @@ class CompletionEngine:
             eos_ids=self.eos_ids,
             decode_ids=self.runner.decode_ids,
             healing_mask=self.healing_mask,
-            drafter=drafter or (NgramDrafter(min_n=COMPLETION_NGRAM_MIN) if options.drafter == "ngram" else NoDrafter()),
+            drafter=drafter or (NgramDrafter(min_n=COMPLETION_NGRAM_MIN) if ngram else NoDrafter()),
             draft_tokens=DEFAULT_DRAFT_TOKENS,
+            # A caller's own drafter (test generation) keeps its own draft length.
+            speculation=self.speculation if ngram else None,
             gate=self.gate.score if self.gate is not None else None,
             gate_bound=self.gate.best_score if self.gate is not None else None,
             abstain_below=self.abstain_below(options),
@@ -380,10 +386,15 @@ class CompletionEngine:
         if not batched:
             return
         share = DRAFT_ROUND_BUDGET // len(batched)
-        rows = [job.generation.to_feed(job.entry.buffer.token_ids, max_draft=share) for job in batched]
+        base = len(batched) + sum(len(row) for r in riders for _, _, row in r.calls)
+        rows = [job.generation.to_feed(job.entry.buffer.token_ids, max_draft=share, base_rows=base) for job in batched]
         buffers = [job.entry.buffer for job in batched]
         starts = [buffer.length for buffer in buffers]
+        fed = base + sum(len(row) - 1 for row in rows)
+        started = time.perf_counter()
         out = extend_batch(buffers, rows, self.runner.forward, logits="all", riders=riders)
+        if self.runner.device.type == "cpu":  # elsewhere the forward returns before it is done
+            self.speculation.costs.record(fed, time.perf_counter() - started)
         self.decode_tokens_fed += sum(len(row) for row in rows)
         for b, job in enumerate(batched):
             generation = job.generation

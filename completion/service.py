@@ -432,6 +432,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "decode_s": round(scheduler.decode_seconds, 2),
                 "decode_tokens_fed": self.engine.decode_tokens_fed,
             }
+            out["speculation"] = self.engine.speculation.snapshot()  # how many guesses pay on this machine
         return out
 
     # -- helpers -------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""How many guesses a completion verifies (drafters.SpeculationPolicy, StepCosts): checked against a
+simulation of verify steps, not against the policy's own formula."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rotary.completion.drafters import SpeculationPolicy, StepCosts
+
+# Seconds per forward by tokens fed, as measured on a 2-core AVX2 CPU (1 thread, 1k context) ...
+CPU_SECONDS = {1: 0.049, 2: 0.094, 3: 0.094, 4: 0.118, 5: 0.126, 6: 0.140, 7: 0.150, 8: 0.153, 9: 0.156}
+# ... and a machine where a few more rows cost next to nothing (a GPU).
+FLAT_SECONDS = {t: 0.010 + 0.0001 * t for t in range(1, 10)}
+
+
+def costs_from(table: dict[int, float]) -> StepCosts:
+    costs = StepCosts()
+    for tokens, seconds in table.items():
+        costs.record(tokens, seconds)
+    return costs
+
+
+def simulated_throughput(rate: float, k: int, seconds: dict[int, float], base: int = 1, steps: int = 20000, seed: int = 0) -> float:
+    """Tokens per second of verify steps that feed `base` one-token rows and k guesses, each guess right
+    with probability `rate` independently, kept while all before it were; by simulation."""
+    rng = random.Random(seed)
+    tokens = 0
+    for _ in range(steps):
+        kept = 0
+        while kept < k and rng.random() < rate:
+            kept += 1
+        tokens += base + kept
+    return tokens / (steps * seconds[base + k])
+
+
+def trained(policy: SpeculationPolicy, evidence, rate: float, proposals: int = 400, length: int = 8, seed: int = 1) -> None:
+    """Tell the policy what became of `proposals` proposals whose guesses are right with probability `rate`."""
+    rng = random.Random(seed)
+    for _ in range(proposals):
+        kept = 0
+        while kept < length and rng.random() < rate:
+            kept += 1
+        policy.record(evidence, kept, missed=kept < length)
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.6, 0.8, 0.95])
+@pytest.mark.parametrize("table", [CPU_SECONDS, FLAT_SECONDS], ids=["cpu", "flat"])
+def test_the_chosen_number_of_guesses_is_the_fastest_by_simulation(rate, table):
+    policy = SpeculationPolicy(costs_from(table), explore_every=10**9)
+    trained(policy, "n4", rate, proposals=4000)
+    chosen = policy.draft_length("n4", available=8)
+    throughput = {k: simulated_throughput(rate, k, table) for k in range(9)}
+    best = max(throughput.values())
+    assert throughput[chosen] >= 0.97 * best, (chosen, throughput)
+
+
+def test_guesses_that_are_rarely_right_are_not_verified_on_a_cpu_but_are_on_a_gpu():
+    cpu = SpeculationPolicy(costs_from(CPU_SECONDS), explore_every=10**9)
+    gpu = SpeculationPolicy(costs_from(FLAT_SECONDS), explore_every=10**9)
+    for policy in (cpu, gpu):
+        trained(policy, 3, 0.4)
+        trained(policy, 4, 0.95, seed=2)
+    assert cpu.draft_length(3, available=8) == 0
+    assert gpu.draft_length(3, available=8) > 0
+    assert cpu.draft_length(4, available=8) > 0  # a kind of guess that is usually right still pays
+    assert gpu.draft_length(4, available=5) == 5
+
+
+def test_a_wide_batch_takes_fewer_guesses_when_each_row_costs():
+    # Beside 8 documents' rows, a guess row costs 1/10 of the round but can add at most 1/8 to its
+    # tokens: a few guesses right 90% of the time still pay, but far fewer than for a request alone.
+    seconds = {t: 0.03 + 0.012 * t for t in range(1, 32)}
+    policy = SpeculationPolicy(costs_from(seconds), explore_every=10**9)
+    trained(policy, 3, 0.9, proposals=4000)
+    alone = policy.draft_length(3, available=8, base=1)
+    batched = policy.draft_length(3, available=8, base=8)
+    assert 0 < batched < alone
+    sim = {k: simulated_throughput(policy.rate(3), k, seconds, base=8) for k in range(9)}
+    assert sim[batched] >= 0.97 * max(sim.values())
+
+
+def test_a_dropped_kind_is_still_tried_now_and_then():
+    policy = SpeculationPolicy(costs_from(CPU_SECONDS), explore_every=4)
+    trained(policy, 3, 0.1)
+    lengths = [policy.draft_length(3, available=6) for _ in range(12)]
+    assert lengths == [0, 0, 0, 6] * 3
+    assert policy.explored == 3
+
+
+def test_the_rate_learns_from_what_was_kept():
+    policy = SpeculationPolicy(prior_rate=0.7, prior_weight=4)
+    assert policy.rate("new") == pytest.approx(0.7)
+    trained(policy, "often", 0.9, proposals=3000)
+    trained(policy, "seldom", 0.2, proposals=3000)
+    assert policy.rate("often") == pytest.approx(0.9, abs=0.02)
+    assert policy.rate("seldom") == pytest.approx(0.2, abs=0.02)
+    # A proposal cut short by the end of the completion (no guess was wrong) is not a miss.
+    policy.record("ended", 3, missed=False)
+    assert policy.rate("ended") > 0.7
+
+
+def test_step_costs_fill_gaps_from_measured_neighbours_and_resist_one_stall():
+    costs = StepCosts(prior_slope=0.1, smoothing=0.2)
+    assert costs.relative(5, 1) == pytest.approx(1.4)  # nothing measured: the prior
+    costs.record(1, 0.05)
+    costs.record(9, 0.15)
+    assert costs.estimate(5) == pytest.approx(0.10)  # between two measured sizes
+    assert costs.estimate(17) == pytest.approx(0.15 * (1 + 0.1 * 16) / (1 + 0.1 * 8))  # past the last
+    costs.record(1, 5.0)  # a forward that lost its core for 5 s
+    assert costs.estimate(1) <= 0.05 + 0.2 * (0.15 - 0.05)
+    for _ in range(60):
+        costs.record(1, 0.08)  # the machine got slower for good: the average follows
+    assert costs.estimate(1) == pytest.approx(0.08, rel=0.01)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seconds=st.lists(st.floats(0.001, 1.0), min_size=9, max_size=9),
+    rate=st.floats(0.0, 1.0),
+    available=st.integers(0, 8),
+    base=st.integers(1, 4),
+)
+def test_never_more_guesses_than_proposed(seconds, rate, available, base):
+    table = {t: s for t, s in enumerate(sorted(seconds) + [seconds[-1]] * 4, start=1)}
+    policy = SpeculationPolicy(costs_from(table), prior_rate=rate, explore_every=10**9)
+    k = policy.draft_length("x", available, base)
+    assert 0 <= k <= available
+    if rate == 0.0:
+        assert k == 0  # a guess that is never right is never worth a row
