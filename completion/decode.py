@@ -118,11 +118,14 @@ class Generation:
 
     # -- one verify step --------------------------------------------------
 
-    def to_feed(self, context_ids: Sequence[int], max_draft: int | None = None, base_rows: int = 1) -> list[int]:
+    def to_feed(
+        self, context_ids: Sequence[int], max_draft: int | None = None, base_tokens: int = 1, setting=None
+    ) -> list[int]:
         """The pending token and the drafter's guesses (none while healing still constrains the text).
 
         `max_draft`: at most this many guesses this step (the scheduler's share when it batches);
-        `base_rows`: documents in this step's forward, one token each (what the guesses are added to)."""
+        `base_tokens`: tokens of this step's forward besides the guesses (every row's pending token, a
+        rider's); `setting`: what the forward runs on (its thread count), for the speculation policy."""
         if self._unfed_context is not None:
             return [self._unfed_context]  # no guesses: the first token is chosen exactly as start() would
         room = self.max_tokens - len(self.generated)
@@ -132,7 +135,7 @@ class Generation:
         draft = self.drafter.propose([*context_ids, *self.generated], k) if k > 0 else []
         if draft and self.speculation is not None:
             self._evidence = getattr(self.drafter, "evidence", None)
-            draft = draft[: self.speculation.draft_length(self._evidence, len(draft), base_rows)]
+            draft = draft[: self.speculation.draft_length(self._evidence, len(draft), base_tokens, setting)]
         self.drafted += len(draft)
         return [self.pending, *draft]
 

@@ -93,7 +93,9 @@ class NgramDrafter:
 
 class StepCosts:
     """What a decoding forward costs by the number of tokens it feeds, measured: a moving average of
-    seconds per forward for each token count seen. Only ratios are used (`relative`).
+    seconds per forward for each token count seen, kept apart per `setting` (the thread count the
+    forward ran on: one thread's 8 tokens and two threads' 8 tokens are different prices). Only
+    ratios are used.
 
     A count not seen yet is estimated from its measured neighbours (linear between two; past the last,
     growing by `prior_slope` of a one-token step per token). The prior is optimistic on purpose: a
@@ -102,35 +104,44 @@ class StepCosts:
 
     def __init__(self, prior_slope: float = 0.1, smoothing: float = 0.2):
         self.prior_slope, self.smoothing = prior_slope, smoothing
-        self._seconds: dict[int, float] = {}  # tokens fed -> moving average of seconds per forward
+        self._seconds: dict[tuple[Hashable, int], float] = {}  # (setting, tokens fed) -> moving average of seconds
 
-    def record(self, tokens: int, seconds: float) -> None:
-        old = self._seconds.get(tokens)
+    def record(self, tokens: int, seconds: float, setting: Hashable = None) -> None:
+        key = (setting, tokens)
+        old = self._seconds.get(key)
         if old is None:
-            self._seconds[tokens] = seconds
+            self._seconds[key] = seconds
         else:
             # One stalled forward (another process took the core) moves the average by a bounded step.
             seconds = min(max(seconds, old / 3), old * 3)
-            self._seconds[tokens] = old + self.smoothing * (seconds - old)
+            self._seconds[key] = old + self.smoothing * (seconds - old)
 
-    def estimate(self, tokens: int) -> float:
+    def estimate(self, tokens: int, setting: Hashable = None) -> float:
         """Seconds for a forward of `tokens` tokens (in the prior's units while nothing is measured)."""
-        if tokens in self._seconds:
-            return self._seconds[tokens]
-        below = max((t for t in self._seconds if t < tokens), default=None)
-        above = min((t for t in self._seconds if t > tokens), default=None)
+        seen = {t: s for (where, t), s in self._seconds.items() if where == setting}
+        if tokens in seen:
+            return seen[tokens]
+        below = max((t for t in seen if t < tokens), default=None)
+        above = min((t for t in seen if t > tokens), default=None)
         if below is not None and above is not None:
-            low, high = self._seconds[below], self._seconds[above]
+            low, high = seen[below], seen[above]
             return low + (high - low) * (tokens - below) / (above - below)
         anchor = below if below is not None else above
         prior = lambda t: 1.0 + self.prior_slope * (t - 1)  # noqa: E731
         if anchor is None:
             return prior(tokens)
-        return self._seconds[anchor] * prior(tokens) / prior(anchor)
+        return seen[anchor] * prior(tokens) / prior(anchor)
 
-    def relative(self, tokens: int, base: int) -> float:
+    def relative(self, tokens: int, base: int, setting: Hashable = None) -> float:
         """Cost of a forward of `tokens` tokens in forwards of `base` tokens."""
-        return self.estimate(tokens) / self.estimate(base)
+        return self.estimate(tokens, setting) / self.estimate(base, setting)
+
+    def snapshot(self) -> dict:
+        """{setting: {tokens: ms}} (read from other threads: copies first)."""
+        out: dict[str, dict[str, float]] = {}
+        for (setting, tokens), seconds in sorted(dict(self._seconds).items(), key=lambda item: (str(item[0][0]), item[0][1])):
+            out.setdefault(str(setting), {})[str(tokens)] = round(seconds * 1000, 1)
+        return out
 
 
 class SpeculationPolicy:
@@ -169,17 +180,18 @@ class SpeculationPolicy:
         kept, missed = self._kept.get(evidence, 0.0), self._missed.get(evidence, 0.0)
         return (kept + self.prior_rate * self.prior_weight) / (kept + missed + self.prior_weight)
 
-    def draft_length(self, evidence: Hashable, available: int, base: int = 1) -> int:
-        """How many of `available` proposed guesses to verify beside `base` rows of one token each."""
+    def draft_length(self, evidence: Hashable, available: int, base: int = 1, setting: Hashable = None) -> int:
+        """How many of `available` proposed guesses to verify beside `base` tokens of other rows, in a
+        forward that runs on `setting` (StepCosts)."""
         if available <= 0:
             return 0
         a = self.rate(evidence)
-        best_k, best = 0, base / self.costs.estimate(base)
+        best_k, best = 0, base / self.costs.estimate(base, setting)
         expected, p = 0.0, 1.0
         for k in range(1, available + 1):
             p *= a
             expected += p
-            value = (base + expected) / self.costs.estimate(base + k)
+            value = (base + expected) / self.costs.estimate(base + k, setting)
             if value > best:
                 best_k, best = k, value
         if best_k == 0:
@@ -191,11 +203,11 @@ class SpeculationPolicy:
 
     def snapshot(self) -> dict:
         """What the policy has learnt, for the worker's stats (read from other threads: copies first)."""
-        kept, missed, seconds = dict(self._kept), dict(self._missed), dict(self.costs._seconds)
+        kept, missed = dict(self._kept), dict(self._missed)
         return {
             "guess_rate": {str(e): round(self.rate(e), 3) for e in sorted(kept, key=str)},
             "guesses_judged": {str(e): int(kept[e] + missed.get(e, 0)) for e in sorted(kept, key=str)},
-            "forward_ms_by_tokens": {str(t): round(s * 1000, 1) for t, s in sorted(seconds.items())},
+            "forward_ms_by_tokens": self.costs.snapshot(),  # {threads: {tokens: ms}}
             "explored": self.explored,
         }
 

@@ -386,15 +386,21 @@ class CompletionEngine:
         if not batched:
             return
         share = DRAFT_ROUND_BUDGET // len(batched)
+        # What the guesses are added to: every row's pending token and the riders' tokens, in a forward
+        # of that many rows, whose thread count (the runner's rule) decides what a token costs.
         base = len(batched) + sum(len(row) for r in riders for _, _, row in r.calls)
-        rows = [job.generation.to_feed(job.entry.buffer.token_ids, max_draft=share, base_rows=base) for job in batched]
+        forward_rows = len(batched) + sum(len(r.calls) for r in riders)
+        cpu = self.runner.device.type == "cpu"  # elsewhere the forward returns before it is done: not timed
+        longest = max((len(row) for r in riders for _, _, row in r.calls), default=1)
+        setting = self.runner.threads_for(forward_rows * longest, forward_rows) if cpu else None  # (padded rows)
+        rows = [job.generation.to_feed(job.entry.buffer.token_ids, share, base, setting) for job in batched]
         buffers = [job.entry.buffer for job in batched]
         starts = [buffer.length for buffer in buffers]
         fed = base + sum(len(row) - 1 for row in rows)
         started = time.perf_counter()
         out = extend_batch(buffers, rows, self.runner.forward, logits="all", riders=riders)
-        if self.runner.device.type == "cpu":  # elsewhere the forward returns before it is done
-            self.speculation.costs.record(fed, time.perf_counter() - started)
+        if cpu:
+            self.speculation.costs.record(fed, time.perf_counter() - started, torch.get_num_threads())  # as the runner set them
         self.decode_tokens_fed += sum(len(row) for row in rows)
         for b, job in enumerate(batched):
             generation = job.generation

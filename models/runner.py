@@ -99,9 +99,13 @@ class ModelRunner:
         if self.device.type == "cpu":
             tokens = (ids.numel() if ids is not None else kwargs["hidden"].shape[0] * kwargs["hidden"].shape[1])
             rows = ids.shape[0] if ids is not None and ids.dim() == 2 else 1
-            wide = rows >= WIDE_BATCH_ROWS
-            torch.set_num_threads(self._decode_threads if tokens <= DECODE_STEP_TOKENS and not wide else self._prefill_threads)
+            torch.set_num_threads(self.threads_for(tokens, rows))
         return self._forward(ids, caches, **kwargs)
+
+    def threads_for(self, tokens: int, rows: int) -> int:
+        """The threads a CPU forward of `tokens` tokens in `rows` rows runs on (see forward)."""
+        wide = rows >= WIDE_BATCH_ROWS
+        return self._decode_threads if tokens <= DECODE_STEP_TOKENS and not wide else self._prefill_threads
 
     def rope_inv_freq(self) -> torch.Tensor | None:
         """The model's own RoPE inverse frequencies (scaling included), for re-rotating cached keys."""

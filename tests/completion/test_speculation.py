@@ -116,6 +116,22 @@ def test_step_costs_fill_gaps_from_measured_neighbours_and_resist_one_stall():
     assert costs.estimate(1) == pytest.approx(0.08, rel=0.01)
 
 
+def test_costs_on_different_thread_counts_are_kept_apart():
+    # One thread's rows cost in proportion; two threads' wide rounds much less per row. A policy that
+    # mixed them would judge a guess in a wide round by the one-thread price.
+    costs = StepCosts()
+    for tokens in (1, 4, 8):
+        costs.record(tokens, 0.05 * tokens, setting=1)
+        costs.record(tokens, 0.09 + 0.01 * tokens, setting=2)
+    assert costs.relative(8, 4, setting=1) == pytest.approx(2.0)
+    assert costs.relative(8, 4, setting=2) == pytest.approx(0.17 / 0.13)
+    assert costs.snapshot() == {"1": {"1": 50.0, "4": 200.0, "8": 400.0}, "2": {"1": 100.0, "4": 130.0, "8": 170.0}}
+    policy = SpeculationPolicy(costs, explore_every=10**9)
+    trained(policy, 3, 0.7)
+    assert policy.draft_length(3, available=4, base=4, setting=1) == 0
+    assert policy.draft_length(3, available=4, base=4, setting=2) > 0
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     seconds=st.lists(st.floats(0.001, 1.0), min_size=9, max_size=9),
