@@ -14,7 +14,9 @@ right. `SpeculationPolicy` decides how many guesses to verify from both, measure
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
 from typing import Protocol, Sequence
 
 
@@ -47,12 +49,16 @@ class NgramDrafter:
     the most recent. The index grows with the tokens, so a lookup costs O(n), not O(length).
     """
 
-    def __init__(self, max_n: int = 4, min_n: int = 2):
+    def __init__(self, max_n: int = 4, min_n: int = 2, sources: TokenSources | None = None, exclude: str | None = None):
         assert 1 <= min_n <= max_n
         self.max_n, self.min_n = max_n, min_n
-        # The evidence behind the last proposal: the length of the n-gram that matched (0: none).
-        # A longer match is right more often (SpeculationPolicy counts acceptance per length).
-        self.evidence = 0
+        # Where to look when the request's own tokens have no match: the worker's recent completions
+        # and its other documents (`exclude`: this request's own document, already looked at).
+        self.sources, self.exclude = sources, exclude
+        # The evidence behind the last proposal: where the n-gram matched and its length, e.g. "self:3"
+        # (None: no match). SpeculationPolicy counts acceptance per evidence: longer matches, and
+        # matches in the request's own text, are right more often.
+        self.evidence: str | None = None
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> the position just after its latest occurrence
         self._indexed = 0  # tokens[:_indexed] are in the index
         self._tokens: list[int] = []
@@ -67,9 +73,13 @@ class NgramDrafter:
         for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
             after = self._index.get(tuple(self._tokens[end - n :]))
             if after is not None and after < end:
-                self.evidence = n
+                self.evidence = f"self:{n}"
                 return self._tokens[after : min(after + k, end)]
-        self.evidence = 0
+        found = self.sources.lookup(self._tokens, k, self.min_n, self.max_n, self.exclude) if self.sources else None
+        if found is not None:
+            self.evidence, guesses = found
+            return guesses
+        self.evidence = None
         return []
 
     def accepted(self, proposed: int, kept: int) -> None:
@@ -82,13 +92,92 @@ class NgramDrafter:
             self._index.clear()
             self._indexed = 0
         self._tokens = list(tokens)
-        # Index n-grams that end at position p - 1 (followed by tokens[p]) for every p up to the
-        # last token: the current tail itself must not match its own (latest) occurrence.
-        for p in range(max(self._indexed, 1), len(self._tokens)):
-            for n in range(self.min_n, self.max_n + 1):
-                if p - n >= 0:
-                    self._index[tuple(self._tokens[p - n : p])] = p
+        index_ngrams(self._index, self._tokens, self._indexed, self.min_n, self.max_n)
         self._indexed = len(self._tokens)
+
+
+def index_ngrams(index: dict[tuple[int, ...], int], tokens: Sequence[int], start: int, min_n: int, max_n: int) -> dict:
+    """Add to `index` every n-gram (min_n <= n <= max_n) of `tokens` that ends at a position p - 1 >= start - 1
+    and is followed by a token (tokens[p]): n-gram -> p, its latest continuation. The n-grams ending at the
+    last token are left out: the current tail must not match itself, and it has no continuation."""
+    for p in range(max(start, 1), len(tokens)):
+        for n in range(min_n, max_n + 1):
+            if p - n >= 0:
+                index[tuple(tokens[p - n : p])] = p
+    return index
+
+
+def ngram_index(tokens: Sequence[int], min_n: int, max_n: int) -> dict[tuple[int, ...], int]:
+    """n-gram (min_n <= n <= max_n) -> the position just after its latest occurrence with a continuation."""
+    return index_ngrams({}, tokens, 0, min_n, max_n)
+
+
+class TokenSources:
+    """Token sequences besides a request's own where its n-gram drafter may find a continuation: the
+    worker's recent completions (each with the end of the context it followed: a request after a
+    keystroke often regenerates most of the last completion) and its other open documents (files of
+    one project share names and lines). One per worker, owned by the engine, used on the model thread.
+
+    Each source's n-gram index is built once per version. A document that changed is re-indexed at
+    most every `reindex_s` seconds: until then its older index still proposes guesses, which the
+    model verifies like any other (a stale guess costs a rejected row, never a wrong token).
+    """
+
+    def __init__(
+        self,
+        documents: Callable[[], list[tuple[str, Sequence[int]]]] = list,
+        *,
+        recent: int = 16,
+        context_tail: int = 8,
+        reindex_s: float = 5.0,
+        min_n: int = 3,
+        max_n: int = 4,
+    ):
+        self.documents, self.context_tail, self.reindex_s = documents, context_tail, reindex_s
+        self.min_n, self.max_n = min_n, max_n
+        self._recent: deque[tuple[tuple[int, ...], dict]] = deque(maxlen=recent)  # newest last
+        self._docs: dict[str, tuple[int, float, tuple[int, ...], dict]] = {}  # uri -> (hash, built at, tokens, index)
+
+    def add_completion(self, context: Sequence[int], generated: Sequence[int]) -> None:
+        """Remember a completion's tokens after the end of the context it continued."""
+        tokens = (*context[-self.context_tail :], *generated)
+        if len(generated) >= 1 and len(tokens) > self.min_n:
+            self._recent.append((tokens, ngram_index(tokens, self.min_n, self.max_n)))
+
+    def clear(self) -> None:
+        self._recent.clear()
+        self._docs.clear()
+
+    def lookup(self, tokens: Sequence[int], k: int, min_n: int, max_n: int, exclude: str | None = None):
+        """("recent:n" or "other:n", up to k guesses) for the longest tail of `tokens` (at most max_n, at
+        least min_n, within the indexed sizes) found in a recent completion (newest first) or another
+        document; None if none has it."""
+        sources = [("recent", t, index) for t, index in reversed(self._recent)]
+        sources += [("other", t, index) for t, index in self._document_indices(exclude)]
+        for n in range(min(max_n, self.max_n, len(tokens)), max(min_n, self.min_n) - 1, -1):
+            tail = tuple(tokens[len(tokens) - n :])
+            for kind, source, index in sources:
+                after = index.get(tail)
+                if after is not None and after < len(source):
+                    return f"{kind}:{n}", list(source[after : after + k])
+        return None
+
+    def _document_indices(self, exclude: str | None) -> list[tuple[tuple[int, ...], dict]]:
+        now = time.monotonic()
+        out, alive = [], set()
+        for uri, ids in self.documents():
+            alive.add(uri)
+            if uri == exclude:
+                continue
+            held = self._docs.get(uri)
+            if held is None or (now - held[1] >= self.reindex_s and held[0] != hash(tuple(ids))):
+                tokens = tuple(ids)
+                held = (hash(tokens), now, tokens, ngram_index(tokens, self.min_n, self.max_n))
+                self._docs[uri] = held
+            out.append((held[2], held[3]))
+        for uri in set(self._docs) - alive:  # closed or evicted documents
+            del self._docs[uri]
+        return out
 
 
 class StepCosts:

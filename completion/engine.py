@@ -29,7 +29,7 @@ from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
 
 from .decode import DEFAULT_DRAFT_TOKENS, Generation
-from .drafters import Drafter, NgramDrafter, NoDrafter, SpeculationPolicy
+from .drafters import Drafter, NgramDrafter, NoDrafter, SpeculationPolicy, TokenSources
 from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
 from .scheduler import RUN_RECORDED, Job, Scheduler
 from .stops import AUTO, StopRules
@@ -136,6 +136,9 @@ class CompletionEngine:
         # How many n-gram guesses a completion verifies: learnt from this worker's own forwards and
         # guesses (what a row costs differs by machine; see drafters.SpeculationPolicy).
         self.speculation = SpeculationPolicy()
+        # Where a completion's n-gram drafter looks besides its own text: this worker's recent
+        # completions and its other cached documents (read on the model thread only).
+        self.sources = TokenSources(lambda: [(uri, entry.buffer.token_ids) for uri, entry in self.kv_store.items()])
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
         self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
@@ -216,7 +219,7 @@ class CompletionEngine:
         job = Job(
             key=key,
             prefill=functools.partial(self._prefill, prompt=prompt, options=options),
-            generation=self.new_generation(prompt, options, max_tokens, drafter),
+            generation=self.new_generation(prompt, options, max_tokens, drafter, uri=key),
             finish=self._finish,
             is_cancelled=is_cancelled,
             stats=CompletionStats(context_tokens=len(prompt.ids)),
@@ -225,8 +228,9 @@ class CompletionEngine:
         yield from self.scheduler.submit(job).chunks()
 
     def new_generation(
-        self, prompt: Prompt, options: CompletionOptions, max_tokens: int, drafter: Drafter | None = None
+        self, prompt: Prompt, options: CompletionOptions, max_tokens: int, drafter: Drafter | None = None, uri: str | None = None
     ) -> Generation:
+        """`uri`: the request's document (its n-gram drafter looks in the other documents, not again in it)."""
         assert drafter is not None or options.drafter in DRAFTERS, f"drafter must be one of {DRAFTERS}"
         ngram = drafter is None and options.drafter == "ngram"
         return Generation(
@@ -236,7 +240,7 @@ class CompletionEngine:
             eos_ids=self.eos_ids,
             decode_ids=self.runner.decode_ids,
             healing_mask=self.healing_mask,
-            drafter=drafter or (NgramDrafter(min_n=COMPLETION_NGRAM_MIN) if ngram else NoDrafter()),
+            drafter=drafter or (NgramDrafter(min_n=COMPLETION_NGRAM_MIN, sources=self.sources, exclude=uri) if ngram else NoDrafter()),
             draft_tokens=DEFAULT_DRAFT_TOKENS,
             # A caller's own drafter (test generation) keeps its own draft length.
             speculation=self.speculation if ngram else None,
@@ -428,6 +432,8 @@ class CompletionEngine:
         """The last chunk: what is left of the final text, the stop reason, the stats; the cache goes back."""
         generation, stats = job.generation, job.stats
         rest = generation.take_chunk()
+        if generation.stop_reason != "cancelled":  # what the model said here, it will likely say again
+            self.sources.add_completion(generation.prompt.ids, generation.generated)
         if job.key is not None and job.entry is not None:
             self.kv_store.release(job.key, job.entry)
         stats.tokens_generated = len(generation.generated)

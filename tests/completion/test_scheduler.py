@@ -251,3 +251,20 @@ def test_edits_of_waiting_requests_ride_in_the_decoding_forward_with_the_caches_
         torch.testing.assert_close(b.used()[:, :, :, :n], reference.used(), rtol=1e-4, atol=1e-4)
         for suffix in ("-alone", "-reference", "-together"):
             kv_store.drop(uri + suffix)
+
+
+def test_a_request_that_repeats_a_recent_completion_takes_its_tokens_as_guesses(monkeypatch):
+    # The same code in a second file (a copy, or the user typing it again): the model says what it
+    # said before, and the worker's recent completion supplies the guesses; the text is unchanged.
+    from rotary.completion.drafters import SpeculationPolicy
+
+    # Verify every proposal (explore_every=1): this test is about where guesses come from, not how
+    # many pay on this machine.
+    monkeypatch.setattr(engine(), "speculation", SpeculationPolicy(explore_every=1))
+    text = "import os\n\n\ndef list_python_files(root):\n    found = []\n    for name in sorted(os.listdir(root)):\n        if"
+    plain, plain_last = complete("file:///first.py", text, drafter="none", max_tokens=32)
+    again, last = complete("file:///second.py", text, drafter="ngram", max_tokens=32)
+    assert again == plain and plain.strip()
+    rates = engine().speculation.snapshot()["guess_rate"]
+    assert any(kind.startswith("recent:") for kind in rates), rates
+    assert last.stats.drafts_accepted > 0 and last.stats.forwards < plain_last.stats.forwards

@@ -146,3 +146,54 @@ def test_never_more_guesses_than_proposed(seconds, rate, available, base):
     assert 0 <= k <= available
     if rate == 0.0:
         assert k == 0  # a guess that is never right is never worth a row
+
+
+# -- where n-gram guesses come from besides the request's own text (TokenSources) -------------------
+
+def test_a_recent_completion_is_proposed_where_the_request_s_own_text_has_no_match():
+    from rotary.completion.drafters import NgramDrafter, TokenSources
+
+    sources = TokenSources(context_tail=3)
+    sources.add_completion(context=[1, 2, 3, 4, 5], generated=[6, 7, 8, 9])  # remembered: 3 4 5 6 7 8 9
+    drafter = NgramDrafter(max_n=4, min_n=3, sources=sources)
+    assert drafter.propose([20, 21, 4, 5, 6], k=8) == [7, 8, 9]
+    assert drafter.evidence == "recent:3"
+    # The request's own text wins when it has the n-gram (its own continuation is likelier).
+    assert drafter.propose([4, 5, 6, 30, 31, 4, 5, 6], k=2) == [30, 31]
+    assert drafter.evidence == "self:3"
+    assert drafter.propose([40, 41, 42], k=8) == [] and drafter.evidence is None
+
+
+def test_the_newest_recent_completion_wins_and_old_ones_are_forgotten():
+    from rotary.completion.drafters import TokenSources
+
+    sources = TokenSources(recent=2, context_tail=0)
+    sources.add_completion([], [1, 2, 3, 10])
+    sources.add_completion([], [1, 2, 3, 20])
+    assert sources.lookup([1, 2, 3], k=4, min_n=3, max_n=4) == ("recent:3", [20])
+    sources.add_completion([], [7, 8, 9, 30])
+    sources.add_completion([], [7, 8, 9, 40])
+    assert sources.lookup([1, 2, 3], k=4, min_n=3, max_n=4) is None
+
+
+def test_other_documents_are_searched_but_not_the_request_s_own_and_reindexed_lazily():
+    from rotary.completion.drafters import TokenSources
+
+    docs = {"file:///a.py": [50, 51, 52, 53, 54], "file:///b.py": [60, 61, 62, 63]}
+    sources = TokenSources(lambda: list(docs.items()), reindex_s=3600.0)
+    assert sources.lookup([9, 50, 51, 52], k=5, min_n=3, max_n=4) == ("other:3", [53, 54])
+    assert sources.lookup([9, 50, 51, 52], k=5, min_n=3, max_n=4, exclude="file:///a.py") is None
+    docs["file:///a.py"] = [50, 51, 52, 99]  # edited: the older index still answers until reindex_s
+    assert sources.lookup([50, 51, 52], k=5, min_n=3, max_n=4) == ("other:3", [53, 54])
+    sources.reindex_s = 0.0
+    assert sources.lookup([50, 51, 52], k=5, min_n=3, max_n=4) == ("other:3", [99])
+    del docs["file:///a.py"]  # closed
+    assert sources.lookup([50, 51, 52], k=5, min_n=3, max_n=4) is None
+
+
+def test_a_source_ending_in_its_own_ngram_still_offers_the_earlier_continuation():
+    from rotary.completion.drafters import TokenSources
+
+    sources = TokenSources(context_tail=0)
+    sources.add_completion([], [1, 2, 3, 77, 1, 2, 3])  # the last (1, 2, 3) has no continuation
+    assert sources.lookup([1, 2, 3], k=3, min_n=3, max_n=4) == ("recent:3", [77, 1, 2])
