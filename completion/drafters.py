@@ -241,8 +241,9 @@ class SpeculationPolicy:
     verifying k guesses yields 1 + a + a^2 + ... + a^k tokens on average, for a forward of 1 + k
     tokens. In a batched round of `base` documents (one token each) the round yields base + E[kept]
     tokens for a forward of base + k. The policy picks the k with the most tokens per second. The
-    rate is counted per kind of evidence (an n-gram drafter's match length: longer matches are right
-    more often), starting from `prior_rate` worth `prior_weight` guesses.
+    rate is counted per kind of evidence (an n-gram drafter's source and match length, "self:3",
+    "recent:4": longer matches, and matches in the request's own text, are right more often),
+    starting from `prior_rate` worth `prior_weight` guesses.
 
     A kind whose guesses do not pay is not verified, so its rate would never be measured again; every
     `explore_every`-th proposal that the policy would drop is verified whole all the same. Which
