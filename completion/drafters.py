@@ -136,7 +136,7 @@ class TokenSources:
         self.documents, self.context_tail, self.reindex_s = documents, context_tail, reindex_s
         self.min_n, self.max_n = min_n, max_n
         self._recent: deque[tuple[tuple[int, ...], dict]] = deque(maxlen=recent)  # newest last
-        self._docs: dict[str, tuple[int, float, tuple[int, ...], dict]] = {}  # uri -> (hash, built at, tokens, index)
+        self._docs: dict[str, tuple[float, tuple[int, ...], dict]] = {}  # uri -> (built at, tokens, index)
 
     def add_completion(self, context: Sequence[int], generated: Sequence[int]) -> None:
         """Remember a completion's tokens after the end of the context it continued."""
@@ -170,11 +170,12 @@ class TokenSources:
             if uri == exclude:
                 continue
             held = self._docs.get(uri)
-            if held is None or (now - held[1] >= self.reindex_s and held[0] != hash(tuple(ids))):
+            # A document's ids are one immutable tuple until it changes: identity says "unchanged"
+            # without reading it (this runs at every decoding step that lacks a match of its own).
+            if held is None or (held[1] is not ids and now - held[0] >= self.reindex_s):
                 tokens = tuple(ids)
-                held = (hash(tokens), now, tokens, ngram_index(tokens, self.min_n, self.max_n))
-                self._docs[uri] = held
-            out.append((held[2], held[3]))
+                held = self._docs[uri] = (now, tokens, ngram_index(tokens, self.min_n, self.max_n))
+            out.append((held[1], held[2]))
         for uri in set(self._docs) - alive:  # closed or evicted documents
             del self._docs[uri]
         return out
@@ -193,21 +194,21 @@ class StepCosts:
 
     def __init__(self, prior_slope: float = 0.1, smoothing: float = 0.2):
         self.prior_slope, self.smoothing = prior_slope, smoothing
-        self._seconds: dict[tuple[Hashable, int], float] = {}  # (setting, tokens fed) -> moving average of seconds
+        self._seconds: dict[Hashable, dict[int, float]] = {}  # setting -> tokens fed -> moving average of seconds
 
     def record(self, tokens: int, seconds: float, setting: Hashable = None) -> None:
-        key = (setting, tokens)
-        old = self._seconds.get(key)
+        table = self._seconds.setdefault(setting, {})
+        old = table.get(tokens)
         if old is None:
-            self._seconds[key] = seconds
+            table[tokens] = seconds
         else:
             # One stalled forward (another process took the core) moves the average by a bounded step.
             seconds = min(max(seconds, old / 3), old * 3)
-            self._seconds[key] = old + self.smoothing * (seconds - old)
+            table[tokens] = old + self.smoothing * (seconds - old)
 
     def estimate(self, tokens: int, setting: Hashable = None) -> float:
         """Seconds for a forward of `tokens` tokens (in the prior's units while nothing is measured)."""
-        seen = {t: s for (where, t), s in self._seconds.items() if where == setting}
+        seen = self._seconds.get(setting, {})
         if tokens in seen:
             return seen[tokens]
         below = max((t for t in seen if t < tokens), default=None)
@@ -227,10 +228,10 @@ class StepCosts:
 
     def snapshot(self) -> dict:
         """{setting: {tokens: ms}} (read from other threads: copies first)."""
-        out: dict[str, dict[str, float]] = {}
-        for (setting, tokens), seconds in sorted(dict(self._seconds).items(), key=lambda item: (str(item[0][0]), item[0][1])):
-            out.setdefault(str(setting), {})[str(tokens)] = round(seconds * 1000, 1)
-        return out
+        return {
+            str(setting): {str(t): round(s * 1000, 1) for t, s in sorted(dict(table).items())}
+            for setting, table in sorted(dict(self._seconds).items(), key=lambda item: str(item[0]))
+        }
 
 
 class SpeculationPolicy:

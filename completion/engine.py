@@ -392,11 +392,12 @@ class CompletionEngine:
         share = DRAFT_ROUND_BUDGET // len(batched)
         # What the guesses are added to: every row's pending token and the riders' tokens, in a forward
         # of that many rows, whose thread count (the runner's rule) decides what a token costs.
-        base = len(batched) + sum(len(row) for r in riders for _, _, row in r.calls)
-        forward_rows = len(batched) + sum(len(r.calls) for r in riders)
+        rider_lengths = [len(row) for r in riders for _, _, row in r.calls]
+        base = len(batched) + sum(rider_lengths)
+        forward_rows = len(batched) + len(rider_lengths)
         cpu = self.runner.device.type == "cpu"  # elsewhere the forward returns before it is done: not timed
-        longest = max((len(row) for r in riders for _, _, row in r.calls), default=1)
-        setting = self.runner.threads_for(forward_rows * longest, forward_rows) if cpu else None  # (padded rows)
+        padded = forward_rows * max(rider_lengths, default=1)  # the runner counts padded rows
+        setting = self.runner.threads_for(padded, forward_rows) if cpu else None
         rows = [job.generation.to_feed(job.entry.buffer.token_ids, share, base, setting) for job in batched]
         buffers = [job.entry.buffer for job in batched]
         starts = [buffer.length for buffer in buffers]
