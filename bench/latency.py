@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import write_report
 from .corpus import sample_files
+from rotary.completion.rpc.launch import rotary_command
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -70,7 +71,7 @@ async def _measure(worker_address: str, cases: list[dict], max_tokens: int, dire
         if state == "ready":
             ready.set()
 
-    await client.start_io(sys.executable, "-m", "rotary", "--log-level", "warning", "lsp", "--worker", worker_address)
+    await client.start_io(*rotary_command("--log-level", "warning", "lsp", "--worker", worker_address))
     await client.initialize_async(
         types.InitializeParams(
             capabilities=types.ClientCapabilities(),
@@ -163,7 +164,7 @@ def main(args) -> int:
 
     direct = _direct_path(args.model, max_tokens)
     address = f"127.0.0.1:{_free_port()}"
-    cmd = [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address]
+    cmd = rotary_command("--log-level", "warning", "worker", "--listen", address)
     if args.model:
         cmd += ["--model", args.model]
     worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

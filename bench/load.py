@@ -48,6 +48,7 @@ from pathlib import Path
 
 from . import write_report
 from .corpus import sample_files
+from rotary.completion.rpc.launch import rotary_command
 
 SIZES = (1, 5, 20)
 STDERR_LINES_KEPT = 200  # of each daemon's log (errors only), for a report on a failure
@@ -192,7 +193,7 @@ class Editor:
         def status(params):  # noqa: ARG001  shown in an editor's status bar; nothing to do here
             return None
 
-        command = [sys.executable, "-m", "rotary", "--log-level", "error", "lsp", *self.daemon_args]
+        command = rotary_command("--log-level", "error", "lsp", *self.daemon_args)
         if self.niceness:  # through nice(1): a preexec hook would fork a process that has gRPC threads
             command = ["nice", "-n", str(self.niceness), *command]
         await self.client.start_io(*command)
@@ -407,7 +408,7 @@ async def run_editor(
 
 def start_worker(model: str | None) -> tuple[subprocess.Popen, str]:
     address = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address]
+    cmd = rotary_command("--log-level", "warning", "worker", "--listen", address)
     if model:
         cmd += ["--model", model]
     worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

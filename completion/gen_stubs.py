@@ -1,4 +1,4 @@
-"""Regenerate the gRPC stubs from worker.proto: `python -m rotary.completion.gen_stubs`.
+"""Regenerate the gRPC stubs from worker.proto: `make stubs`.
 
 The generated files live in completion/rpc/ and are never edited by hand.
 grpc_tools writes a top-level `import worker_pb2`; it is rewritten to a
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         stale = [n for n in GENERATED if (Path(tmp) / n).read_bytes() != (OUT / n).read_bytes() if (OUT / n).exists()]
         stale += [n for n in GENERATED if not (OUT / n).exists()]
     if stale:
-        print(f"stale gRPC stubs: {', '.join(stale)}; run python -m rotary.completion.gen_stubs", file=sys.stderr)
+        print(f"stale gRPC stubs: {', '.join(stale)}; run make stubs", file=sys.stderr)
         return 1
     print("gRPC stubs are current")
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import tempfile
 import time
 import uuid
@@ -34,6 +33,7 @@ import grpc
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 from rotary.completion.rpc.access import AccessError, worker_channel
+from rotary.completion.rpc.launch import rotary_command
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class WorkerConnection:
         self._socket_dir = tempfile.mkdtemp(prefix="rotary-")  # created 0700: only this user reaches the socket
         os.chmod(self._socket_dir, 0o700)
         address = f"unix:{self._socket_dir}/worker.sock"
-        cmd = [sys.executable, "-m", "rotary", "worker", "--listen", address, "--parent-pid", str(os.getpid())]
+        cmd = rotary_command("worker", "--listen", address, "--parent-pid", str(os.getpid()))
         if self.model:
             cmd += ["--model", self.model]
         self.log_path = worker_log_path()

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from rotary.completion.rpc.launch import rotary_command
 
 DEFAULT_LISTEN = "127.0.0.1:50151"
 
@@ -288,7 +289,7 @@ def _spawn_worker(model: str | None):
     import tempfile
 
     address = f"unix:{tempfile.mkdtemp(prefix='rotary-')}/worker.sock"
-    cmd = [sys.executable, "-m", "rotary", "worker", "--listen", address, "--parent-pid", str(os.getpid())]
+    cmd = rotary_command("worker", "--listen", address, "--parent-pid", str(os.getpid()))
     if model:
         cmd += ["--model", model]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL), address
@@ -475,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Nothing is fetched from a model hub: every model is a local folder or file. The libraries that
+    # could reach one (huggingface_hub, and the `kernels` package transformers imports) are told so,
+    # and the processes Rotary starts inherit it.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args) or 0

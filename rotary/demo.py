@@ -10,12 +10,15 @@ connect an editor.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from rotary.cli import DEFAULT_LISTEN as DEMO_WORKER
+from rotary.completion.rpc.launch import rotary_command
 # Ends mid-statement on purpose (the demo types the rest), so it is not a .py file of the package.
 SAMPLE = Path(__file__).parent / "samples" / "inventory.py.in"
 
@@ -39,7 +42,7 @@ async def _drive_lsp(worker_address: str) -> str:
         if state == "ready":
             ready.set()
 
-    await client.start_io(sys.executable, "-m", "rotary", "--log-level", "warning", "lsp", "--worker", worker_address)
+    await client.start_io(*rotary_command("--log-level", "warning", "lsp", "--worker", worker_address))
     started = time.perf_counter()
     await client.initialize_async(
         types.InitializeParams(
@@ -92,11 +95,19 @@ async def _drive_lsp(worker_address: str) -> str:
     return suggestion
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_demo(serve_after: bool = True, model: str | None = None, listen: str = DEMO_WORKER) -> int:
+    """Ctrl-C, SIGTERM and SIGHUP all end the demo through its `finally`, which stops the worker;
+    the worker also watches this process (--parent-pid), so even a SIGKILL leaves no worker behind."""
     from rotary.completion.client import WorkerClient
 
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _interrupt)
     _say(f"Rotary demo: starting the model worker on {listen} (embedded model unless --model)")
-    cmd = [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", listen]
+    cmd = rotary_command("--log-level", "warning", "worker", "--listen", listen, "--parent-pid", str(os.getpid()))
     if model:
         cmd += ["--model", model]
     worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
@@ -127,6 +138,8 @@ def run_demo(serve_after: bool = True, model: str | None = None, listen: str = D
     except KeyboardInterrupt:
         return 0
     finally:
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stop, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         if worker.poll() is None:
             worker.terminate()
             try:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import sys
 import time
 
 import grpc
@@ -41,6 +40,7 @@ from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 from rotary.lsp.sync import text_crc32
 from tests.fakes import FAKE_COMPLETION, start_worker
 from tests.lsp.test_lsp_protocol import RawClient, initialize, inline, open_doc, stats
+from rotary.completion.rpc.launch import rotary_command
 
 _probes = itertools.count()
 
@@ -58,7 +58,7 @@ def worker():
 
 def start_daemon(address: str) -> tuple[subprocess.Popen, RawClient]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "lsp", "--worker", address],
+        rotary_command("lsp", "--worker", address),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     return proc, RawClient(proc.stdout, proc.stdin)

@@ -12,11 +12,11 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from rotary.bench import BENCHMARKS
+from rotary.completion.rpc.launch import rotary_command
 
 RESULTS_4_8_16 = {"4", "8", "16"}
 
@@ -127,8 +127,8 @@ def test_benchmark_quick_run_writes_the_keys_its_issue_names(name, tmp_path, req
     extra = ["--model", str(request.getfixturevalue("tiny_llama_dir"))] if name == "decode" else []
     path = tmp_path / f"{name}.json"
     out = subprocess.run(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "bench", name, "--quick", "--limit", "2",
-         "--json", str(path), *extra],
+        rotary_command("--log-level", "warning", "bench", name, "--quick", "--limit", "2",
+         "--json", str(path), *extra),
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -150,8 +150,8 @@ def test_calibrate_writes_an_artifact_the_worker_can_load(tmp_path):
 
     path = tmp_path / "exits.safetensors"
     out = subprocess.run(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "calibrate", "--quick", "--tokens", "512",
-         "--points", "6", "--exit-layers", "9", "--rank", "4", "--out", str(path)],
+        rotary_command("--log-level", "warning", "calibrate", "--quick", "--tokens", "512",
+         "--points", "6", "--exit-layers", "9", "--rank", "4", "--out", str(path)),
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

@@ -2,9 +2,9 @@
 
 import socket
 import subprocess
-import sys
 
 import pytest
+from rotary.completion.rpc.launch import rotary_command
 
 
 @pytest.mark.model
@@ -13,7 +13,7 @@ def test_demo_prints_a_suggestion_through_lsp():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = subprocess.run(
-        [sys.executable, "-m", "rotary", "demo", "--no-serve", "--listen", f"127.0.0.1:{port}"],
+        rotary_command("demo", "--no-serve", "--listen", f"127.0.0.1:{port}"),
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -29,8 +29,8 @@ def test_complete_one_shot_prints_the_completion(tmp_path):
     text = "def area(width, height):\n    return width"
     source.write_text(text)
     out = subprocess.run(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "complete", str(source), "--line", "2",
-         "--mode", "single_line", "--max-tokens", "16"],
+        rotary_command("--log-level", "warning", "complete", str(source), "--line", "2",
+         "--mode", "single_line", "--max-tokens", "16"),
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
@@ -43,6 +43,6 @@ def test_complete_rejects_positions_outside_the_file(tmp_path):
     source = tmp_path / "short.py"
     source.write_text("x = 1\n")
     out = subprocess.run(
-        [sys.executable, "-m", "rotary", "complete", str(source), "--line", "9"], capture_output=True, text=True, timeout=60
+        rotary_command("complete", str(source), "--line", "9"), capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2 and "outside" in out.stderr

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from rotary.lsp.worker import MAX_START_FAILURES
+from rotary.completion.rpc.launch import rotary_command
 
 pytestmark = [pytest.mark.model]
 
@@ -22,8 +22,8 @@ def test_every_kill_of_the_worker_is_recovered(tmp_path):
     kills = MAX_START_FAILURES + 1
     path = tmp_path / "kills.json"
     out = subprocess.run(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "soak", "kills", "--kills", str(kills),
-         "--seed", "3", "--json", str(path)],
+        rotary_command("--log-level", "warning", "soak", "kills", "--kills", str(kills),
+         "--seed", "3", "--json", str(path)),
         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ast
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from rotary.completion.rpc.launch import python_command, rotary_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,16 +45,16 @@ def test_dependencies_point_one_way(package):
 
 def test_lsp_never_imports_torch():
     code = "import sys, rotary.lsp.server, rotary.lsp.worker; print(sorted(m for m in ('torch', 'transformers', 'rotary.models', 'rotary.cache') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(python_command("-c", code), capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
 
 def test_grpc_stubs_are_current():
-    result = subprocess.run([sys.executable, "-m", "rotary.completion.gen_stubs", "--check"], capture_output=True, text=True)
+    result = subprocess.run(python_command("-m", "rotary.completion.gen_stubs", "--check"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
 def test_cli_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "rotary", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(rotary_command("--help"), capture_output=True, text=True, check=True).stdout
     for command in ("worker", "lsp", "complete", "bench", "demo"):
         assert command in out

@@ -13,7 +13,6 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from rotary.completion.rpc.access import AccessError
 from rotary.lsp.worker import ERROR, READY, WorkerConnection
 from tests.fakes import FAKE_COMPLETION, free_port, start_worker
 from tests.lsp.test_lsp_protocol import RawClient, initialize, open_doc, stats
+from rotary.completion.rpc.launch import rotary_command
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 UNREACHABLE = "127.0.0.1:9"
@@ -35,7 +35,7 @@ UNREACHABLE = "127.0.0.1:9"
 
 def run_cli(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rotary", *args], capture_output=True, text=True, timeout=timeout,
+        rotary_command(*args), capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
     )
 
@@ -100,8 +100,8 @@ def test_a_worker_with_token_and_tls_serves_only_callers_with_the_token(tmp_path
     tls_dir = tmp_path / "tls"
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "worker", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
-         "--tls-self-signed", str(tls_dir), "--model", str(tmp_path / "no-such-model")],
+        rotary_command("worker", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
+         "--tls-self-signed", str(tls_dir), "--model", str(tmp_path / "no-such-model")),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -134,7 +134,7 @@ def test_a_worker_on_a_unix_socket_is_private(tmp_path):
     folder = tmp_path / "sock"
     folder.mkdir(mode=0o755)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "worker", "--listen", f"unix:{folder}/w.sock", "--model", str(tmp_path / "none")],
+        rotary_command("worker", "--listen", f"unix:{folder}/w.sock", "--model", str(tmp_path / "none")),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -269,7 +269,7 @@ class TcpDaemon:
     def __init__(self, *extra, env=None):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rotary", "lsp", "--tcp", f"127.0.0.1:{self.port}", "--worker", UNREACHABLE, *extra],
+            rotary_command("lsp", "--tcp", f"127.0.0.1:{self.port}", "--worker", UNREACHABLE, *extra),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )
@@ -380,7 +380,7 @@ def test_ipv6_loopback_is_served_without_a_token(tmp_path):
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "worker", "--listen", "[::1]:0", "--model", str(tmp_path / "none")],
+        rotary_command("worker", "--listen", "[::1]:0", "--model", str(tmp_path / "none")),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:

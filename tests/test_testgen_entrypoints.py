@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ import pytest
 from lsprotocol import types
 
 from rotary.completion.rpc import worker_pb2 as pb
+from rotary.completion.rpc.launch import rotary_command
 
 SOURCE = '''def clamp(value, low, high):
     """Limit value to the range [low, high]."""
@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "tests", *args],
+        rotary_command("--log-level", "warning", "tests", *args),
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -72,7 +72,7 @@ def worker():
 
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address], stdin=subprocess.DEVNULL
+        rotary_command("--log-level", "warning", "worker", "--listen", address), stdin=subprocess.DEVNULL
     )
     client = WorkerClient(address)
     try:
@@ -166,7 +166,7 @@ async def lsp_session(address: str, tmp_path: Path):
         edits.append(params)
         return types.ApplyWorkspaceEditResult(applied=True)
 
-    await client.start_io(sys.executable, "-m", "rotary", "lsp", "--worker", address)
+    await client.start_io(*rotary_command("lsp", "--worker", address))
     await client.initialize_session(types.InitializeParams(
         capabilities=client_capabilities("visual-studio-code"), root_uri=tmp_path.as_uri(),
     ))

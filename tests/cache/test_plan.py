@@ -8,9 +8,10 @@ show that BPE boundaries move next to an edit.
 from __future__ import annotations
 
 import random
-import sys
 
 import pytest
+
+from rotary.completion.rpc.launch import python_command
 
 from rotary.cache.plan import (
     DocumentTokens,
@@ -330,7 +331,7 @@ def test_bookkeeping_does_not_import_torch():
     import subprocess
 
     code = "import sys, rotary.cache.plan; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run(python_command("-c", code)).returncode == 0
 
 
 @pytest.mark.model

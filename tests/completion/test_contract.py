@@ -6,7 +6,7 @@ every reserved field number and name. The compatibility rule in worker.proto's h
 checked against it: nothing in the snapshot may change or disappear (a removed field must be
 reserved by number and name). Additions are allowed; record them in the snapshot with
 
-    .venv/bin/python -m tests.completion.test_contract --refresh
+    .venv/bin/python tests/completion/test_contract.py --refresh
 
 which refuses to write while the compatibility check fails.
 """
@@ -23,10 +23,11 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 
 from rotary.completion.rpc import worker_pb2 as pb
+from rotary.completion.rpc.launch import python_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT = ROOT / "tests" / "data" / "worker_v1_fields.json"
-REFRESH = ".venv/bin/python -m tests.completion.test_contract --refresh"
+REFRESH = ".venv/bin/python tests/completion/test_contract.py --refresh"
 
 SCALARS = {
     value: name.removeprefix("TYPE_").lower()
@@ -162,7 +163,7 @@ def test_proto_and_stubs_ship_in_the_package():
         "import sys; from rotary.completion.rpc import worker_pb2, worker_pb2_grpc; "
         "assert worker_pb2_grpc.WorkerStub; print('torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(python_command("-c", code), capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
 
 

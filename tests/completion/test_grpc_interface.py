@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from rotary.completion.client import WorkerClient
 from rotary.completion.rpc import worker_pb2 as pb
-from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
+from rotary.completion.rpc.launch import rotary_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -48,7 +48,7 @@ def spawn_worker(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     model = [] if "--model" in extra else ["--model", str(resolve_model_dir(None))]
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, *model, *extra],
+            rotary_command("--log-level", "warning", "worker", "--listen", address, *model, *extra),
             stdin=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
         )
     deadline = time.monotonic() + 60

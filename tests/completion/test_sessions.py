@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 
 import grpc
@@ -17,6 +16,7 @@ from rotary.completion.client import WorkerClient
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc.access import SESSION_METADATA
 from tests.fakes import free_port
+from rotary.completion.rpc.launch import rotary_command
 
 pytestmark = pytest.mark.model
 
@@ -27,7 +27,7 @@ LEASE_S = 3
 def worker():
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, "--session-lease", str(LEASE_S)],
+        rotary_command("--log-level", "warning", "worker", "--listen", address, "--session-lease", str(LEASE_S)),
         stdin=subprocess.DEVNULL,
     )
     client = WorkerClient(address)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 
 import grpc
@@ -14,6 +13,7 @@ import pytest
 from rotary.completion.client import WorkerClient
 from rotary.completion.rpc import worker_pb2 as pb
 from tests.conftest import first_line, greedy_continuation
+from rotary.completion.rpc.launch import rotary_command
 
 
 def free_port() -> int:
@@ -25,7 +25,7 @@ def free_port() -> int:
 def start_worker(*extra: str):
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, *extra],
+        rotary_command("--log-level", "warning", "worker", "--listen", address, *extra),
         stdin=subprocess.DEVNULL,
     )
     return proc, address
@@ -232,7 +232,7 @@ def test_restarted_worker_reopens_documents_from_snapshots(tmp_path):
     for attempt in range(2):
         address = f"127.0.0.1:{free_port()}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address, "--model", model_dir],
+            rotary_command("--log-level", "warning", "worker", "--listen", address, "--model", model_dir),
             stdin=subprocess.DEVNULL, env=env,
         )
         client = WorkerClient(address)

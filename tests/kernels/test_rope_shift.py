@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from rotary.completion.rpc.launch import python_command
 from rotary.kernels import rope_shift
 from rotary.kernels.rope_shift import (
     rotation_cos_sin,
@@ -281,7 +281,7 @@ def test_invalid_env_var_warns_and_falls_back_to_auto(fresh_backend_choice, monk
 
 def test_importing_kernels_does_not_import_triton():
     code = "import sys, rotary.kernels; sys.exit('triton' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run(python_command("-c", code)).returncode == 0
 
 
 # ---------------------------------------------------------------------------

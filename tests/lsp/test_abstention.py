@@ -8,7 +8,6 @@ continuation: abstention withholds a suggestion, it never changes one.
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import pytest_lsp
@@ -16,14 +15,15 @@ from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
 from tests.conftest import first_line, greedy_continuation
-from tests.lsp.test_lsp_e2e import URI, daemon_stats, inline, open_document, wait_ready
+from tests.lsp.test_lsp_e2e import daemon_stats, inline, open_document, wait_ready
+from rotary.completion.rpc.launch import rotary_command
 
 pytestmark = [pytest.mark.model]
 
 TEXT = "import os\n\n\ndef read_config(path):\n    with open(path) as handle:\n        return handle."
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=[sys.executable, "-m", "rotary", "lsp"]))
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=rotary_command("lsp")))
 async def client(lsp_client: LanguageClient):
     lsp_client.statuses = []
 

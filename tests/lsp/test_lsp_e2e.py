@@ -9,7 +9,6 @@ stop rules) is checked, not just "non-empty".
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 import pytest_lsp
@@ -17,6 +16,7 @@ from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
 from tests.conftest import first_line, greedy_continuation
+from rotary.completion.rpc.launch import rotary_command
 
 pytestmark = [pytest.mark.model]
 
@@ -78,7 +78,7 @@ async def inline(client: LanguageClient, line: int, character: int, invoked: boo
 
 
 @pytest_lsp.fixture(
-    config=ClientServerConfig(server_command=[sys.executable, "-m", "rotary", "lsp"]),
+    config=ClientServerConfig(server_command=rotary_command("lsp")),
 )
 async def client(lsp_client: LanguageClient):
     params = types.InitializeParams(

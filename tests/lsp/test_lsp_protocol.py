@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
+from rotary.completion.rpc.launch import rotary_command
 
 UNREACHABLE = "127.0.0.1:9"
 
@@ -61,7 +61,7 @@ class RawClient:
 @pytest.fixture
 def daemon():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "lsp", "--worker", UNREACHABLE],
+        rotary_command("lsp", "--worker", UNREACHABLE),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     client = RawClient(proc.stdout, proc.stdin)
@@ -166,7 +166,7 @@ def test_lsp_over_tcp():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "lsp", "--tcp", f"127.0.0.1:{port}", "--worker", UNREACHABLE],
+        rotary_command("lsp", "--tcp", f"127.0.0.1:{port}", "--worker", UNREACHABLE),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

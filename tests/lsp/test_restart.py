@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 
 import pytest
 import pytest_lsp
@@ -31,6 +30,7 @@ from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
 from tests.conftest import first_line, greedy_continuation
+from rotary.completion.rpc.launch import rotary_command
 
 pytestmark = [pytest.mark.model]
 
@@ -62,7 +62,7 @@ def expected_after_edit(uri: str) -> str:
     return expected
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=[sys.executable, "-m", "rotary", "lsp"]))
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=rotary_command("lsp")))
 async def client(lsp_client: LanguageClient):
     params = types.InitializeParams(
         capabilities=client_capabilities("visual-studio-code"),
@@ -111,7 +111,7 @@ async def test_a_restart_resends_the_documents_through_the_restart_hook(client: 
     if cause == "workerAddress setting":  # loads beside the daemon's own worker
         address = f"127.0.0.1:{free_port()}"
         external = subprocess.Popen(
-            [sys.executable, "-m", "rotary", "--log-level", "warning", "worker", "--listen", address],
+            rotary_command("--log-level", "warning", "worker", "--listen", address),
             stdin=subprocess.DEVNULL,
         )
     try:
