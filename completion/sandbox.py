@@ -12,16 +12,17 @@ daemon never do (they generate text). Each run:
     temporary directory's parent are empty (other programs' unix sockets, a worker's or Docker's,
     cannot be reached), every mount is read-only (mount_setattr(2), recursive) and the test's
     temporary directory alone is writable; `extra_path` folders are shown read-only;
-  - processes: the runner is PID 1 of its own PID namespace, so when it ends, or unshare is killed
-    at the timeout (`--kill-child`), the kernel kills every process the tests started, in a new
-    session or not;
+  - processes: the runner is PID 1 of its own PID namespace, so when it ends or is killed (at the
+    timeout; or when unshare is, `--kill-child`), the kernel kills every process the tests started,
+    in a new session or not;
   - privileges: then `setpriv` drops every capability (bounding set too, securebits noroot locked,
     no_new_privs), so the tests cannot remount, unmount or mount anything;
 - where that cannot be set up, `isolation()` says why and `run_tests` refuses (SandboxUnavailable)
   unless the caller passes `allow_network=True` (`--allow-network`): the tests then run in the
   temporary directory with the network, the whole filesystem writable and no PID namespace;
-- limits its address space (2 GiB) and its CPU time, and kills its process group when the
-  wall-clock timeout passes, and again when it ends;
+- limits its address space (2 GiB) and its CPU time; at the wall-clock timeout kills PID 1 of the
+  namespace (not isolated: the process group, also when the run ends), and returns only when unshare
+  has, that is once no process of the run is left;
 - takes the results from a file descriptor of their own (an unlinked temporary file, `pass_fds`),
   never from stdout: what the tests print cannot pose as the report. Test code runs in the runner's
   interpreter, so code written to forge results still could; the sandbox bounds what the tests can
@@ -283,8 +284,9 @@ def _run(iso: Isolation, module_name, module_source, test_source, test_module, t
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             result.timed_out = True
-        _kill_group(proc)  # isolated: the PID namespace is gone already; not isolated: what is left of the group
-        proc.wait()
+        if result.timed_out or not iso.available:
+            _kill(proc, iso.available)
+        proc.wait()  # isolated: unshare returns once the kernel has killed the whole PID namespace
         output.seek(max(0, output.seek(0, os.SEEK_END) - 2000))
         result.output = output.read().decode("utf-8", "replace")
         report.seek(0)
@@ -316,7 +318,24 @@ def _masked() -> list[str]:
     return [p for p in found if not any(p.startswith(q + os.sep) for q in found)]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen, isolated: bool) -> None:
+    """Kill what is left of a run. Isolated: PID 1 of its namespace, unshare's child (the kernel kills
+    every other process in the namespace before PID 1 is gone, and unshare waits for it). Not isolated,
+    or no child to be found: the process group (what left it in a new session is out of reach)."""
+    children = []
+    if isolated:
+        try:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:  # gone already, or a kernel without CONFIG_PROC_CHILDREN
+            pass
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if children:
+        return
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -193,34 +193,44 @@ def test_the_module_folder_is_importable_read_only(tmp_path):
 # -- processes --------------------------------------------------------------------------------------------
 
 
+def fifo_is_held(fifo) -> bool:
+    """Whether any process holds the FIFO open: a reader then waits; with none, it sees end-of-file."""
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.read(reader, 1)
+        return False
+    except BlockingIOError:
+        with open(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), "wb") as wake:
+            wake.write(b"x")  # the holder reads it and exits: nothing is left behind when this test fails
+        return True
+    finally:
+        os.close(reader)
+
+
 @needs_sandbox
-def test_a_setsid_child_does_not_outlive_the_run(tmp_path):
+@pytest.mark.parametrize("ending", ["the run ends", "the timeout, the runner in a new session too"])
+def test_a_setsid_child_does_not_outlive_the_run(tmp_path, ending):
     """A test starts a child in a new session that holds a FIFO open and waits on it. After the run a
     reader of the FIFO sees end-of-file only if no process holds it any more: an event, no sleep.
-    Fails before: the child was alive (the read would block), and this test then tells it to exit."""
+    Second case: the test also moves the runner itself into a new session and hangs, so the run ends
+    at the timeout. Fails before (both): the child was alive, and this test then tells it to exit."""
     fifo = tmp_path / "held"
     os.mkfifo(fifo)
+    timed_out = ending.startswith("the timeout")
     tests = (
-        "import os, subprocess, sys\n"
+        "import os, subprocess, sys, time\n"
         "def test_spawn():\n"
         f"    fd = os.open({str(fifo)!r}, os.O_RDWR)\n"
         "    subprocess.Popen([sys.executable, '-c', 'import os; os.read(3, 1)'], pass_fds=(fd,), start_new_session=True,\n"
         "                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        + ("    try:\n        os.setsid()\n    except PermissionError:\n        pass  # a session leader already\n    time.sleep(60)\n" if timed_out else "")
     )
-    result = run_tests("m", MODULE, tests, extra_path=[str(tmp_path)])
-    assert result.results == {"test_spawn": "passed"}, result.messages
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        alive = False
-        try:
-            os.read(reader, 1)  # b"": no writer left anywhere
-        except BlockingIOError:
-            alive = True
-            with open(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), "wb") as wake:
-                wake.write(b"x")  # the survivor reads it and exits
-        assert not alive, "the setsid child outlived the run"
-    finally:
-        os.close(reader)
+    result = run_tests("m", MODULE, tests, extra_path=[str(tmp_path)], timeout=3, per_test_timeout=60)
+    assert not fifo_is_held(fifo), "the setsid child outlived the run"
+    if timed_out:
+        assert result.timed_out and result.results == {}
+    else:
+        assert result.results == {"test_spawn": "passed"}, result.messages
 
 
 # -- the report --------------------------------------------------------------------------------------------
@@ -251,7 +261,7 @@ CLAMP = "def clamp(value, low, high):\n    return max(low, min(value, high))\n"
 def rotary(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "rotary", "--log-level", "warning", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        check=False, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
 
 
