@@ -120,7 +120,7 @@ def main(args) -> int:
 
     from rotary.cache.store import KVStore
     from rotary.completion.engine import CompletionEngine
-    from rotary.completion.sandbox import UNISOLATED_NOTE, isolation, refusal
+    from rotary.completion.sandbox import UNISOLATED_NOTE, isolation, refusal, running_anyway
     from rotary.completion.testgen import DRAFT_TOKENS, find_focal, generate_tests
     from rotary.models.loader import load_model
     from rotary.models.runner import ModelRunner, configure_threads
@@ -136,7 +136,7 @@ def main(args) -> int:
         return 2
     sandbox_note = iso.note if iso.available else UNISOLATED_NOTE
     if not iso.available:
-        print(f"bench tests: warning: {iso.note}; the tests will run {UNISOLATED_NOTE}", file=sys.stderr)
+        print(f"bench tests: {running_anyway(iso)}", file=sys.stderr)
     programs = load_programs(data)
     quick = bool(args.quick)
     count = args.limit or (6 if quick else 50)

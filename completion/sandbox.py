@@ -161,14 +161,15 @@ class SandboxUnavailable(RuntimeError):
 class Isolation:
     prefix: tuple[str, ...]  # the unshare command line; empty: none can be set up here
     setpriv: str
-    note: str  # what the run gets, or why it gets nothing
+    note: str  # what the run gets, or why there is no sandbox
 
     @property
     def available(self) -> bool:
         return bool(self.prefix)
 
 
-UNISOLATED_NOTE = "NOT isolated (--allow-network): network, a writable filesystem, no PID namespace"
+WITHOUT_SANDBOX = "with the network, the whole filesystem writable and no PID namespace"
+UNISOLATED_NOTE = f"NOT isolated (--allow-network): run {WITHOUT_SANDBOX}"
 
 
 @dataclass
@@ -192,23 +193,28 @@ def isolation() -> Isolation:
     """The sandbox this machine allows, or why there is none (checked once per process, by a real run)."""
     forced = os.environ.get(FORCE_UNAVAILABLE)
     if forced:
-        return Isolation((), "", f"NOT isolated: {FORCE_UNAVAILABLE} is set ({forced})")
+        return Isolation((), "", f"{FORCE_UNAVAILABLE} is set ({forced})")
     return _probe()
 
 
 def refusal(iso: Isolation) -> str:
     """What a command says when it will not run generated code (before it generates any)."""
     return (
-        f"generated tests are not run without a sandbox, and none can be set up here: {iso.note}. "
-        "Pass --allow-network to run them anyway, with the network, the whole filesystem writable and no PID namespace."
+        f"generated tests are not run without a sandbox, and none can be set up here ({iso.note}). "
+        f"Pass --allow-network to run them anyway, {WITHOUT_SANDBOX}."
     )
+
+
+def running_anyway(iso: Isolation) -> str:
+    """What a command says, before it generates anything, when --allow-network lets tests run without a sandbox."""
+    return f"warning: no sandbox can be set up here ({iso.note}); --allow-network: the tests will run {WITHOUT_SANDBOX}"
 
 
 @lru_cache(maxsize=1)
 def _probe() -> Isolation:
     unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
     if not unshare or not setpriv:
-        return Isolation((), "", "NOT isolated: util-linux's unshare and setpriv are needed and not both on PATH")
+        return Isolation((), "", "util-linux's unshare and setpriv are needed and not both on PATH")
     candidates = [((unshare, "--user", "--map-root-user", *NAMESPACES), "user")]
     if os.geteuid() == 0:
         candidates.append(((unshare, *NAMESPACES), "root"))
@@ -223,7 +229,7 @@ def _probe() -> Isolation:
         if run.load_error == "" and not run.timed_out:
             return iso
         failures.append(f"{kind} namespaces: " + (run.output.strip().splitlines() or [run.load_error])[-1])
-    return Isolation((), "", "NOT isolated: " + "; ".join(failures))
+    return Isolation((), "", "; ".join(failures))
 
 
 def _limits(cpu_seconds: int):

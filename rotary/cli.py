@@ -206,13 +206,13 @@ def cmd_tests(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         return fail(f"{out} exists; pass --force to overwrite it or --out PATH")
     if args.check:  # said before anything is generated, not after
-        from rotary.completion.sandbox import UNISOLATED_NOTE, isolation, refusal
+        from rotary.completion.sandbox import isolation, refusal, running_anyway
 
         iso = isolation()
         if not iso.available and not args.allow_network:
             return fail(refusal(iso))
         if not iso.available:
-            print(f"rotary tests: warning: {iso.note}; the tests will run {UNISOLATED_NOTE}", file=sys.stderr, flush=True)
+            print(f"rotary tests: {running_anyway(iso)}", file=sys.stderr, flush=True)
 
     import grpc
 

@@ -293,6 +293,6 @@ def test_cli_check_with_allow_network_warns_before_running(tmp_path):
         env={"ROTARY_SANDBOX_UNAVAILABLE": "simulated"},
     )
     assert out.returncode == 0, out.stderr
-    warning = out.stderr.index("warning: NOT isolated")
+    warning = out.stderr.index("warning: no sandbox can be set up here (ROTARY_SANDBOX_UNAVAILABLE is set (simulated))")
     assert warning < out.stderr.index("[1/1]")
     assert "--check: NOT isolated (--allow-network)" in out.stdout and " of 1 passed" in out.stdout
