@@ -37,6 +37,10 @@ def add_bench_parser(sub, func) -> None:
     b.add_argument("--contexts", default=None, help="edits: context sizes in tokens with optional case counts, e.g. 1024:200,4096:60 (the default)")
     b.add_argument("--data", default=None, metavar="PATH", help="tests: a TestEval-format .jsonl (default: TestEval's leetcode-py.jsonl, shipped in bench/data/testeval)")
     b.add_argument("--methods", default=None, help="tests: the drafters to compare, comma-separated (default: plain,ngram,ast-strict,ast,ast+ngram; plain is always run)")
+    b.add_argument(
+        "--allow-network", action="store_true",
+        help="tests: where no sandbox can be set up, run the generated tests anyway, with the network and the filesystem writable (default: refuse)",
+    )
     b.add_argument("--cursor", choices=("indent", "col0"), default="indent", help="quality: cursor after the auto-indentation (the editor's case) or at column 0")
     b.add_argument("--sizes", default=None, help="load: the numbers of editors to run, comma-separated (default: 1,5,20)")
     b.add_argument("--decoding-mode", default=None, choices=("lossless", "plain", "earlyExit"), help="load: the daemons' decodingMode setting (default: theirs, lossless)")

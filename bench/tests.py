@@ -49,7 +49,7 @@ def load_programs(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def quality(program: dict, tests, sandbox_timeout: float = 30.0) -> dict:
+def quality(program: dict, tests, sandbox_timeout: float = 30.0, allow_network: bool = False) -> dict:
     """Syntax, pass/fail against the reference solution, and coverage of it (TestEval's rules)."""
     from rotary.completion.sandbox import run_tests
 
@@ -58,7 +58,7 @@ def quality(program: dict, tests, sandbox_timeout: float = 30.0) -> dict:
     header = "from solution import *  # noqa\n\n"
     source = header + "\n\n".join(t.code for t in valid) + "\n"
     outcome = {t.name: "syntax" for t in tests if not t.syntax_ok}
-    run = run_tests("solution", program["python_solution"], source, coverage=False, timeout=sandbox_timeout) if valid else None
+    run = run_tests("solution", program["python_solution"], source, coverage=False, timeout=sandbox_timeout, allow_network=allow_network) if valid else None
     if run is not None:
         for t in valid:
             outcome[t.name] = "error" if run.load_error else run.results.get(t.name, "error")
@@ -69,7 +69,7 @@ def quality(program: dict, tests, sandbox_timeout: float = 30.0) -> dict:
     if executable:
         cov_run = run_tests(
             "solution", program["python_solution"], header + "\n\n".join(t.code for t in executable) + "\n",
-            coverage=True, timeout=sandbox_timeout,
+            coverage=True, timeout=sandbox_timeout, allow_network=allow_network,
         )
         line_cov, branch_cov = cov_run.line_cov or 0.0, cov_run.branch_cov or 0.0
     return {
@@ -120,7 +120,7 @@ def main(args) -> int:
 
     from rotary.cache.store import KVStore
     from rotary.completion.engine import CompletionEngine
-    from rotary.completion.sandbox import network_isolation
+    from rotary.completion.sandbox import UNISOLATED_NOTE, isolation, refusal, running_anyway
     from rotary.completion.testgen import DRAFT_TOKENS, find_focal, generate_tests
     from rotary.models.loader import load_model
     from rotary.models.runner import ModelRunner, configure_threads
@@ -129,6 +129,14 @@ def main(args) -> int:
     if not data.exists():
         print(f"bench tests: no TestEval data at {data}; pass --data PATH (TestEval's leetcode-py.jsonl format)", file=sys.stderr)
         return 2
+    allow_network = bool(getattr(args, "allow_network", False))
+    iso = isolation()
+    if not iso.available and not allow_network:  # said before the model loads, not after
+        print(f"bench tests: {refusal(iso)}", file=sys.stderr)
+        return 2
+    sandbox_note = iso.note if iso.available else UNISOLATED_NOTE
+    if not iso.available:
+        print(f"bench tests: {running_anyway(iso)}", file=sys.stderr)
     programs = load_programs(data)
     quick = bool(args.quick)
     count = args.limit or (6 if quick else 50)
@@ -152,7 +160,7 @@ def main(args) -> int:
     costs = verify_costs(runner, programs[chosen[0]]["python_solution"] * 4, 3 if quick else 9)
     print(
         f"tests: {loaded.info.name}, {len(chosen)} programs of {data.name} (seed {args.seed}), n = {n_tests} tests each, "
-        f"up to {TEST_TOKENS} tokens a test, {DRAFT_TOKENS} draft tokens per verify; sandbox network: {network_isolation()[1]}",
+        f"up to {TEST_TOKENS} tokens a test, {DRAFT_TOKENS} draft tokens per verify; sandbox: {sandbox_note}",
         file=sys.stderr,
     )
     print("verify cost in one-token steps by width: " + ", ".join(f"{w}: {c:.2f}" for w, c in costs.items()), file=sys.stderr)
@@ -189,12 +197,12 @@ def main(args) -> int:
             bar.update(1)
         reference = [t.code for t in outputs["plain"]]
         row = {"task_num": program["task_num"], "func_name": program["func_name"], "methods": {}}
-        plain_quality = quality(program, outputs["plain"])
+        plain_quality = quality(program, outputs["plain"], allow_network=allow_network)
         for method in methods:
             tests = outputs[method]
             same = sum(1 for a, b in zip(reference, [t.code for t in tests]) if a == b)
             totals[method]["identical"] += same
-            q = plain_quality if same == len(reference) == len(tests) else quality(program, tests)
+            q = plain_quality if same == len(reference) == len(tests) else quality(program, tests, allow_network=allow_network)
             totals[method].setdefault("quality", []).append(q)
             row["methods"][method] = {
                 "tokens": sum(t.stats.tokens_generated for t in tests),
@@ -251,7 +259,7 @@ def main(args) -> int:
             "methods": list(methods),
             "quick": quick,
             "cpu_count": os.cpu_count(),
-            "sandbox_network": network_isolation()[1],
+            "sandbox_network": sandbox_note,
         },
         "results": results,
         "programs": per_program,

@@ -206,6 +206,14 @@ def cmd_tests(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else path.parent / layout(focal).file_name
     if out.exists() and not args.force:
         return fail(f"{out} exists; pass --force to overwrite it or --out PATH")
+    if args.check:  # said before anything is generated, not after
+        from rotary.completion.sandbox import isolation, refusal, running_anyway
+
+        iso = isolation()
+        if not iso.available and not args.allow_network:
+            return fail(refusal(iso))
+        if not iso.available:
+            print(f"rotary tests: {running_anyway(iso)}", file=sys.stderr, flush=True)
 
     import grpc
 
@@ -248,7 +256,7 @@ def cmd_tests(args: argparse.Namespace) -> int:
         if args.explain:
             _print_explain(tests)
         if args.check:
-            _check_tests(path, text, out, last.file_text)
+            _check_tests(path, text, out, last.file_text, args.allow_network)
         return 0
     finally:
         if worker_proc is not None:
@@ -267,11 +275,13 @@ def _print_explain(tests) -> None:
             print(f"  {d.accepted:>2}/{d.proposed:<2} {d.text!r:<48} <- {who}")
 
 
-def _check_tests(source: Path, text: str, out: Path, test_text: str) -> None:
-    """Run the written tests in the sandbox (a subprocess in a temporary directory, no network, a timeout)."""
+def _check_tests(source: Path, text: str, out: Path, test_text: str, allow_network: bool) -> None:
+    """Run the written tests in the sandbox (completion/sandbox.py), or, with --allow-network where there is none, without."""
     from rotary.completion.sandbox import run_tests
 
-    result = run_tests(source.stem, text, test_text, test_module=out.stem, extra_path=[str(source.resolve().parent)])
+    result = run_tests(
+        source.stem, text, test_text, test_module=out.stem, extra_path=[str(source.resolve().parent)], allow_network=allow_network
+    )
     print(f"\n--check: {result.network}; a subprocess in a temporary directory")
     if result.timed_out:
         print("  timed out")
@@ -428,7 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, metavar="PATH", help="the test file (default: test_<module>.py beside FILE)")
     t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     t.add_argument("--explain", action="store_true", help="print, per test, which pattern drafted which tokens and how many were kept")
-    t.add_argument("--check", action="store_true", help="run the tests (Python) in a sandbox: subprocess, temp dir, timeout, no network")
+    t.add_argument(
+        "--check", action="store_true",
+        help="run the tests (Python) in a sandbox: a subprocess in a temp dir, a timeout, no network, the filesystem read-only but that dir",
+    )
+    t.add_argument(
+        "--allow-network", action="store_true",
+        help="with --check, where no sandbox can be set up (no user namespaces, not root): run the tests anyway, "
+        "with the network and the filesystem writable (without it, --check refuses before generating)",
+    )
     t.add_argument(
         "--drafter", choices=("plain", "ngram", "ast", "ast+ngram", "ast-strict"), default="ast+ngram",
         help="who drafts tokens ahead (greedy output is the same with each; see docs/BENCHMARKS.md)",
