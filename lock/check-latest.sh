@@ -46,17 +46,9 @@ echo "check-latest: rotary bench quality --quick"
     || { tail -30 "$scratch/quality.log"; exit 1; }
 quality=$("$venv/bin/python" - "$scratch/quality.json" <<'PY'
 import json, sys
-report = json.load(open(sys.argv[1]))
-def find(node, key):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == key and isinstance(v, (int, float)):
-                return v
-            found = find(v, key)
-            if found is not None:
-                return found
-    return None
-print(f"pass@1 {find(report, 'pass_at_1')}")
+results = json.load(open(sys.argv[1]))["results"]
+print("; ".join(f"{kind} {method} pass@1 {r['pass_at_1']:.3f} ws_damage {r['ws_damage']:.3f} ({r['cases']} cases)"
+                for kind, methods in results.items() for method, r in methods.items() if r.get("cases")))
 PY
 )
 line="| $(date -u +%F) | passed | $versions | suggestion in ${suggestion_ms} ms; bench quality --quick: $quality |"
