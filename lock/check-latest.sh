@@ -19,7 +19,7 @@ python3 -m venv "$venv"
 "${pip[@]}" install --upgrade pip setuptools
 # torch is outside the ranges on purpose (see pyproject.toml): the CPU build, as the set-up installs it
 "${pip[@]}" install --require-hashes --no-deps -r lock/torch.txt
-"${pip[@]}" install --upgrade --upgrade-strategy eager --editable ".[test]"
+"${pip[@]}" install --upgrade --upgrade-strategy eager --constraint lock/torch.in --editable ".[test]"
 "${pip[@]}" install --require-hashes --no-deps -r lock/model.txt
 versions=$("$venv/bin/python" - <<'PY'
 from importlib.metadata import version, PackageNotFoundError

@@ -9,7 +9,7 @@ step that makes its condition false:
   condition must be false wherever the suite runs;
 - "editors-setup": `make editors-setup` (Emacs with eglot, node_modules, code-server and
   Chromium): false on any machine where that ran (detected by what it leaves behind);
-- "machine": a property of the host (IPv6), false here.
+- "machine": a property of the host (IPv6, namespaces for the test sandbox), false here.
 
 An unconditional skip, a skip not listed, a listed one no longer in the source, and a listed
 condition that holds where its set-up step ran all fail. A skip whose condition was changed is
@@ -137,6 +137,12 @@ def _vscode_e2e_missing() -> bool:
     return not (cache_dir() / "code-server-4.100.3" / ".rotary-installed").exists() or not shutil.which("chromium")
 
 
+def _sandbox_missing() -> bool:
+    from rotary.completion import sandbox
+
+    return not sandbox.isolation().available
+
+
 # (path, condition source) -> (set-up step, whether the condition holds here; None: evaluate the
 # condition itself in the test module's namespace)
 KNOWN: dict[tuple[str, str], tuple[str, Callable[[], bool] | None]] = {
@@ -156,6 +162,8 @@ KNOWN: dict[tuple[str, str], tuple[str, Callable[[], bool] | None]] = {
     ("tests/editors/test_vscode.py", "not server"): ("install", _rotary_missing),
     ("tests/editors/conftest.py", "not exe"): ("install", _rotary_missing),
     ("tests/test_security.py", "not socket.has_ipv6"): ("machine", lambda: not socket.has_ipv6),
+    # user, network, mount and PID namespaces (util-linux unshare, Linux >= 5.12): the project's machines have them
+    ("tests/completion/test_sandbox.py", "not sandbox.isolation().available"): ("machine", _sandbox_missing),
 }
 
 
