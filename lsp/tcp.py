@@ -27,7 +27,8 @@ normally do). A port scan, or a client that never sends `initialize`, costs a
 short-lived task and never touches the session.
 
 A client is trusted with the settings that redirect text or load code
-(`workerAddress`, `model`) only when the daemon has a token and the client sent it.
+(`workerAddress`, `model`) only when the daemon has a token and the client sent it;
+even then a new value applies only once the user allows it (lsp/server.py).
 """
 
 from __future__ import annotations
@@ -198,9 +199,12 @@ class TcpDaemon:
                 return
 
     async def _end(self, server: RotaryServer) -> None:
-        """The editor is gone: stop its requests, close its documents in the worker, free the slot."""
+        """The editor is gone: stop its requests and its questions, close its documents in the worker, free the slot."""
         for call in list(server.calls.values()):
             call.cancel()
+        server.start_when_confirmed = False  # a question left unanswered changes nothing, starts nothing
+        for question in list(server.confirming.values()):
+            question.cancel()
         stub = self.worker.ready_stub()
         for uri in list(server.sync.docs):
             copy = server.sync.closed(uri)

@@ -122,7 +122,8 @@ def _lsp_tcp(args: argparse.Namespace, worker_token: str | None, worker_ca: str 
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             context.load_cert_chain(cert, key)
-    daemon = TcpDaemon(args.worker or "", args.model or "", token, context, worker_token, worker_ca, idle_s=args.idle_timeout)
+    idle = {"idle_s": args.idle_timeout} if args.idle_timeout is not None else {}  # else TcpDaemon's IDLE_S
+    daemon = TcpDaemon(args.worker or "", args.model or "", token, context, worker_token, worker_ca, **idle)
 
     def bound(where: str) -> None:
         how = ", ".join(n for n, on in (("TLS", tls), ("access token required", token)) if on)
@@ -419,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "needs --token-file (or $ROTARY_TOKEN) and TLS",
     )
     lsp.add_argument(
-        "--idle-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
+        "--idle-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
         help="--tcp: end an editor's session after this long without a message from it (default 300), "
         "so that a silent client cannot keep the one editor slot",
     )

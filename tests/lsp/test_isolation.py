@@ -39,6 +39,7 @@ class HostileWorker(WorkerService):
 
     file_name = "test_clamp.py"  # what GenerateTests proposes as the test file's name
     drop_crc = False  # acknowledge documents without their CRC-32
+    plant: tuple[Path, Path] | None = None  # (link, target): made during GenerateTests, as a racing attacker would
 
     def OpenDocument(self, request, context):
         ack = super().OpenDocument(request, context)
@@ -53,6 +54,8 @@ class HostileWorker(WorkerService):
         return ack
 
     def GenerateTests(self, request, context):
+        if self.plant is not None:
+            self.plant[0].symlink_to(self.plant[1])
         yield pb.GenerateTestsReply(
             request_id=request.request_id, done=True, done_tests=1, total_tests=1, message="1 test",
             file_name=self.file_name, file_text=TEST_FILE_TEXT, language="python", focal=request.qualname,
@@ -237,6 +240,21 @@ def test_rotary_tests_never_writes_through_a_symbolic_link(worker, tmp_path, for
     (src / "test_clamp.py").symlink_to(planted)
     out = run_tests_cli(worker[1], f"{src / 'clamp.py'}::clamp", *(["--force"] if force else []))
     assert out.returncode == 2 and "symbolic link" in out.stderr, out.stdout + out.stderr
+    assert planted.read_text() == "keep me\n" if force else not planted.exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_rotary_tests_never_writes_through_a_link_made_during_the_generation(worker, tmp_path, force):
+    """The check before the generation is not what protects: the file is opened with O_NOFOLLOW (and
+    O_EXCL without --force), so a link made while the worker generates is not followed either.
+    Before: the link was written through."""
+    (tmp_path / "clamp.py").write_text(SOURCE)
+    planted = tmp_path / "outside.py"
+    if force:
+        planted.write_text("keep me\n")
+    worker[0].plant = (tmp_path / "test_clamp.py", planted)
+    out = run_tests_cli(worker[1], f"{tmp_path / 'clamp.py'}::clamp", *(["--force"] if force else []))
+    assert out.returncode == 2 and ("symbolic link" if force else "appeared meanwhile") in out.stderr, out.stdout + out.stderr
     assert planted.read_text() == "keep me\n" if force else not planted.exists()
 
 
