@@ -14,9 +14,21 @@ unknown command an error that lists Rotary's commands. Nothing that goes wrong
 between the daemon and the worker reaches the editor as an error: a completion
 then comes back empty.
 
+The daemon reads only what the editor sent: a document exists for it from its
+`didOpen` to its `didClose`, and anything naming another URI (a `didChange`,
+a completion, a code action, a command) is refused and logged. Nothing is ever
+read from disk in place of an editor's text (pygls's workspace would: it opens
+the URI's path, a FIFO blocks it). The daemon keeps one copy of each document,
+its own (lsp/sync.py); pygls's workspace holds none.
+
 Settings that redirect the documents' text or load code (`workerAddress`,
-`model`) are logged whenever a client changes them, and a client that is not
-trusted with them (LSP over TCP without an access token) cannot change them.
+`model`) come from the command line (`--worker`, `--model`; they win) or, from a
+client, only once the user allowed the new value in a `window/showMessageRequest`
+("Allow"/"Deny"): a repository's editor settings (eglot's .dir-locals.el) must
+not send every open document and the worker token to an address of its choosing.
+A client that cannot ask (no window.showMessage capability) cannot change them;
+neither can one that is not trusted with them (LSP over TCP without an access
+token). Every change is logged.
 """
 
 from __future__ import annotations
@@ -70,8 +82,11 @@ INVOKED_WAIT_S = 30
 TESTS_TIMEOUT_S = 1800
 GENERATE_TESTS = "rotary.generateTests"
 
-# Settings that send the documents' text somewhere or load code: logged, and only from trusted clients.
+# Settings that send the documents' text somewhere or load code: from the command line, or from a
+# trusted client once the user allowed them (window/showMessageRequest); always logged.
 REDIRECTING_SETTINGS = ("workerAddress", "model")
+ALLOW, DENY = "Allow", "Deny"
+CLI_FLAGS = {"workerAddress": "rotary lsp --worker ADDR", "model": "rotary lsp --model PATH"}
 
 
 class _Dropped:
@@ -85,6 +100,7 @@ class RotaryProtocol(LanguageServerProtocol):
         super().__init__(*args, **kwargs)
         self.initialize_received = False
         self.end_session = None  # LSP over TCP: `exit` ends this connection's session, not the daemon
+        self.answering: set = set()  # ids of the client's requests not answered yet
 
     def handle_message(self, message):
         if isinstance(message, _Dropped):
@@ -144,6 +160,36 @@ class RotaryProtocol(LanguageServerProtocol):
             )
         return (yield from super().lsp_workspace__execute_command(params))
 
+    # The daemon's own copy of each document is the only one (lsp/sync.py). pygls's workspace would keep
+    # a second (applying every change twice) and, asked for a URI it does not have, read the URI's path
+    # from disk: these three hand the notifications to Rotary's features without touching it.
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams):
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_OPEN)) is not None:
+            yield handler, (params,), None
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CHANGE)) is not None:
+            yield handler, (params,), None
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CLOSE)) is not None:
+            yield handler, (params,), None
+
+    # The client's requests the server is still answering (LSP over TCP: a session is idle only
+    # when it sends nothing and waits for nothing).
+
+    def _handle_request(self, msg_id, method_name, params):
+        self.answering.add(msg_id)
+        return super()._handle_request(msg_id, method_name, params)
+
+    def _send_response(self, msg_id, result=None, error=None):
+        self.answering.discard(msg_id)
+        return super()._send_response(msg_id, result, error)
+
     @lsp_method(types.EXIT)
     def lsp_exit(self, *args):
         if self.end_session is None:
@@ -167,6 +213,9 @@ class RotaryServer(LanguageServer):
         self.settings = Settings(workerAddress=worker_address, model=model)
         self.cli_overrides = {k: v for k, v in {"workerAddress": worker_address, "model": model}.items() if v}
         self.trusted = trusted
+        self.confirming: dict[tuple[str, str], asyncio.Future] = {}  # (key, value) -> its question to the user
+        self.denied: set[tuple[str, str]] = set()  # values the user denied: not asked again this session
+        self.start_when_confirmed = False
         self.sync = DocumentSync()
         self.owns_worker = worker is None
         if worker is None:
@@ -206,27 +255,95 @@ class RotaryServer(LanguageServer):
         return UTF8 if enc == types.PositionEncodingKind.Utf8 else "utf-32" if enc == types.PositionEncodingKind.Utf32 else UTF16
 
     def apply_settings(self, raw: Any) -> None:
+        """A client's settings (initializationOptions, didChangeConfiguration). A new value of a
+        REDIRECTING_SETTINGS key waits for the user's answer (`confirm`); the others apply at once."""
         new, warnings = parse_settings(raw, self.settings)
+        to_confirm = {}
         for key in REDIRECTING_SETTINGS:
             before, after = getattr(self.settings, key), getattr(new, key)
             if before == after or key in self.cli_overrides:
                 continue
+            new = replace(new, **{key: before})  # applied only once the user allows it
             if not self.trusted:
-                new = replace(new, **{key: before})
                 warnings.append(
                     f"rotary.{key} ignored: a client over TCP without the access token cannot change where the "
                     "documents go or which model loads (start the daemon with --token-file to allow it)"
                 )
-            else:
-                log.warning("rotary.%s changed by the client: %r -> %r", key, before, after)
+            elif (key, after) in self.denied:
+                log.warning("rotary.%s = %r ignored: the user denied it in this session", key, after)
+            elif (key, after) not in self.confirming:
+                to_confirm[key] = after
         new = replace(new, **self.cli_overrides)  # command-line flags win over editor settings
         for warning in warnings:
-            log.warning(warning)
-            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=warning))
+            self.warn(warning)
+        self._use(new)
+        for key, value in to_confirm.items():
+            self.confirming[(key, value)] = asyncio.ensure_future(self.confirm(key, value))
+
+    def _use(self, new: Settings) -> None:
         self.settings = new
         # Before `initialized` the worker is not started yet and simply starts with these settings.
         if self.worker.reconfigure(new.workerAddress, new.model) and self.worker.wanted:
             asyncio.ensure_future(self.worker.restart())
+
+    def warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=message))
+
+    async def confirm(self, key: str, value: str) -> bool:
+        """Ask the user (window/showMessageRequest) before rotary.<key> becomes `value`; apply it if allowed."""
+        try:
+            caps = getattr(self.protocol, "client_capabilities", None)
+            if not (caps and caps.window and caps.window.show_message):
+                self.warn(
+                    f"rotary.{key} = {value!r} ignored: this editor cannot ask you to confirm it "
+                    f"(no window/showMessageRequest); pass it on the command line ({CLI_FLAGS[key]}) instead"
+                )
+                return False
+            what = (
+                f"send your open documents{' and the worker access token' if self.worker.token else ''} to the worker at {value!r}"
+                if key == "workerAddress" else f"load the model {value!r} (a model's files can run code)"
+            ) if value else f"go back to the default for rotary.{key} (now {getattr(self.settings, key)!r})"
+            message = f"Rotary: the editor's settings (perhaps a project's) ask to {what}. Allow rotary.{key}?"
+            try:
+                answer = await self.window_show_message_request_async(types.ShowMessageRequestParams(
+                    type=types.MessageType.Warning, message=message,
+                    actions=[types.MessageActionItem(title=ALLOW), types.MessageActionItem(title=DENY)],
+                ))
+            except Exception as exc:  # an error answer, or the session ended: no
+                log.warning("rotary.%s = %r not confirmed (%s); ignored", key, value, exc)
+                return False
+            if answer is None or answer.title != ALLOW:
+                self.denied.add((key, value))
+                log.warning("rotary.%s = %r denied by the user; keeping %r", key, value, getattr(self.settings, key))
+                return False
+            log.warning("rotary.%s changed by the client, allowed by the user: %r -> %r", key, getattr(self.settings, key), value)
+            self._use(replace(self.settings, **{key: value}))
+            return True
+        finally:
+            self.confirming.pop((key, value), None)
+            if not self.confirming and self.start_when_confirmed:
+                self.start_when_confirmed = False
+                self.start_worker()
+
+    def start_worker(self) -> None:
+        """Start (or join) the worker, unless a redirecting setting still waits for the user's answer:
+        then it starts with the answer, never first with settings about to change."""
+        if self.confirming:
+            self.start_when_confirmed = True
+            self.send_status("loading", "waiting for your answer about Rotary's settings")
+            return
+        self.worker.start()
+        if self.worker.state != STOPPED:  # a shared worker already on its way: tell this editor where it stands
+            self._on_worker_state(self.worker.state, self.worker.message)
+
+    def opened_copy(self, uri: str, what: str):
+        """The daemon's copy of a document the editor opened, or None (refused and logged): the daemon
+        knows only the text the editor sent, and never reads a URI itself."""
+        copy = self.sync.docs.get(uri)
+        if copy is None:
+            log.warning("%s for %s refused: the editor never opened it (nothing is read from disk)", what, uri)
+        return copy
 
     def report_server_error(self, error: Exception, source) -> None:
         if source is JsonRpcException and isinstance(error, ValueError):  # from the reader: not JSON, or not UTF-8
@@ -281,10 +398,8 @@ class RotaryServer(LanguageServer):
         """
         self.counters["requests"] += 1
         started = time.perf_counter()
-        if not self.settings.enabled:
-            return None
-        copy = self.sync.docs.get(uri)
-        if copy is None or copy.skipped_reason:
+        copy = self.opened_copy(uri, "completion")
+        if not self.settings.enabled or copy is None or copy.skipped_reason:
             return None
         number = next(self.requests)
         self.latest_request[uri] = number
@@ -403,7 +518,7 @@ class RotaryServer(LanguageServer):
 
     def tests_action(self, uri: str, line: int) -> types.CodeAction | None:
         """"Generate unit tests for <name>" on the Python function holding `line`, if there is one."""
-        copy = self.sync.docs.get(uri)
+        copy = self.opened_copy(uri, "codeAction")
         if copy is None or copy.skipped_reason:
             return None
         if (copy.language_id or "") != "python" and not uri.endswith((".py", ".pyi")):
@@ -423,7 +538,7 @@ class RotaryServer(LanguageServer):
     async def generate_tests(self, uri: str, qualname: str, count: int = 0) -> dict:
         """Ask the worker for tests of `qualname` in the document `uri`, with $/progress (cancellable);
         open the result as a new test file beside it (workspace edit: CreateFile + insert)."""
-        copy = self.sync.docs.get(uri)
+        copy = self.opened_copy(uri, GENERATE_TESTS)
         if copy is None:
             return self._tests_error(f"Rotary: {uri} is not open")
         stub = self.worker.ready_stub() or await self.worker.wait_ready(INVOKED_WAIT_S)
@@ -470,7 +585,11 @@ class RotaryServer(LanguageServer):
         if last is None or not last.done or (progress is not None and progress.cancelled()):
             self._end_tests_progress(token, progress, "cancelled")
             return {"cancelled": True}
-        target = new_test_file_uri(uri, last.file_name)
+        try:
+            target = new_test_file_uri(uri, last.file_name)  # beside the source, whatever the worker proposed
+        except ValueError as exc:
+            self._end_tests_progress(token, progress, "failed")
+            return self._tests_error(f"Rotary: no test file for {qualname}: {exc}")
         edit = types.WorkspaceEdit(document_changes=[
             types.CreateFile(uri=target, options=types.CreateFileOptions(overwrite=False, ignore_if_exists=False)),
             types.TextDocumentEdit(
@@ -612,9 +731,7 @@ def create_server(worker_address: str = "", model: str = "", **options) -> Rotar
 
     @server.feature(types.INITIALIZED)
     def initialized(ls: RotaryServer, params):
-        ls.worker.start()
-        if ls.worker.state != STOPPED:  # a shared worker already on its way: tell this editor where it stands
-            ls._on_worker_state(ls.worker.state, ls.worker.message)
+        ls.start_worker()
 
     @server.feature(types.SHUTDOWN)
     async def shutdown(ls: RotaryServer, params):
@@ -636,10 +753,7 @@ def create_server(worker_address: str = "", model: str = "", **options) -> Rotar
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: RotaryServer, params: types.DidChangeTextDocumentParams):
         uri = params.text_document.uri
-        if uri not in ls.sync.docs:
-            log.warning("didChange for %s before didOpen; taking the editor's text as it is now", uri)
-            doc = ls.workspace.get_text_document(uri)
-            ls.sync.opened(uri, params.text_document.version, doc.language_id or "", doc.source)
+        if ls.opened_copy(uri, "didChange") is None:
             return
         ls.sync.changed(uri, params.text_document.version, params.content_changes, ls.encoding)
 
@@ -681,7 +795,9 @@ def create_server(worker_address: str = "", model: str = "", **options) -> Rotar
             return types.CompletionList(is_incomplete=True, items=[])
         text, _stats = result
         # Replace the word being typed so clients' prefix filtering keeps the item.
-        copy = ls.sync.docs[params.text_document.uri]
+        copy = ls.sync.docs.get(params.text_document.uri)
+        if copy is None:  # closed while the worker answered
+            return types.CompletionList(is_incomplete=True, items=[])
         offset = offset_at(copy.text, params.position.line, params.position.character, ls.encoding)
         line_start = copy.text.rfind("\n", 0, offset) + 1
         word = copy.text[line_start + _word_start(copy.text[line_start:offset], offset - line_start) : offset]

@@ -1,6 +1,7 @@
 """What the worker has been told about each document, and the diffs still to send.
 
-pygls's workspace owns the editor's text. This module owns the worker's side:
+This module holds the daemon's one copy of each document the editor opened (the
+text as the editor sent it; nothing is read from disk) and the worker's side:
 per document the text the worker will have once pending changes are sent, the
 version the worker acknowledged, and the changes (as code-point offsets) made
 since. Edits are batched: a completion request flushes everything pending for
@@ -12,14 +13,21 @@ Versions sent to the worker are this module's own sequence numbers, never the
 editor's: they grow strictly across every document, reopen and worker restart,
 so an edit can only ever apply to the exact text it was computed against (an
 editor that repeats or reorders its versions cannot make two texts share one).
-Every acknowledgement is checked: the worker's length and CRC-32 must match the
-text the daemon expects, else the document is resent whole.
+Every acknowledgement is checked: the worker's length and CRC-32 (required) must
+match the text the daemon expects, else the document is resent whole.
 
 The pending list is bounded. Past MAX_PENDING_CHANGES changes, or past
 MAX_PENDING_WORK_CHARS characters of copying for the worker, it collapses into
 "send the whole document on the next flush": completions turned off, a worker in
 its error state or a huge paste never make it grow without end. Skipped documents
 (binary, huge) record nothing.
+
+One didChange costs at most MAX_CHANGE_WORK_CHARS characters of copying: each of its
+changes copies the text once, so a notification with many changes on a large text is
+measured before any is applied (its changes x the text's length, plus what they
+insert). Past that, or past MAX_CHANGES_AT_ONCE changes or MAX_DOCUMENT_CHARS inserted
+characters, the document is out of sync: its text is dropped and it gets no
+completions (and no later change) until the editor opens it again.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ log = logging.getLogger(__name__)
 MAX_DOCUMENT_CHARS = 2_000_000  # larger files are not sent to the worker (no completions there)
 MAX_PENDING_CHANGES = 1000  # about 3 minutes of typing between two completions
 MAX_PENDING_WORK_CHARS = 32_000_000  # pending changes x text length: the worker copies the text per change
+MAX_CHANGES_AT_ONCE = 10_000  # in one didChange (a multi-cursor edit sends one per cursor)
+MAX_CHANGE_WORK_CHARS = 200_000_000  # one didChange's changes x text length: a few tenths of a second of copying
 # Answers to an EditDocument that mean "send the whole document instead".
 EDIT_REFUSALS = (
     grpc.StatusCode.FAILED_PRECONDITION,  # another base version: the worker restarted or diverged
@@ -67,10 +77,9 @@ def text_crc32(text: str) -> int:
 
 
 def ack_matches(ack: pb.DocumentAck, text: str) -> bool:
-    """Does the worker's acknowledgement describe `text` (the wire text)?"""
-    if ack.length != len(text):
-        return False
-    return not ack.HasField("crc32") or ack.crc32 == text_crc32(text)
+    """Does the worker's acknowledgement describe `text` (the wire text)? Its length and CRC-32 must
+    both match: an acknowledgement without a CRC proves nothing about the text."""
+    return ack.length == len(text) and ack.HasField("crc32") and ack.crc32 == text_crc32(text)
 
 
 @dataclass
@@ -84,6 +93,7 @@ class WorkerCopy:
     pending: list[pb.TextChange] = field(default_factory=list)
     epoch: int = 0  # bumped whenever `pending` is thrown away, so an in-flight flush leaves it alone
     skipped_reason: str | None = None  # binary or huge: never sent, never completed
+    out_of_sync: bool = False  # an edit too large to apply arrived: no text until the editor reopens it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def collapse(self) -> None:
@@ -98,6 +108,20 @@ def unsupported_reason(text: str) -> str | None:
         return "binary file (contains NUL characters)"
     if len(text) > MAX_DOCUMENT_CHARS:
         return f"file too large ({len(text)} characters, limit {MAX_DOCUMENT_CHARS})"
+    return None
+
+
+def too_large_to_apply(content_changes, length: int) -> str | None:
+    """Why one didChange is too large to apply, or None: its count, what it inserts, and the copying
+    it would cost (each change copies the text once), all measured without applying any."""
+    count = len(content_changes)
+    if count > MAX_CHANGES_AT_ONCE:
+        return f"an edit of {count} changes at once (limit {MAX_CHANGES_AT_ONCE})"
+    inserted = sum(len(getattr(change, "text", "")) for change in content_changes)
+    if inserted > MAX_DOCUMENT_CHARS:
+        return f"an edit inserting {inserted} characters (limit {MAX_DOCUMENT_CHARS})"
+    if count * (length + inserted) > MAX_CHANGE_WORK_CHARS:
+        return f"an edit of {count} changes on {length} characters (at most {MAX_CHANGE_WORK_CHARS} characters of copying)"
     return None
 
 
@@ -124,6 +148,14 @@ class DocumentSync:
         copy = self.docs.get(uri)
         if copy is None:
             raise KeyError(f"didChange for {uri}, which was never opened")
+        if copy.out_of_sync:
+            return
+        refused = too_large_to_apply(content_changes, len(copy.text))
+        if refused:  # measured before anything is applied: one notification cannot keep the loop busy
+            log.warning("%s: %s; no completions for it until it is opened again", uri, refused)
+            copy.text, copy.out_of_sync, copy.skipped_reason = "", True, refused + "; reopen the file"
+            copy.collapse()
+            return
         if version is not None and version <= copy.version:
             log.warning("%s: out-of-order change to version %s after %s; applied anyway", uri, version, copy.version)
         text = copy.text

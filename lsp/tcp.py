@@ -13,8 +13,11 @@ ServerNotInitialized, as over stdio). Then:
   match it (compared in constant time): an error, and the connection is closed.
 - otherwise the connection becomes the session: a fresh RotaryServer (its own
   protocol, documents and settings) on the daemon's one worker connection, which
-  stays warm between sessions. `exit` or a disconnect ends the session and closes its
-  documents in the worker; the daemon then waits for the next editor.
+  stays warm between sessions. `exit`, a disconnect, or IDLE_S seconds (`--idle-timeout`)
+  in which the editor sends nothing while none of its requests is being answered, ends
+  the session and closes its documents in the worker; the daemon then waits for the next
+  editor. So a client that connects first (any local user, on loopback without a token)
+  cannot keep the one slot by saying nothing.
 
 One editor at a time, rather than one session per connection side by side, because
 the worker keys documents by URI: two editors with the same file open would
@@ -24,7 +27,8 @@ normally do). A port scan, or a client that never sends `initialize`, costs a
 short-lived task and never touches the session.
 
 A client is trusted with the settings that redirect text or load code
-(`workerAddress`, `model`) only when the daemon has a token and the client sent it.
+(`workerAddress`, `model`) only when the daemon has a token and the client sent it;
+even then a new value applies only once the user allows it (lsp/server.py).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from .worker import WorkerConnection
 log = logging.getLogger(__name__)
 
 HANDSHAKE_S = 10.0  # a connection must send initialize within this long
+IDLE_S = 300.0  # after initialize, a session that sends nothing this long (and waits for no answer) ends
 HANDSHAKE_MESSAGES = 16
 MAX_HANDSHAKE_BODY = 1 << 20  # an initialize request is a few KB
 TOKEN_OPTION = "accessToken"  # initializationOptions.accessToken
@@ -67,7 +72,9 @@ class TcpDaemon:
         ssl_context: ssl.SSLContext | None = None,
         worker_token: str | None = None,
         worker_ca: str | None = None,
+        idle_s: float = IDLE_S,
     ):
+        self.idle_s = idle_s
         self.worker_args = dict(address=worker_address, model=model, token=worker_token, ca_file=worker_ca)
         self.cli = dict(worker_address=worker_address, model=model)
         self.token = token
@@ -161,22 +168,43 @@ class TcpDaemon:
             writer.close()
 
         protocol.end_session = end_session
+        activity = asyncio.Event()
+        watch = asyncio.ensure_future(self._end_when_idle(protocol, activity, end_session))
         try:
             protocol.handle_message(json.loads(json.dumps(request), object_hook=protocol.structure_message))
             await run_async(
-                stop_event=stop, reader=reader, protocol=protocol, logger=log, error_handler=server.report_server_error
+                stop_event=stop, reader=_ActivityReader(reader, activity), protocol=protocol, logger=log,
+                error_handler=server.report_server_error,
             )
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.info("session %d: connection lost (%s)", self.sessions, exc.__class__.__name__)
         finally:
+            watch.cancel()
             await self._end(server)
             await _close(writer)
             log.info("session %d ended; waiting for the next editor", self.sessions)
 
+    async def _end_when_idle(self, protocol, activity: asyncio.Event, end_session: Callable[[], None]) -> None:
+        """End the session after idle_s seconds in which the editor sent nothing and none of its
+        requests was being answered (a long test generation is not idleness)."""
+        while True:
+            try:
+                await asyncio.wait_for(activity.wait(), self.idle_s)
+                activity.clear()
+            except asyncio.TimeoutError:
+                if protocol.answering:
+                    continue
+                log.warning("session %d: the editor sent nothing for %g s; closing it to free the slot", self.sessions, self.idle_s)
+                end_session()
+                return
+
     async def _end(self, server: RotaryServer) -> None:
-        """The editor is gone: stop its requests, close its documents in the worker, free the slot."""
+        """The editor is gone: stop its requests and its questions, close its documents in the worker, free the slot."""
         for call in list(server.calls.values()):
             call.cancel()
+        server.start_when_confirmed = False  # a question left unanswered changes nothing, starts nothing
+        for question in list(server.confirming.values()):
+            question.cancel()
         stub = self.worker.ready_stub()
         for uri in list(server.sync.docs):
             copy = server.sync.closed(uri)
@@ -205,6 +233,23 @@ async def _read_message(reader: asyncio.StreamReader) -> dict:
     if not isinstance(message, dict):
         raise HandshakeEnded("not a JSON-RPC message")
     return message
+
+
+class _ActivityReader:
+    """The connection's reader, telling `activity` whenever the editor sent something."""
+
+    def __init__(self, reader: asyncio.StreamReader, activity: asyncio.Event):
+        self.reader, self.activity = reader, activity
+
+    async def readline(self) -> bytes:
+        line = await self.reader.readline()
+        self.activity.set()
+        return line
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await self.reader.readexactly(n)
+        self.activity.set()
+        return data
 
 
 def _write(writer: asyncio.StreamWriter, payload: dict) -> None:

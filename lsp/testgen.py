@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from pygls.uris import from_fs_path, to_fs_path
 
@@ -45,14 +46,20 @@ def function_at(text: str, line: int) -> FunctionAt | None:
     return best
 
 
-def new_test_file_uri(source_uri: str, file_name: str, exists=os.path.exists) -> str:
-    """Where the new test file goes: beside the source, under a name no file has yet."""
+def new_test_file_uri(source_uri: str, file_name: str, exists=os.path.lexists) -> str:
+    """Where the new test file goes: beside the source, under a name no file (nor link) has yet.
+
+    Only the base name of the worker's `file_name` is used: a worker's "../x" or "/etc/x" must not
+    put a file outside the source's folder. Raises ValueError when it has no usable base name."""
+    name = os.path.basename(file_name.replace("\\", "/"))
+    if name in ("", ".", "..") or "\x00" in name:
+        raise ValueError(f"the worker proposed no usable file name ({file_name!r})")
     path = to_fs_path(source_uri) if source_uri.startswith("file:") else None
     if not path:
-        return source_uri.rsplit("/", 1)[0] + "/" + file_name
+        return source_uri.rsplit("/", 1)[0] + "/" + quote(name)
     folder = os.path.dirname(path)
-    stem, ext = os.path.splitext(file_name)
-    candidate, k = os.path.join(folder, file_name), 2
+    stem, ext = os.path.splitext(name)
+    candidate, k = os.path.join(folder, name), 2
     while exists(candidate):
         candidate, k = os.path.join(folder, f"{stem}_{k}{ext}"), k + 1
     return from_fs_path(candidate)

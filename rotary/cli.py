@@ -123,7 +123,8 @@ def _lsp_tcp(args: argparse.Namespace, worker_token: str | None, worker_ca: str 
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             context.load_cert_chain(cert, key)
-    daemon = TcpDaemon(args.worker or "", args.model or "", token, context, worker_token, worker_ca)
+    idle = {"idle_s": args.idle_timeout} if args.idle_timeout is not None else {}  # else TcpDaemon's IDLE_S
+    daemon = TcpDaemon(args.worker or "", args.model or "", token, context, worker_token, worker_ca, **idle)
 
     def bound(where: str) -> None:
         how = ", ".join(n for n, on in (("TLS", tls), ("access token required", token)) if on)
@@ -204,6 +205,8 @@ def cmd_tests(args: argparse.Namespace) -> int:
     if args.check and focal.language != "python":
         return fail(f"--check runs Python tests only ({path} is {focal.language}); drop --check to generate them")
     out = Path(args.out) if args.out else path.parent / layout(focal).file_name
+    if out.is_symlink():  # also a dangling one (out.exists() says False): never written through
+        return fail(f"{out} is a symbolic link; Rotary does not write through one (remove it or pass --out PATH)")
     if out.exists() and not args.force:
         return fail(f"{out} exists; pass --force to overwrite it or --out PATH")
     if args.check:  # said before anything is generated, not after
@@ -245,7 +248,12 @@ def cmd_tests(args: argparse.Namespace) -> int:
         if last is None or not last.done:
             return fail("the worker ended the call before the last reply")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(last.file_text, encoding="utf-8")
+        try:
+            _write_new_file(out, last.file_text, overwrite=args.force)
+        except FileExistsError:
+            return fail(f"{out} appeared meanwhile; pass --force to overwrite it or --out PATH")
+        except OSError as exc:
+            return fail(f"cannot write {out}: {exc.strerror}" + (" (a symbolic link)" if out.is_symlink() else ""))
         tokens = sum(t.stats.tokens_generated for t in tests)
         forwards = sum(t.stats.forwards for t in tests)
         print(
@@ -262,6 +270,21 @@ def cmd_tests(args: argparse.Namespace) -> int:
         if worker_proc is not None:
             worker_proc.terminate()
             worker_proc.wait(timeout=10)
+
+
+def _write_new_file(path, text: str, overwrite: bool) -> None:
+    """Write `text` to `path`, never through a symbolic link (O_NOFOLLOW) and, unless `overwrite`,
+    only as a new file (O_EXCL): what was checked before the generation cannot be swapped for a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if overwrite else os.O_EXCL)
+    with os.fdopen(os.open(path, flags, 0o644), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _positive_seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{value}: give a number of seconds above 0")
+    return seconds
 
 
 def _print_explain(tests) -> None:
@@ -407,8 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve LSP over TCP instead of stdio, one editor at a time; an address other than loopback "
         "needs --token-file (or $ROTARY_TOKEN) and TLS",
     )
-    lsp.add_argument("--worker", default=None, metavar="ADDR", help="connect to a running worker instead of starting one")
-    lsp.add_argument("--model", default=None, help="model for the daemon's own worker")
+    lsp.add_argument(
+        "--idle-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+        help="--tcp: end an editor's session after this long without a message from it (default 300), "
+        "so that a silent client cannot keep the one editor slot",
+    )
+    lsp.add_argument(
+        "--worker", default=None, metavar="ADDR",
+        help="connect to a running worker instead of starting one (an editor's workerAddress setting "
+        "needs your confirmation; this flag does not, and wins over it)",
+    )
+    lsp.add_argument(
+        "--model", default=None,
+        help="model for the daemon's own worker (wins over the editor's model setting, which needs your confirmation)",
+    )
     lsp.add_argument(
         "--worker-token-file", default=None, metavar="PATH",
         help="access token sent to a worker (default: $ROTARY_WORKER_TOKEN); needed for a worker on another machine",

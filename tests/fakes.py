@@ -92,9 +92,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(port: int | None = None, token: str | None = None, tls: tuple[bytes, bytes] | None = None):
-    """Serve a ready, model-less worker on 127.0.0.1; returns (server, service, address)."""
-    service = WorkerService()
+def start_worker(
+    port: int | None = None, token: str | None = None, tls: tuple[bytes, bytes] | None = None, service_cls=WorkerService
+):
+    """Serve a ready, model-less worker on 127.0.0.1; returns (server, service, address).
+    `service_cls`: WorkerService or a subclass (a worker that misbehaves on purpose)."""
+    service = service_cls()
     service.engine = FakeEngine()
     service.load_message = "ready: fake"
     service.ready.set()

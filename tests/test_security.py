@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lsprotocol import types
 
 from rotary.completion.rpc import access
 from rotary.completion.rpc import worker_pb2 as pb
@@ -254,12 +255,30 @@ def test_an_untrusted_client_cannot_redirect_text_and_a_trusted_change_is_logged
     assert (untrusted.settings.workerAddress, untrusted.settings.model, untrusted.settings.maxTokens) == ("", "", 9)
     assert any("workerAddress ignored" in m for m in shown) and any("model ignored" in m for m in shown)
 
-    trusted = RotaryServer()
-    trusted.window_show_message = lambda params: None
-    with caplog.at_level(logging.WARNING, logger="rotary.lsp.server"):
+    # A trusted client's change waits for the user's answer (tests/lsp/test_isolation.py asks over real LSP);
+    # until then nothing changes, and the allowed change is logged.
+    async def trusted_change():
+        trusted = RotaryServer()
+        trusted.window_show_message = lambda params: None
+        trusted.protocol.client_capabilities = types.ClientCapabilities(
+            window=types.WindowClientCapabilities(show_message=types.ShowMessageRequestClientCapabilities())
+        )
+        answer = asyncio.get_running_loop().create_future()
+
+        def ask(params):
+            assert "127.0.0.1:50151" in params.message
+            return answer
+
+        trusted.window_show_message_request_async = ask
         trusted.apply_settings({"workerAddress": "127.0.0.1:50151"})
-    assert trusted.settings.workerAddress == "127.0.0.1:50151"
-    assert "rotary.workerAddress changed by the client" in caplog.text
+        assert trusted.settings.workerAddress == ""
+        answer.set_result(types.MessageActionItem(title="Allow"))
+        await asyncio.gather(*trusted.confirming.values())
+        assert trusted.settings.workerAddress == "127.0.0.1:50151"
+
+    with caplog.at_level(logging.WARNING, logger="rotary.lsp.server"):
+        asyncio.run(trusted_change())
+    assert "rotary.workerAddress changed by the client, allowed by the user" in caplog.text
 
 
 # -- LSP over TCP --------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Hand-written beside the generated stubs because both sides of the wire use it: t
 server interceptor, the daemon's channel to a worker, and the daemon's own TCP listener.
 
 The rule (docs/RELIABILITY.md): a unix socket or a loopback address (127.0.0.0/8, ::1 as
-`[::1]:port`, localhost) may be served as it is. Any other address needs an access token and
+`[::1]:port`, localhost) may be served as it is. An abstract unix socket (`unix-abstract:`) is
+refused, to serve and to connect to: it has no file and so no permissions, and any process in
+the network namespace (any local user) can connect to it; use `unix:/path` in a private folder. Any other address needs an access token and
 TLS, and a server refuses to start without them. A token is checked on every call in constant
 time (`hmac.compare_digest`); over gRPC it travels as `authorization: Bearer <token>` metadata.
 Only the standard health service (grpc.health.v1.Health) answers without it, so load
@@ -53,9 +55,15 @@ def split_host_port(address: str) -> tuple[str, int | None]:
     return address, None  # a bare host, or a bare IPv6 address
 
 
+ABSTRACT_PREFIX = "unix-abstract:"
+
+
 def is_local_address(address: str) -> bool:
-    """True for a unix socket or a loopback host (127.0.0.0/8, ::1 with or without brackets, localhost)."""
-    if address.startswith(("unix:", "unix-abstract:")):
+    """True for a unix socket with a path or a loopback host (127.0.0.0/8, ::1 with or without
+    brackets, localhost). Not for an abstract unix socket: it has no permissions (refuse_abstract)."""
+    if address.startswith(ABSTRACT_PREFIX):
+        return False
+    if address.startswith("unix:"):
         return True
     host = split_host_port(address)[0]
     if host == "localhost":
@@ -64,6 +72,15 @@ def is_local_address(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def refuse_abstract(address: str, what: str) -> None:
+    """AccessError for an abstract unix socket: anyone on this machine could connect to it."""
+    if address.startswith(ABSTRACT_PREFIX):
+        raise AccessError(
+            f"refusing {what} {address}: an abstract unix socket has no file permissions, so any local user "
+            "can connect to it. Use unix:/path/in/a/private/folder (or a loopback address with a token) instead."
+        )
 
 
 def unix_socket_path(address: str) -> str | None:
@@ -103,7 +120,9 @@ def token_matches(expected: str, presented: str | None) -> bool:
 
 
 def check_listen(address: str, token: str | None, tls: bool, what: str) -> None:
-    """Refuse (AccessError, saying why) to serve a non-local address without a token and TLS."""
+    """Refuse (AccessError, saying why) to serve a non-local address without a token and TLS, and
+    an abstract unix socket at all."""
+    refuse_abstract(address, f"to serve {what} on")
     if is_local_address(address):
         return
     missing = [name for name, ok in (("an access token (--token-file or $ROTARY_TOKEN)", token), (
@@ -299,6 +318,7 @@ def worker_channel(
     if session:
         pairs.append((SESSION_METADATA, session))
     interceptors = _metadata_interceptors(pairs)
+    refuse_abstract(address, "to connect to a worker on")
     if is_local_address(address):
         return grpc.aio.insecure_channel(address, interceptors=interceptors)
     credentials = _remote_credentials(address, token, ca_file)
@@ -328,6 +348,7 @@ class _CallDetails(grpc.ClientCallDetails):
 
 def sync_worker_channel(address: str, token: str | None = None, ca_file: str | None = None) -> grpc.Channel:
     """The same rule for a blocking client (`rotary complete`, benchmarks, scripts)."""
+    refuse_abstract(address, "to connect to a worker on")
     if is_local_address(address):
         channel = grpc.insecure_channel(address)
     else:

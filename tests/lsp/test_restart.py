@@ -1,7 +1,8 @@
 """A worker restart, through each of its causes, against the real daemon, worker and model.
 
 The causes (lsp/worker.py): the worker dies (killed here), `rotary.restartWorker`, and a
-settings change of `model` or `workerAddress` (workspace/didChangeConfiguration). After
+settings change of `model` or `workerAddress` (workspace/didChangeConfiguration, which the daemon
+applies once the user allows it: the client here answers "Allow"). After
 each, the worker is a new process, and the documents reach it through the restart hook
 (lsp/sync.py `worker_restarted`: each document is sent whole with OpenDocument at its next
 flush), not through the fallback for a worker that lost them (an EditDocument refused with
@@ -64,6 +65,11 @@ def expected_after_edit(uri: str) -> str:
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=rotary_command("lsp")))
 async def client(lsp_client: LanguageClient):
+    @lsp_client.feature(types.WINDOW_SHOW_MESSAGE_REQUEST)
+    def allow(params: types.ShowMessageRequestParams):
+        # The user allows the model and workerAddress changes this test makes (the daemon asks first).
+        return types.MessageActionItem(title="Allow")
+
     params = types.InitializeParams(
         capabilities=client_capabilities("visual-studio-code"),
         initialization_options={"completionMode": "singleLine", "debounceMs": 0, "maxTokens": 16},
