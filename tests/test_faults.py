@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from lsprotocol import types
 import rotary.lsp.server as server_module
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
+from rotary.completion.rpc.launch import python_command
 from rotary.lsp.server import RotaryServer
 from rotary.lsp.worker import ERROR, MAX_START_FAILURES, READY, WorkerConnection
 from tests.fakes import FAKE_COMPLETION, free_port, start_worker
@@ -79,7 +79,7 @@ def test_starts_that_fail_in_a_loop_back_off_then_stop_with_a_clear_status():
     class CrashingWorker(WorkerConnection):
         async def _launch(self) -> str:  # a worker process that dies while loading, every time
             attempts.append(time.monotonic())
-            self.process = await asyncio.create_subprocess_exec(sys.executable, "-c", "import sys; sys.exit(3)")
+            self.process = await asyncio.create_subprocess_exec(*python_command("-c", "import sys; sys.exit(3)"))
             return f"unix:/nonexistent-{id(self)}/worker.sock"
 
     async def run():

@@ -91,6 +91,26 @@ def test_processes_rotary_starts_import_installed_packages(tmp_path):
     assert plain.stdout.split()[0] != "installed", "control: plain python -c from the root imports kernels/"
 
 
+def test_no_code_starts_python_with_its_folder_on_sys_path():
+    """A source scan: nothing but rotary.completion.rpc.launch builds `sys.executable, "-m" | "-c", ...` by hand
+    (`-I`, which implies -P, and scripts by path are fine). Fails when someone writes `[sys.executable, "-m", "rotary"]` again."""
+    import ast
+
+    found = []
+    for path in ROOT.rglob("*.py"):
+        if any(part in (".venv", "build", "node_modules") for part in path.relative_to(ROOT).parts):
+            continue
+        if path in (ROOT / "completion" / "rpc" / "launch.py", Path(__file__).resolve()):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            items = node.elts if isinstance(node, (ast.List, ast.Tuple)) else node.args if isinstance(node, ast.Call) else []
+            for first, second in zip(items, items[1:]):
+                if (ast.unparse(first) == "sys.executable" and isinstance(second, ast.Constant)
+                        and second.value in ("-m", "-c")):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, f"start Python through rotary.completion.rpc.launch instead: {found}"
+
+
 def test_makefile_and_ci_start_python_safely():
     """Every Python the Makefile starts runs with PYTHONSAFEPATH exported (or is a console script),
     and CI goes through the Makefile's test command."""

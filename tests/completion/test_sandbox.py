@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -21,6 +20,7 @@ import pytest
 
 from rotary.completion import sandbox
 from rotary.completion.sandbox import run_tests
+from rotary.completion.rpc.launch import rotary_command
 
 MODULE = "def sign(x):\n    if x > 0:\n        return 1\n    return 0\n"
 
@@ -260,7 +260,7 @@ CLAMP = "def clamp(value, low, high):\n    return max(low, min(value, high))\n"
 
 def rotary(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", *args],
+        rotary_command("--log-level", "warning", *args),
         check=False, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
 

@@ -12,7 +12,6 @@ import os
 import queue
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from rotary.lsp.sync import DocumentSync, ack_matches, text_crc32
 from tests.fakes import FAKE_COMPLETION, start_worker
 from tests.lsp.test_lsp_protocol import RawClient, inline, open_doc, stats
 from tests.test_testgen_entrypoints import SOURCE, lsp_session, open_source
+from rotary.completion.rpc.launch import rotary_command
 
 UNREACHABLE = "127.0.0.1:9"
 SECRET = "AWS_SECRET_ACCESS_KEY_rotary_isolation = 'hunter2'\ndef leak_me_please():\n    return AWS"
@@ -71,7 +71,7 @@ def worker():
 
 def start_daemon(*args: str) -> tuple[subprocess.Popen, RawClient]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "lsp", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        rotary_command("lsp", *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     return proc, RawClient(proc.stdout, proc.stdin)
 
@@ -221,7 +221,7 @@ async def test_the_lsp_test_file_needs_a_usable_name(worker, tmp_path):
 
 def run_tests_cli(worker_address: str, target: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "tests", target, "-n", "1", "--worker", worker_address, *args],
+        rotary_command("--log-level", "warning", "tests", target, "-n", "1", "--worker", worker_address, *args),
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )
 
@@ -356,7 +356,7 @@ def test_an_idle_tcp_session_is_closed_and_frees_the_slot():
     test waits for its end of stream) and the next editor gets the slot."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "lsp", "--tcp", f"127.0.0.1:{port}", "--worker", UNREACHABLE, "--idle-timeout", "0.5"],
+        rotary_command("lsp", "--tcp", f"127.0.0.1:{port}", "--worker", UNREACHABLE, "--idle-timeout", "0.5"),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -393,7 +393,7 @@ async def confirming_session(tmp_path: Path, answers: list[str], options: dict):
         asked.append(params.message)
         return types.MessageActionItem(title=answers.pop(0))
 
-    await client.start_io(sys.executable, "-m", "rotary", "lsp")
+    await client.start_io(*rotary_command("lsp"))
     await client.initialize_session(types.InitializeParams(
         capabilities=client_capabilities("visual-studio-code"), root_uri=tmp_path.as_uri(), initialization_options=options,
     ))
@@ -509,7 +509,7 @@ class RecordingClient(RawClient):
 def test_command_line_flags_win_without_a_question():
     """--worker is the user's own choice: the client's workerAddress neither asks nor applies."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rotary", "lsp", "--worker", UNREACHABLE],
+        rotary_command("lsp", "--worker", UNREACHABLE),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     client = RecordingClient(proc.stdout, proc.stdin)
