@@ -35,7 +35,8 @@ from .documents import (
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
 from .rpc.access import SESSION_METADATA, WorkerInterceptor, server_credentials, unix_socket_path
-from .standard_services import add_standard_services, is_local_address, report_load
+from .rpc.access import is_local_address
+from .standard_services import add_standard_services, report_load
 from .text_request import InvalidArgument, cache_uri, check_complete_text
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ unix sockets) and off elsewhere unless asked for (`rotary worker --reflection`).
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,19 +22,6 @@ from .rpc import worker_pb2 as pb
 
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name  # "rotary.v1.Worker"
 HEALTH_NAMES = (health.OVERALL_HEALTH, WORKER_SERVICE)
-
-
-def is_local_address(listen: str) -> bool:
-    """True for a unix socket or a loopback host (127.0.0.0/8, ::1, localhost)."""
-    if listen.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = listen.rsplit(":", 1)[0].strip("[]") if ":" in listen else listen
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def add_standard_services(server, reflection_on: bool) -> health.HealthServicer:

@@ -129,11 +129,15 @@ def test_makefile_and_ci_start_python_safely():
 def test_wheel_builds_without_warnings_and_carries_its_data(tmp_path):
     """Rotary as a library: the wheel builds with no setuptools warning (package data declared as packages,
     an SPDX licence) and carries the data the code reads (the demo's sample, the calibration, TestEval)."""
+    import shutil
     import zipfile
 
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "node_modules", "*.egg-info",
+                                                                "__pycache__", "artifacts", ".hypothesis"))
     built = subprocess.run(
         python_command("-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-                       "-w", str(tmp_path), str(ROOT)),
+                       "-w", str(tmp_path), str(source)),
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
