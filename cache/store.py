@@ -41,12 +41,22 @@ WRITE_PAUSE_S = 300.0  # after a failed write (disk full, read-only folder), no 
 STALE_TMP_S = 3600.0  # half-written snapshot files of processes that died are removed after this long
 
 
+@dataclass(eq=False)  # found in a list by identity
+class _Write:
+    """A snapshot handed to the writer thread; `cancelled` when its document was dropped meanwhile."""
+
+    uri: str
+    buffer: KVBuffer
+    cancelled: bool = False
+
+
 @dataclass
 class DocumentKV:
     buffer: KVBuffer
     dirty: bool = True  # changed since its snapshot was written
     refresh_position: int | None = None  # a background refresh in progress re-encodes from here
     pinned: bool = False  # a request holds it: not evicted, not copied for a snapshot
+    dropped: bool = False  # its document was closed: no snapshot of it may be written any more
 
     @property
     def tokens(self) -> DocumentTokens:
@@ -81,6 +91,10 @@ class KVStore:
         # the mapping; one lock guards it, never held across model work or disk I/O.
         self._lock = threading.RLock()
         self._writes: queue.Queue = queue.Queue()
+        self._pending: dict[str, list[_Write]] = {}  # uri -> its writes not yet done (guarded by _lock)
+        # Held by the writer while it decides and writes one snapshot, and by drop() while it unlinks
+        # one: a write queued before a drop never lands after its unlink. Never taken on the model thread.
+        self._write_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._paused_until = 0.0
         self.counters = {
@@ -132,11 +146,17 @@ class KVStore:
                 self._evict_over_budget()
 
     def drop(self, uri: str) -> None:
-        """Forget a document's cache, its snapshot included (it was closed)."""
+        """Forget a document's cache, its snapshot included (it was closed): a snapshot of it handed
+        to the writer and not yet written is cancelled, one being written is unlinked once it is."""
         with self._lock:
-            self._docs.pop(uri, None)
+            entry = self._docs.pop(uri, None)
+            if entry is not None:
+                entry.dropped = True  # a copy of it taken for a snapshot just now is not queued
+            for write in self._pending.pop(uri, ()):
+                write.cancelled = True
         if self.spill_dir is not None:
-            self.snapshot_path(uri).unlink(missing_ok=True)
+            with self._write_lock:
+                self.snapshot_path(uri).unlink(missing_ok=True)
 
     def forget(self, uri: str) -> None:
         """Forget the cache in memory (a request failed half-way through it); a snapshot stays valid."""
@@ -171,7 +191,7 @@ class KVStore:
                 copy = KVBuffer.from_kv(entry.buffer.used().clone(), DocumentTokens(
                     entry.tokens.token_ids, stale=entry.tokens.stale_intervals))
                 entry.dirty = False
-                self._write_later(uri, copy)
+                self._write_later(uri, copy, entry)
                 return uri
         return None
 
@@ -181,20 +201,33 @@ class KVStore:
         while self._writes.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _write_later(self, uri: str, buffer: KVBuffer) -> None:
-        self._writes.put((uri, buffer))
+    def _write_later(self, uri: str, buffer: KVBuffer, entry: DocumentKV) -> None:
+        write = _Write(uri, buffer)
+        with self._lock:
+            if entry.dropped:  # closed while its copy was taken
+                return
+            self._pending.setdefault(uri, []).append(write)
+        self._writes.put(write)
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(target=self._write_loop, name="rotary-snapshots", daemon=True)
             self._writer.start()
 
     def _write_loop(self) -> None:
         while True:
-            uri, buffer = self._writes.get()
+            write = self._writes.get()
+            uri = write.uri
             try:
-                if time.monotonic() >= self._paused_until:
-                    save_snapshot(self.snapshot_path(uri), buffer, self.identity)
-                    self.counters["snapshots_written"] += 1
-                    self._prune_snapshots()
+                with self._write_lock:
+                    with self._lock:
+                        pending = self._pending.get(uri, [])
+                        if write in pending:
+                            pending.remove(write)
+                            if not pending:
+                                del self._pending[uri]
+                    if not write.cancelled and time.monotonic() >= self._paused_until:
+                        save_snapshot(self.snapshot_path(uri), write.buffer, self.identity)
+                        self.counters["snapshots_written"] += 1
+                        self._prune_snapshots()
             except OSError as exc:  # disk full, read-only or vanished folder: serving goes on without snapshots
                 self.counters["write_errors"] += 1
                 self._paused_until = time.monotonic() + WRITE_PAUSE_S
@@ -260,7 +293,7 @@ class KVStore:
                 continue
             self.counters["spilled"] += 1
             if entry.dirty:
-                self._write_later(victim, entry.buffer)  # no one else holds it now: written as it is
+                self._write_later(victim, entry.buffer, entry)  # no one else holds it now: written as it is
 
 
 def _alive(pid: int) -> bool:

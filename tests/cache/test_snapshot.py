@@ -168,3 +168,30 @@ def test_leftover_half_written_files_of_dead_processes_are_pruned(tmp_path):
 
 def test_format_is_versioned():
     assert FORMAT == 2
+
+
+def test_a_snapshot_queued_before_a_close_never_lands_after_it(tmp_path):
+    """A document's snapshot handed to the writer thread, then the document closed (drop) before the
+    writer got to it: no snapshot of it may stay on disk (it would come back on a reopen, or after a
+    restart). The writer is held deterministically on a FIFO at the path of an earlier document's
+    half-written file (open() blocks until the test reads it). Before the fix the queued snapshot
+    was written after drop() had unlinked the file: this test failed (`closed` existed)."""
+    store = KVStore(spill_dir=tmp_path, identity="m", layout=LAYOUT)
+    first, closed = "file:///first.py", "file:///closed.py"
+    fifo = store.snapshot_path(first).with_name(store.snapshot_path(first).name + f".tmp{os.getpid()}")
+    os.mkfifo(fifo)
+    store.put(first, DocumentKV(buffer=make_buffer(4, seed=1)))
+    assert store.snapshot_one_dirty() == first  # the writer now blocks opening the FIFO
+    store.put(closed, DocumentKV(buffer=make_buffer(4, seed=2)))
+    assert store.snapshot_one_dirty() == closed  # queued behind it
+    import threading
+
+    dropping = threading.Thread(target=store.drop, args=(closed,))  # may wait for the write in progress
+    dropping.start()
+    with open(fifo, "rb") as reader:  # let the writer go: it writes `first` through the FIFO
+        reader.read()
+    dropping.join()
+    store.flush()
+    assert not store._writes.unfinished_tasks
+    assert not store.snapshot_path(closed).exists()
+    assert store.get(closed) is None
