@@ -62,6 +62,9 @@ class WorkerClient:
             )
         )
 
+    def close_document(self, uri: str) -> pb.DocumentAck:
+        return self.stub.CloseDocument(pb.CloseDocumentRequest(uri=uri))
+
     def complete(self, uri: str, version: int, offset: int, max_tokens: int = 0, mode: str = "auto", cache: str = "edit_aware"):
         """Return (text, last chunk)."""
         request = pb.CompleteRequest(

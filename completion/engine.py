@@ -29,7 +29,8 @@ from rotary.cache.store import DocumentKV, KVStore
 from rotary.models.runner import ModelRunner
 
 from .decode import DEFAULT_DRAFT_TOKENS, Generation
-from .drafters import Drafter, NgramDrafter, NoDrafter, SpeculationPolicy, TokenSources
+from .documents import key_session
+from .drafters import Drafter, NgramDrafter, NoDrafter, SpeculationPolicy, StepCosts, TokenSources
 from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
 from .scheduler import RUN_RECORDED, Job, Scheduler
 from .stops import AUTO, StopRules
@@ -133,12 +134,16 @@ class CompletionEngine:
         self.prefill_chunk = prefill_chunk
         self.background_refreshed = 0
         self.decode_tokens_fed = 0  # tokens fed by batched decoding rounds (pending tokens and guesses)
-        # How many n-gram guesses a completion verifies: learnt from this worker's own forwards and
-        # guesses (what a row costs differs by machine; see drafters.SpeculationPolicy).
-        self.speculation = SpeculationPolicy()
-        # Where a completion's n-gram drafter looks besides its own text: this worker's recent
-        # completions and its other cached documents (read on the model thread only).
-        self.sources = TokenSources(lambda: [(uri, entry.buffer.token_ids) for uri, entry in self.kv_store.items()])
+        # What a forward costs by the tokens it feeds: measured on this worker's forwards, whoever's
+        # they are (a property of the machine, not of any text).
+        self.step_costs = StepCosts()
+        # Per session (one daemon; "" for callers that name none, the engine's own included): how
+        # many n-gram guesses its completions verify (what its guesses were worth: see
+        # drafters.SpeculationPolicy), and where its drafters look besides a request's own text (its
+        # recent completions and its other cached documents, read on the model thread only). Never
+        # shared: another session's text must not decide a session's guesses, nor its speed.
+        self._drafting: dict[str, tuple[TokenSources, SpeculationPolicy]] = {}
+        self.sources, self.speculation = self._new_drafting("")
         # More stale tokens than this in one document: refresh it in the background without waiting for idle.
         self.stale_budget = stale_budget
         self._healing_masks: dict[tuple[str, str], torch.Tensor] = {}
@@ -194,10 +199,11 @@ class CompletionEngine:
         offset: int,
         options: CompletionOptions,
         is_cancelled: Callable[[], bool] = lambda: False,
+        session: str = "",
     ) -> Iterator[Chunk]:
         """Stream the completion at `offset`; `uri` names the document whose cache to use (None: keep none)."""
         max_tokens = max(1, min(options.max_tokens or DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT))
-        yield from self.complete_prompt(uri, self.build_context(text, offset, max_tokens), options, is_cancelled)
+        yield from self.complete_prompt(uri, self.build_context(text, offset, max_tokens), options, is_cancelled, session=session)
 
     def complete_prompt(
         self,
@@ -206,11 +212,14 @@ class CompletionEngine:
         options: CompletionOptions,
         is_cancelled: Callable[[], bool] = lambda: False,
         drafter: Drafter | None = None,
+        session: str = "",
     ) -> Iterator[Chunk]:
         """Stream the completion of a prompt already built (benchmarks and test generation build their own).
 
-        `drafter`: who guesses tokens ahead for this request (default: options.drafter's kind); a
-        caller that generates several related texts may keep one drafter across them.
+        `uri`: the KV store key of the request's cache; the service's are per session
+        (documents.store_key). `drafter`: who guesses tokens ahead for this request (default:
+        options.drafter's kind); a caller that generates several related texts may keep one drafter
+        across them. `session`: whose n-gram sources and speculation statistics the request uses.
         """
         max_tokens = max(1, min(options.max_tokens or DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT))
         key = uri if options.cache_mode != NO_CACHE else None
@@ -219,20 +228,24 @@ class CompletionEngine:
         job = Job(
             key=key,
             prefill=functools.partial(self._prefill, prompt=prompt, options=options),
-            generation=self.new_generation(prompt, options, max_tokens, drafter, uri=key),
+            generation=self.new_generation(prompt, options, max_tokens, drafter, uri=key, session=session),
             finish=self._finish,
             is_cancelled=is_cancelled,
             stats=CompletionStats(context_tokens=len(prompt.ids)),
             options=options,
+            session=session,
         )
         yield from self.scheduler.submit(job).chunks()
 
     def new_generation(
-        self, prompt: Prompt, options: CompletionOptions, max_tokens: int, drafter: Drafter | None = None, uri: str | None = None
+        self, prompt: Prompt, options: CompletionOptions, max_tokens: int, drafter: Drafter | None = None,
+        uri: str | None = None, session: str = "",
     ) -> Generation:
-        """`uri`: the request's document (its n-gram drafter looks in the other documents, not again in it)."""
+        """`uri`: the request's document (its n-gram drafter looks in the session's other documents,
+        not again in it)."""
         assert drafter is not None or options.drafter in DRAFTERS, f"drafter must be one of {DRAFTERS}"
         ngram = drafter is None and options.drafter == "ngram"
+        sources, speculation = self.drafting(session)
         return Generation(
             prompt=prompt,
             stops=StopRules(prompt.text_before, prompt.text_after, options.mode),
@@ -240,15 +253,35 @@ class CompletionEngine:
             eos_ids=self.eos_ids,
             decode_ids=self.runner.decode_ids,
             healing_mask=self.healing_mask,
-            drafter=drafter or (NgramDrafter(min_n=COMPLETION_NGRAM_MIN, sources=self.sources, exclude=uri) if ngram else NoDrafter()),
+            drafter=drafter or (NgramDrafter(min_n=COMPLETION_NGRAM_MIN, sources=sources, exclude=uri) if ngram else NoDrafter()),
             draft_tokens=DEFAULT_DRAFT_TOKENS,
             # A caller's own drafter (test generation) keeps its own draft length.
-            speculation=self.speculation if ngram else None,
+            speculation=speculation if ngram else None,
             gate=self.gate.score if self.gate is not None else None,
             gate_bound=self.gate.best_score if self.gate is not None else None,
             abstain_below=self.abstain_below(options),
             early_exit=options.early_exit and self.runner.exits is not None,
         )
+
+    def drafting(self, session: str) -> tuple[TokenSources, SpeculationPolicy]:
+        """The session's n-gram sources and speculation policy (made on its first request)."""
+        if not session:  # the engine's own attributes (benchmarks and tests read or replace them)
+            return self.sources, self.speculation
+        mine = self._drafting.get(session)
+        return mine if mine is not None else self._drafting.setdefault(session, self._new_drafting(session))
+
+    def _new_drafting(self, session: str) -> tuple[TokenSources, SpeculationPolicy]:
+        def documents() -> list[tuple[str, list[int]]]:
+            return [(key, entry.buffer.token_ids) for key, entry in self.kv_store.items() if key_session(key) == session]
+
+        return TokenSources(documents), SpeculationPolicy(self.step_costs)
+
+    def forget_session(self, session: str) -> None:
+        """A session went away: what its drafters learnt goes with it."""
+        if session:
+            self._drafting.pop(session, None)
+        else:
+            self.sources, self.speculation = self._new_drafting("")
 
     def abstain_below(self, options: CompletionOptions) -> float:
         """The gate's threshold for this request: the request's own, else the worker's default
@@ -405,7 +438,7 @@ class CompletionEngine:
         started = time.perf_counter()
         out = extend_batch(buffers, rows, self.runner.forward, logits="all", riders=riders)
         if cpu:
-            self.speculation.costs.record(fed, time.perf_counter() - started, torch.get_num_threads())  # as the runner set them
+            self.step_costs.record(fed, time.perf_counter() - started, torch.get_num_threads())  # as the runner set them
         self.decode_tokens_fed += sum(len(row) for row in rows)
         for b, job in enumerate(batched):
             generation = job.generation
@@ -433,8 +466,8 @@ class CompletionEngine:
         """The last chunk: what is left of the final text, the stop reason, the stats; the cache goes back."""
         generation, stats = job.generation, job.stats
         rest = generation.take_chunk()
-        if generation.stop_reason != "cancelled":  # what the model said here, it will likely say again
-            self.sources.add_completion(generation.prompt.ids, generation.generated)
+        if generation.stop_reason != "cancelled" and job.session is not None:  # what the model said here, it will likely say again
+            self.drafting(job.session)[0].add_completion(generation.prompt.ids, generation.generated)
         if job.key is not None and job.entry is not None:
             self.kv_store.release(job.key, job.entry)
         stats.tokens_generated = len(generation.generated)

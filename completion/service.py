@@ -9,6 +9,7 @@ beside rotary.v1.Worker are set up in standard_services.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,13 +24,15 @@ import grpc
 
 from .documents import (
     Change,
-    Document,
     DocumentNotOpen,
     DocumentStore,
     DocumentTooLarge,
     OffsetOutOfRange,
+    ReservedUri,
     VersionMismatch,
     check_change_count,
+    key_session,
+    store_key,
     text_crc32,
 )
 from .rpc import worker_pb2 as pb
@@ -55,14 +58,24 @@ CACHE_MODES = {
 
 # A daemon calls Health every 2 s while its worker is ready: a session silent this long has gone
 # away (exited, killed, lost its connection), and its documents are dropped. A daemon that comes
-# back finds its documents gone (NOT_FOUND) and resends them.
+# back finds its documents gone (NOT_FOUND) and resends them. The session "" (clients that name
+# none, `rotary complete`) has the same lease.
 SESSION_LEASE_S = 120.0
+# Streaming calls (Complete, CompleteText, GenerateTests, any other service's) served at once; one
+# more gets RESOURCE_EXHAUSTED. Each holds a gRPC thread while it streams: the rest of the pool
+# (RPC_THREADS) stays for the quick calls, and health checks have threads of their own.
+# $ROTARY_MAX_STREAMS overrides the limit.
+MAX_STREAMS = 64
+RPC_THREADS = 128
+HEALTH_METHODS = ("/rotary.v1.Worker/Health", "/grpc.health.v1.Health/Check")
+HEALTH_THREADS = 4
 
 STATUS_OF_ERROR = {
     DocumentNotOpen: grpc.StatusCode.NOT_FOUND,
     VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     DocumentTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ReservedUri: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
@@ -75,8 +88,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         refresh_window: int = 128,
         stale_budget: int = 1024,
         session_lease_s: float = SESSION_LEASE_S,
+        max_streams: int | None = None,
     ):
         self.model_path = model_path
+        self.streams = StreamLimit(max_streams or max_streams_setting())
         self.session_lease_s = session_lease_s
         self._session_seen: dict[str, float] = {}  # session -> when it last called (monotonic)
         self.refresh_window = refresh_window
@@ -185,10 +200,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text), crc32=text_crc32(doc.text))
 
     def CloseDocument(self, request, context):
-        # The KV cache is per URI, shared by the sessions that have it open (it is checked against
-        # each request's token ids, so sharing never changes an answer): dropped with the last one.
-        if self.documents.close(request.uri, self._session(context)) and self.engine is not None:
-            self.engine.kv_store.drop(request.uri)
+        # The session's own cache of the document goes with it, snapshot included.
+        session = self._session(context)
+        self._guard(context, self.documents.close, request.uri, session)
+        if self.engine is not None:
+            self.engine.kv_store.drop(store_key(session, request.uri))
         return pb.DocumentAck(uri=request.uri)
 
     # -- sessions (one per daemon) ---------------------------------------------
@@ -196,21 +212,25 @@ class WorkerService(pb_grpc.WorkerServicer):
     def _session(self, context) -> str:
         """The caller's session ("" when it names none), and a note that it is alive."""
         session = dict(context.invocation_metadata() or ()).get(SESSION_METADATA, "")
-        if session:
-            self._session_seen[session] = time.monotonic()
+        self._session_seen[session] = time.monotonic()
         return session
 
     def expire_sessions(self, now: float | None = None) -> list[str]:
-        """Drop the documents of sessions silent for longer than the lease; the sessions dropped."""
+        """Drop the documents of sessions silent for longer than the lease; the sessions dropped.
+
+        Their caches leave memory (their snapshots stay on disk for a reopen), and what the session's
+        n-gram drafters learnt goes too."""
         now = time.monotonic() if now is None else now
         expired = [s for s, seen in list(self._session_seen.items()) if now - seen > self.session_lease_s]
         for session in expired:
             self._session_seen.pop(session, None)
             open_before = self.documents.sessions().get(session, 0)
-            unused = self.documents.close_session(session)
+            self.documents.close_session(session)
             if self.engine is not None:
-                for uri in unused:  # nobody has it open: the memory goes, the snapshot stays for a reopen
-                    self.engine.kv_store.forget(uri)
+                for key, _ in self.engine.kv_store.items():  # its documents' and its CompleteText keys' caches
+                    if key_session(key) == session:
+                        self.engine.kv_store.forget(key)
+                self.engine.forget_session(session)
             with self._counter_lock:
                 self.counters["sessions_expired"] += 1
                 self.counters["documents_expired"] += open_before
@@ -222,7 +242,8 @@ class WorkerService(pb_grpc.WorkerServicer):
     def Complete(self, request, context):
         if not self.ready.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, self.load_message)
-        doc = self._guard(context, self.documents.get, request.uri, request.version, self._session(context))
+        session = self._session(context)
+        doc = self._guard(context, self.documents.get, request.uri, request.version, session)
         if not 0 <= request.offset <= len(doc.text):
             context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
@@ -241,7 +262,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.last_request = time.monotonic()
         yield from self._relay(
             context, f"rotary-complete-{request.request_id}", "completion failed",
-            lambda cancelled, out: self._run_completion(doc, request, options, cancelled, out),
+            lambda cancelled, out: self._run_completion(store_key(session, doc.uri), doc.text, session, request, options, cancelled, out),
         )
 
     @staticmethod
@@ -261,9 +282,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                 context.abort(grpc.StatusCode.INTERNAL, f"{failure}: {item}")
             yield item
 
-    def _run_completion(self, doc, request, options, cancelled: threading.Event, chunks: queue.Queue) -> None:
+    def _run_completion(self, key, text, session, request, options, cancelled: threading.Event, chunks: queue.Queue) -> None:
+        """`key`: the KV store key of the session's cache (None: keep none)."""
         try:
-            for chunk in self.engine.complete(doc.uri, doc.text, request.offset, options, cancelled.is_set):
+            for chunk in self.engine.complete(key, text, request.offset, options, cancelled.is_set, session=session):
                 if not chunk.done:
                     chunks.put(pb.CompletionChunk(request_id=request.request_id, text=chunk.text))
                     continue
@@ -303,11 +325,13 @@ class WorkerService(pb_grpc.WorkerServicer):
             refresh_window=self.refresh_window,
             **verdict_options(opts),
         )
-        doc = Document(cache_uri(request.cache_key), 0, request.language_id or "plaintext", request.text)
+        # The caller's keys are its session's own: another session's same key is another cache.
+        session = self._session(context)
+        key = store_key(session, cache_uri(request.cache_key)) if request.cache_key else None
         self.last_request = time.monotonic()
         yield from self._relay(
             context, f"rotary-complete-text-{request.request_id}", "completion failed",
-            lambda cancelled, out: self._run_completion(doc, request, options, cancelled, out),
+            lambda cancelled, out: self._run_completion(key, request.text, session, request, options, cancelled, out),
         )
 
     # -- unit-test generation ----------------------------------------------
@@ -384,9 +408,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         )
 
     def Stats(self, request, context):
-        return pb.StatsReply(json=json.dumps(self.stats()))
+        return pb.StatsReply(json=json.dumps(self.stats(self._session(context))))
 
-    def stats(self) -> dict:
+    def stats(self, session: str = "") -> dict:
+        """The worker's counters; `session`: whose speculation statistics to show (its own alone)."""
         with self._counter_lock:
             counters = dict(self.counters)
             latencies = sorted(self._latencies_ms)
@@ -399,6 +424,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             "document_chars": self.documents.total_chars,
             "sessions": len(self.documents.sessions()),
             "session_lease_s": self.session_lease_s,
+            **self.streams.stats(),
             **counters,
         }
         if latencies:
@@ -433,7 +459,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "decode_s": round(scheduler.decode_seconds, 2),
                 "decode_tokens_fed": self.engine.decode_tokens_fed,
             }
-            out["speculation"] = self.engine.speculation.snapshot()  # how many guesses pay on this machine
+            out["speculation"] = self.engine.drafting(session)[1].snapshot()  # how many of this session's guesses pay
         return out
 
     # -- helpers -------------------------------------------------------------
@@ -468,6 +494,85 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
 
 
+def max_streams_setting() -> int:
+    """$ROTARY_MAX_STREAMS, else MAX_STREAMS; a value that is not a positive integer stops the worker."""
+    value = os.environ.get("ROTARY_MAX_STREAMS", "").strip()
+    if not value:
+        return MAX_STREAMS
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"ROTARY_MAX_STREAMS={value!r}: expected a positive whole number of streaming calls")
+    return int(value)
+
+
+class StreamLimit:
+    """How many streaming calls are served at once: at most `limit`, the next refused (counted)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self, context):
+        with self._lock:
+            full = self.open >= self.limit
+            if full:
+                self.refused += 1
+            else:
+                self.open += 1
+        if full:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the worker is serving its limit of {self.limit} streaming calls at once; retry when one ends",
+            )
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.open -= 1
+
+    def stats(self) -> dict:
+        return {"streams_open": self.open, "streams_refused": self.refused, "max_streams": self.limit}
+
+
+class CallLimits(grpc.ServerInterceptor):
+    """Streaming calls within the StreamLimit; health checks on a thread pool of their own, so a
+    worker serving every thread of its main pool still answers them (the daemon restarts a worker
+    whose Health misses its deadline). Outermost: it wraps the handlers the other interceptors made."""
+
+    def __init__(self, streams: StreamLimit, health_pool: futures.ThreadPoolExecutor):
+        self.streams, self.health_pool = streams, health_pool
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return handler
+        kind = dict(deserializer=handler.request_deserializer, serializer=handler.response_serializer)
+        if details.method in HEALTH_METHODS and handler.unary_unary is not None:
+            check = handler.unary_unary
+
+            def health(request, context):
+                return check(request, context)
+
+            health.experimental_thread_pool = self.health_pool  # grpc's per-method pool (grpc/_server.py)
+            return grpc.unary_unary_rpc_method_handler(health, kind["deserializer"], kind["serializer"])
+        for make, behavior in (
+            (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
+            (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
+        ):
+            if behavior is not None:
+                return make(self._limited(behavior), kind["deserializer"], kind["serializer"])
+        return handler
+
+    def _limited(self, behavior):
+        def stream(request, context):
+            with self.streams.slot(context):
+                yield from behavior(request, context)
+
+        return stream
+
+
 def _test_message(test, explain: bool) -> pb.GeneratedTest:
     return pb.GeneratedTest(
         index=test.index, name=test.name, intent=test.intent, code=test.code, syntax_ok=test.syntax_ok,
@@ -488,6 +593,29 @@ def verdict_options(opts) -> dict:
         "exit_threshold": opts.exit_threshold if opts.HasField("exit_threshold") else None,
         "drafter": "none" if opts.plain_decoding else "ngram",
     }
+
+
+def make_server(
+    service: WorkerService, token: str | None = None, reflection: bool = False, rpc_threads: int | None = None
+) -> tuple[grpc.Server, object]:
+    """The gRPC server of a worker service (no port yet) and its standard health servicer.
+
+    Completion calls wait on the model thread without holding it; at most the service's stream
+    limit of them hold a thread, so the quick calls (Stats, documents) find one among `rpc_threads`
+    (default: RPC_THREADS, at least the limit plus 16), and health checks run on threads of their own."""
+    health_pool = futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="rotary-health")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=rpc_threads or max(RPC_THREADS, service.streams.limit + 16), thread_name_prefix="rotary-rpc"
+        ),
+        interceptors=[
+            CallLimits(service.streams, health_pool),
+            WorkerInterceptor(token),  # the access token, and a clear error for unparsable requests
+        ],
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    return server, add_standard_services(server, reflection)
 
 
 def serve(
@@ -512,15 +640,7 @@ def serve(
     Beside rotary.v1.Worker: grpc.health.v1.Health, and server reflection when `reflection`
     (None: on for loopback and unix sockets, off elsewhere)."""
     service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window, stale_budget, session_lease_s)
-    server = grpc.server(
-        # Completion calls wait on the model thread without holding it; enough threads that waiting
-        # calls never starve Health or Stats (each answered without the model).
-        futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="rotary-rpc"),
-        interceptors=[WorkerInterceptor(token)],  # the access token, and a clear error for unparsable requests
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
-    )
-    pb_grpc.add_WorkerServicer_to_server(service, server)
-    health = add_standard_services(server, is_local_address(listen) if reflection is None else reflection)
+    server, health = make_server(service, token, is_local_address(listen) if reflection is None else reflection)
     port = server.add_secure_port(listen, server_credentials(*tls)) if tls else server.add_insecure_port(listen)
     if unix_socket_path(listen):
         os.chmod(unix_socket_path(listen), 0o600)  # this user alone connects

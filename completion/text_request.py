@@ -7,7 +7,7 @@ The limits are documented on CompleteTextRequest in worker.proto.
 
 from __future__ import annotations
 
-from .documents import MAX_DOCUMENT_CHARS
+from .documents import CACHE_KEY_PREFIX, MAX_DOCUMENT_CHARS
 from .rpc import worker_pb2 as pb
 
 # The LSP specification's well-known language ids ("rebase" is how its meta model spells
@@ -24,9 +24,6 @@ OTHER_LANGUAGE_IDS = "plaintext cmake jsonc julia kotlin proto svelte toml vue z
 KNOWN_LANGUAGE_IDS = frozenset(LSP_LANGUAGE_IDS + OTHER_LANGUAGE_IDS)
 
 MAX_CACHE_KEY_CHARS = 256
-# CompleteText's caches live in the engine's KV store beside the documents', which is keyed
-# by uri: a scheme of their own keeps a caller's key apart from any document's uri.
-CACHE_KEY_PREFIX = "cache-key:"
 
 
 class InvalidArgument(ValueError):
@@ -60,5 +57,6 @@ def check_complete_text(request: pb.CompleteTextRequest, max_tokens_limit: int) 
 
 
 def cache_uri(cache_key: str) -> str:
-    """The KV store key of a CompleteText cache (empty cache_key: none is kept, the uri is only a label)."""
+    """The URI of a CompleteText cache, kept per session like a document's (documents.store_key);
+    its prefix is refused from documents (empty cache_key: none is kept, the uri is only a label)."""
     return CACHE_KEY_PREFIX + cache_key

@@ -166,7 +166,11 @@ def cmd_complete(args: argparse.Namespace) -> int:
         client.wait_ready(on_message=lambda m: print(f"[worker] {m}", file=sys.stderr))
         uri = path.resolve().as_uri()
         client.open(uri, text)
-        suggestion, last = client.complete(uri, 1, offset, args.max_tokens, args.mode)
+        try:
+            suggestion, last = client.complete(uri, 1, offset, args.max_tokens, args.mode)
+        finally:
+            if worker_proc is None:  # a shared worker keeps nothing of ours (our own exits; its snapshot serves the next run)
+                _close_quietly(client, uri)
         print(suggestion)
         if args.verbose and last is not None:
             print(f"[{last.stop_reason}] {last.stats}", file=sys.stderr)
@@ -175,6 +179,15 @@ def cmd_complete(args: argparse.Namespace) -> int:
         if worker_proc is not None:
             worker_proc.terminate()
             worker_proc.wait(timeout=10)
+
+
+def _close_quietly(client, uri: str) -> None:
+    import grpc
+
+    try:
+        client.close_document(uri)
+    except grpc.RpcError as exc:  # the completion is printed all the same; the worker's lease drops it later
+        print(f"could not close {uri} in the worker: {exc.details()}", file=sys.stderr)
 
 
 def cmd_tests(args: argparse.Namespace) -> int:

@@ -94,16 +94,16 @@ def test_sessions_keep_their_own_copy_of_a_uri():
     assert store.get("u", session="b").text == "text of b" and store.get("u", session="b").version == 1
     with pytest.raises(DocumentNotOpen):
         store.get("u")  # the shared session "" never opened it
-    assert store.close("u", session="b") is False  # a still has it open
-    assert store.close("u", session="a") is True
+    store.close("u", session="b")
+    assert store.get("u", session="a").text == "TEXT of a"  # a still has it open
 
 
-def test_closing_a_session_drops_its_documents_and_names_the_uris_nobody_has_open():
+def test_closing_a_session_drops_its_documents_and_names_them():
     store = DocumentStore()
     store.open("shared", 1, "python", "x", session="a")
     store.open("shared", 1, "python", "y", session="b")
     store.open("only-a", 1, "python", "zz", session="a")
-    assert sorted(store.close_session("a")) == ["only-a"]
+    assert sorted(store.close_session("a")) == ["only-a", "shared"]
     assert store.sessions() == {"b": 1} and store.total_chars == 1
     with pytest.raises(DocumentNotOpen):
         store.get("only-a", session="a")
@@ -126,3 +126,46 @@ def test_all_documents_together_are_bounded():
     store.open("d", 1, "python", "")
     with pytest.raises(DocumentTooLarge, match="3 documents"):
         store.open("e", 1, "python", "")
+
+
+def test_one_session_cannot_take_the_others_share():
+    """A session holds at most its share of documents and characters; the others still open theirs.
+    Before per-session shares, `greedy` filled the worker's bounds and `other` was refused."""
+    store = DocumentStore(max_total_chars=100, max_documents=10, max_session_chars=40, max_session_documents=3)
+    for i in range(3):
+        store.open(f"u{i}", 1, "python", "x" * 10, session="greedy")
+    with pytest.raises(DocumentTooLarge, match="session's limit of 3 documents"):
+        store.open("u3", 1, "python", "", session="greedy")
+    with pytest.raises(DocumentTooLarge, match="session's limit"):
+        store.open("u0", 1, "python", "x" * 41, session="greedy")  # reopening bigger: past 40 characters
+    with pytest.raises(DocumentTooLarge, match="session's limit of 40"):
+        store.edit("u0", 1, 2, [Change(0, 0, "y" * 11)], session="greedy")  # 41 > 40
+    assert store.get("u0", session="greedy").text == "x" * 10  # a refused edit changes nothing
+    for i in range(3):
+        store.open(f"u{i}", 1, "python", "z" * 10, session="other")
+    store.close("u0", session="greedy")  # closing frees the share
+    store.open("u3", 1, "python", "x" * 20, session="greedy")
+    assert store.sessions() == {"greedy": 3, "other": 3} and store.total_chars == 70
+
+
+def test_uris_the_worker_keeps_for_itself_are_refused():
+    from rotary.completion.documents import ReservedUri
+
+    store = DocumentStore()
+    for call in (
+        lambda: store.open("cache-key:x", 1, "python", "a"),
+        lambda: store.edit("cache-key:x", 1, 2, []),
+        lambda: store.get("cache-key:x"),
+        lambda: store.close("cache-key:x"),
+    ):
+        with pytest.raises(ReservedUri, match="cache-key:"):
+            call()
+    assert len(store) == 0
+
+
+def test_store_keys_name_their_session():
+    from rotary.completion.documents import key_session, store_key
+
+    assert store_key("a", "u") != store_key("b", "u") != store_key("", "u")
+    assert key_session(store_key("a", "file:///x\x00y")) == "a" and key_session(store_key("", "u")) == ""
+    assert key_session("bench-case-1") is None  # the engine's own callers' keys belong to no session

@@ -70,8 +70,8 @@ def complete_text(stub, text: str) -> str:
     return "".join(chunk.text for chunk in stub.CompleteText(request, timeout=120))
 
 
-def worker_stats(stub) -> dict:
-    return json.loads(stub.Stats(pb.StatsRequest()).json)
+def worker_stats(stub, session: str = "") -> dict:
+    return json.loads(stub.Stats(pb.StatsRequest(), metadata=as_session(session)).json)
 
 
 def test_two_sessions_open_one_uri_with_different_texts(worker):
@@ -108,8 +108,8 @@ def test_a_silent_session_loses_its_documents_after_the_lease(worker):
     silent, alive = "c" * 32, "d" * 32
     open_doc(stub, silent, "file:///silent.py", "x = 1\n")
     open_doc(stub, alive, "file:///alive.py", "y = 2\n")
-    open_doc(stub, "", "file:///no-session.py", "z = 3\n")  # a client naming no session: no lease
-    before = worker_stats(stub)
+    open_doc(stub, "", "file:///no-session.py", "z = 3\n")  # a client naming no session: the same lease
+    before = worker_stats(stub, alive)
     deadline = time.monotonic() + LEASE_S + 4
     while time.monotonic() < deadline:
         stub.Health(pb.HealthRequest(), metadata=as_session(alive))  # what a daemon does every 2 s
@@ -118,10 +118,15 @@ def test_a_silent_session_loses_its_documents_after_the_lease(worker):
         held(stub, silent, "file:///silent.py", 1)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert held(stub, alive, "file:///alive.py", 1).length == 6
-    assert held(stub, "", "file:///no-session.py", 1).length == 6
-    after = worker_stats(stub)
+    after = worker_stats(stub, alive)
+    # The sessionless client (a `rotary complete` or a script that never closed its file) went silent
+    # too: its document is gone, as the silent daemon's. (Asked with a session: a sessionless call
+    # would start the session "" again.)
     assert after["sessions_expired"] > before["sessions_expired"]  # the earlier test's silent sessions count too
-    assert after["documents_expired"] == before["documents_expired"] + 1
+    assert after["documents_expired"] == before["documents_expired"] + 2
+    with pytest.raises(grpc.RpcError) as err:
+        held(stub, "", "file:///no-session.py", 1)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_two_daemons_sharing_a_worker_keep_their_own_text(worker):
