@@ -1,7 +1,7 @@
 """A real worker service without a model, served in the test process: for tests of security, faults and bad input.
 
-`start_worker()` serves the real WorkerService (documents, acks, errors) behind the real
-WorkerInterceptor (token, request parsing) with the real server options, but with a stand-in
+`start_worker()` serves the real WorkerService (documents, acks, errors) on the real server
+(service.make_server: its interceptors for the token, request parsing and call limits, its options), but with a stand-in
 engine that completes every request with FAKE_COMPLETION at once. The service says it is ready,
 so a daemon connects to it as to a loaded worker. No torch is loaded for any of it.
 """
@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from concurrent import futures
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import grpc
 
 from rotary.completion.rpc import worker_pb2 as pb
-from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
-from rotary.completion.rpc.access import WorkerInterceptor, server_credentials
-from rotary.completion.service import WorkerService
-from rotary.completion.standard_services import add_standard_services
+from rotary.completion.rpc.access import server_credentials
+from rotary.completion.service import WorkerService, make_server
 
 FAKE_COMPLETION = "return 42"
 FakeStats = dataclasses.make_dataclass("FakeStats", [(f.name, float, 0) for f in pb.CompletionStats.DESCRIPTOR.fields])
@@ -40,6 +36,12 @@ class FakeStore:
 
     def drop(self, uri: str) -> None:
         pass
+
+    def forget(self, uri: str) -> None:
+        pass
+
+    def items(self) -> list:
+        return []
 
     def total_bytes(self) -> int:
         return 0
@@ -76,7 +78,10 @@ class FakeEngine:
         self.kv_store = FakeStore()
         self.runner = SimpleNamespace(device="cpu", path="fake")
 
-    def complete(self, uri, text, offset, options, is_cancelled=lambda: False):
+    def forget_session(self, session: str) -> None:
+        pass
+
+    def complete(self, uri, text, offset, options, is_cancelled=lambda: False, session=""):
         self.requests += 1
         while self.hang and not is_cancelled():
             import time
@@ -101,13 +106,7 @@ def start_worker(
     service.engine = FakeEngine()
     service.load_message = "ready: fake"
     service.ready.set()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16),
-        interceptors=[WorkerInterceptor(token)],
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
-    )
-    pb_grpc.add_WorkerServicer_to_server(service, server)
-    add_standard_services(server, False)
+    server, _ = make_server(service, token, reflection=False, rpc_threads=16)
     address = f"127.0.0.1:{port or 0}"
     bound = server.add_secure_port(address, server_credentials(*tls)) if tls else server.add_insecure_port(address)
     server.start()
