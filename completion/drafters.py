@@ -52,8 +52,8 @@ class NgramDrafter:
     def __init__(self, max_n: int = 4, min_n: int = 2, sources: TokenSources | None = None, exclude: str | None = None):
         assert 1 <= min_n <= max_n
         self.max_n, self.min_n = max_n, min_n
-        # Where to look when the request's own tokens have no match: the worker's recent completions
-        # and its other documents (`exclude`: this request's own document, already looked at).
+        # Where to look when the request's own tokens have no match: its session's recent completions
+        # and other documents (`exclude`: this request's own document, already looked at).
         self.sources, self.exclude = sources, exclude
         # The evidence behind the last proposal: where the n-gram matched and its length, e.g. "self:3"
         # (None: no match). SpeculationPolicy counts acceptance per evidence: longer matches, and
@@ -114,9 +114,11 @@ def ngram_index(tokens: Sequence[int], min_n: int, max_n: int) -> dict[tuple[int
 
 class TokenSources:
     """Token sequences besides a request's own where its n-gram drafter may find a continuation: the
-    worker's recent completions (each with the end of the context it followed: a request after a
+    session's recent completions (each with the end of the context it followed: a request after a
     keystroke often regenerates most of the last completion) and its other open documents (files of
-    one project share names and lines). One per worker, owned by the engine, used on the model thread.
+    one project share names and lines). One per session (a daemon), owned by the engine, used on the
+    model thread: another session's text never decides a session's guesses (their number, in each
+    reply's stats, would tell what the other session's files contain).
 
     Each source's n-gram index is built once per version. A document that changed is re-indexed at
     most every `reindex_s` seconds: until then its older index still proposes guesses, which the
@@ -236,7 +238,9 @@ class StepCosts:
 
 class SpeculationPolicy:
     """How many of a drafter's guesses to verify, from how often such guesses are kept and what the
-    extra rows cost on this machine; both are measured while the worker runs (one policy per worker).
+    extra rows cost on this machine; both are measured while the worker runs (one policy per session,
+    sharing the worker's StepCosts: what a forward costs is the machine's, what guesses are worth is
+    the session's own, so no session's guesses slow another's completions).
 
     A guess is kept only if every guess before it was, so with a guess-by-guess acceptance rate `a`,
     verifying k guesses yields 1 + a + a^2 + ... + a^k tokens on average, for a forward of 1 + k

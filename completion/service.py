@@ -5,6 +5,11 @@ load progress in its message); Complete answers UNAVAILABLE until it is ready.
 Typed document errors map to status codes the daemon acts on. CompleteText serves
 tools that have a text but no document; the standard health and reflection services
 beside rotary.v1.Worker are set up in standard_services.py.
+
+Several daemons may share a worker, each a session (its `rotary-session` metadata; none: the
+session ""). What a session keeps is its own: documents, KV caches and their snapshots, CompleteText
+cache keys, n-gram sources and speculation statistics, a share of the document bounds, and a lease.
+No session's text reaches another's answers, guesses or stats (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations

@@ -318,3 +318,14 @@ def test_health_has_threads_of_its_own():
             watch.cancel()
     finally:
         server.stop(grace=None)
+
+
+def test_a_stream_limit_that_is_not_a_positive_number_is_refused_clearly(monkeypatch):
+    from rotary.completion.service import max_streams_setting
+
+    for value in ("many", "0", "-3"):
+        monkeypatch.setenv("ROTARY_MAX_STREAMS", value)
+        with pytest.raises(SystemExit, match="ROTARY_MAX_STREAMS"):
+            max_streams_setting()
+    monkeypatch.setenv("ROTARY_MAX_STREAMS", "3")
+    assert max_streams_setting() == 3
