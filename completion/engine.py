@@ -233,7 +233,7 @@ class CompletionEngine:
             is_cancelled=is_cancelled,
             stats=CompletionStats(context_tokens=len(prompt.ids)),
             options=options,
-            session=session,
+            sources=self.drafting(session)[0],
         )
         yield from self.scheduler.submit(job).chunks()
 
@@ -466,8 +466,8 @@ class CompletionEngine:
         """The last chunk: what is left of the final text, the stop reason, the stats; the cache goes back."""
         generation, stats = job.generation, job.stats
         rest = generation.take_chunk()
-        if generation.stop_reason != "cancelled" and job.session is not None:  # what the model said here, it will likely say again
-            self.drafting(job.session)[0].add_completion(generation.prompt.ids, generation.generated)
+        if generation.stop_reason != "cancelled" and job.sources is not None:  # what the model said here, it will likely say again
+            job.sources.add_completion(generation.prompt.ids, generation.generated)
         if job.key is not None and job.entry is not None:
             self.kv_store.release(job.key, job.entry)
         stats.tokens_generated = len(generation.generated)

@@ -75,9 +75,9 @@ class Job:
     options: Any = None  # the request's options (the engine's CompletionOptions)
     decode_started: float | None = None
     recorded: Any = None  # its prefill's small encoding steps not run yet (a DeferredForward), or None
-    # Whose n-gram sources remember its completion (the engine's drafting per session); None: nobody's
-    # (test generation's jobs, made by testgen.py, draft from their own state).
-    session: str | None = None
+    # The n-gram sources (its session's, drafters.TokenSources) that remember its completion; None:
+    # none do (test generation's jobs, made by testgen.py, draft from their own state).
+    sources: Any = None
 
     def chunks(self) -> Iterator[Any]:
         """What the model thread sends: text chunks, then the last one; an error is raised here."""
