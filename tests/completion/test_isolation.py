@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import grpc
@@ -19,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rotary.completion.client import WorkerClient
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc.access import SESSION_METADATA
+from rotary.completion.rpc.launch import rotary_command
 from tests.completion.test_grpc_interface import spawn_worker, stop
 
 pytestmark = pytest.mark.model
@@ -244,8 +244,7 @@ def test_rotary_complete_closes_what_it_opens(shared, tmp_path):
     path.write_text("def one():\n    return 1\n")
     before = stats(client.stub)["open_documents"]
     done = subprocess.run(
-        [sys.executable, "-m", "rotary", "--log-level", "warning", "complete", str(path), "--line", "2", "--worker", address,
-         "--max-tokens", "4"],
+        rotary_command("--log-level", "warning", "complete", str(path), "--line", "2", "--worker", address, "--max-tokens", "4"),
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
