@@ -81,6 +81,12 @@ class WorkerServicer:
 
     def OpenDocument(self, request, context):
         """Start tracking a document. Replaces any earlier copy of the same uri.
+        Documents, their caches and their snapshots are kept per session (the
+        rotary-session metadata; none: the session ""): no session's text changes
+        another's completions. INVALID_ARGUMENT for a uri starting with
+        "cache-key:" (kept for CompleteText's caches; so for every document call);
+        RESOURCE_EXHAUSTED past a session's share of the worker's documents or
+        characters, or the worker's own bounds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,7 +111,9 @@ class WorkerServicer:
     def Complete(self, request, context):
         """Complete at an offset. Chunks stream as text becomes final; the last chunk
         has done = true and carries the stop reason and the request's stats.
-        Cancelling the call stops decoding at the next token.
+        Cancelling the call stops decoding at the next token. Streaming calls
+        (Complete, CompleteText, GenerateTests) get RESOURCE_EXHAUSTED while the
+        worker serves its limit of them at once (ROTARY_MAX_STREAMS, default 64).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
