@@ -198,7 +198,11 @@ class WorkerConnection:
                 return
             delay = min(self.backoff_base_s * 2 ** (self.failures - 1), MAX_BACKOFF_S)
             self._set_state(ERROR, f"{self.last_failure}; retrying in {delay:.0f} s")
-            await asyncio.sleep(delay)
+            await self._back_off(delay)
+
+    async def _back_off(self, delay: float) -> None:
+        """The wait before the next start (its own method so a test can see the delays without waiting them)."""
+        await asyncio.sleep(delay)
 
     async def _stop_after(self, message: str) -> None:
         log.error("%s", message)
