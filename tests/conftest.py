@@ -225,3 +225,53 @@ def model_dir():
 
     return resolve_model_dir(None)
 
+
+def spawn_worker(tmp_path, *extra: str):
+    """Start `rotary worker` and return (process, address) once it listens (its model is then still loading).
+
+    Its caches and their snapshots live under tmp_path, so no state is carried between runs
+    (a cache key's cache, like a document's, would otherwise outlive the worker); the model is
+    the embedded one, already converted, unless `extra` names another."""
+    import subprocess
+    import time
+
+    from rotary.completion.rpc.launch import rotary_command
+    from rotary.models.loader import resolve_model_dir
+    from tests.fakes import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / f"worker-{address.rsplit(':', 1)[1]}.log"
+    model = [] if "--model" in extra else ["--model", str(resolve_model_dir(None))]
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            rotary_command("--log-level", "warning", "worker", "--listen", address, *model, *extra),
+            stdin=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        )
+    deadline = time.monotonic() + 60
+    while "listening on" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    return proc, address
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    proc.wait(timeout=60)  # it writes the snapshots of changed documents before exiting
+
+
+@pytest.fixture(scope="session")
+def shared_worker(tmp_path_factory):
+    """One real worker (the embedded model over real gRPC, default flags) for the whole session, as a
+    WorkerClient; its caches under a temporary XDG_CACHE_HOME. For the tests that need no special
+    worker flags (test_worker_grpc, test_grpc_interface, test_testgen_entrypoints); each of them
+    keeps to URIs and cache keys of its own, and compares counters before and after, never absolutes."""
+    from rotary.completion.client import WorkerClient
+
+    proc, address = spawn_worker(tmp_path_factory.mktemp("shared-worker"))
+    client = WorkerClient(address)
+    try:
+        client.wait_ready(timeout=300)
+        yield client
+    finally:
+        client.close()
+        stop(proc)
