@@ -19,23 +19,76 @@ os.environ.setdefault("ROTARY_ABSTAIN_THRESHOLD", "0")
 
 
 @functools.lru_cache(maxsize=1)
-def reference_model():
-    """The embedded model loaded with plain transformers (no Rotary code path), for oracles."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def reference_tokenizer():
+    """The embedded model's tokenizer, loaded with plain transformers (once per session)."""
+    from transformers import AutoTokenizer
 
     from rotary.models.loader import resolve_model_dir
 
-    model_dir = resolve_model_dir(None)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
-    return model, tokenizer
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(None)), local_files_only=True)
 
 
 @functools.lru_cache(maxsize=1)
-def reference_token_texts() -> tuple[str, ...]:
-    _, tokenizer = reference_model()
+def reference_model():
+    """The embedded model loaded with plain transformers (no Rotary code path), for oracles.
+
+    One load for the whole session: every module's oracle is this object (read only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rotary.models.loader import resolve_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(None)), dtype=torch.float32, local_files_only=True).eval()
+    return model, reference_tokenizer()
+
+
+@functools.lru_cache(maxsize=4)
+def token_texts(tokenizer) -> tuple[str, ...]:
+    """Every token's text as `tokenizer` decodes it alone (decoded once per tokenizer and session)."""
     return tuple(tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tokenizer)))
+
+
+def reference_token_texts() -> tuple[str, ...]:
+    return token_texts(reference_tokenizer())
+
+
+@functools.lru_cache(maxsize=1)
+def rotary_model():
+    """The embedded model through Rotary's own loader (`load_model(None)`), once per session.
+
+    Shared by every in-process test of Rotary's code: the weights are never written by them."""
+    from rotary.models.loader import load_model
+
+    return load_model(None)
+
+
+@functools.lru_cache(maxsize=1)
+def rotary_runner():
+    """One ModelRunner on `rotary_model()` for the session; engines with other settings are built on it."""
+    from rotary.models.runner import ModelRunner
+
+    return ModelRunner(rotary_model())
+
+
+def rotary_transformer():
+    """Rotary's own forward (models/transformer.Transformer) as the session's runner built it, the
+    object the worker runs. Its weights are shared with `rotary_model()`'s HF modules (share_weights),
+    so an oracle for it is `reference_model()`, loaded apart, never `rotary_model().model`."""
+    runner = rotary_runner()
+    assert runner.path == "own", f"the embedded model should take Rotary's own forward, not {runner.path}"
+    return runner._forward
+
+
+@functools.lru_cache(maxsize=1)
+def rotary_engine():
+    """One CompletionEngine with the default settings for the session (its own KVStore).
+
+    A test that changes an attribute of it (the gate, the abstention default) puts it back in a
+    `finally`; a test that puts a document in its store takes it out again."""
+    from rotary.cache.store import KVStore
+    from rotary.completion.engine import CompletionEngine
+
+    return CompletionEngine(rotary_runner(), KVStore())
 
 
 def _char_class(ch: str) -> int:
@@ -108,9 +161,7 @@ def greedy_continuation(
     import torch
 
     model, tokenizer = model_and_tokenizer or reference_model()
-    texts = reference_token_texts() if model_and_tokenizer is None else tuple(
-        tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tokenizer))
-    )
+    texts = token_texts(tokenizer)
     ids = tokenizer.encode(text_before, add_special_tokens=False)
     cut = healing_split(ids, text_before, tokenizer, texts)
     heal = tokenizer.decode(ids[len(ids) - cut :], clean_up_tokenization_spaces=False) if cut else ""
@@ -173,3 +224,54 @@ def model_dir():
     from rotary.models.loader import resolve_model_dir
 
     return resolve_model_dir(None)
+
+
+def spawn_worker(tmp_path, *extra: str):
+    """Start `rotary worker` and return (process, address) once it listens (its model is then still loading).
+
+    Its caches and their snapshots live under tmp_path, so no state is carried between runs
+    (a cache key's cache, like a document's, would otherwise outlive the worker); the model is
+    the embedded one, already converted, unless `extra` names another."""
+    import subprocess
+    import time
+
+    from rotary.completion.rpc.launch import rotary_command
+    from rotary.models.loader import resolve_model_dir
+    from tests.fakes import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / f"worker-{address.rsplit(':', 1)[1]}.log"
+    model = [] if "--model" in extra else ["--model", str(resolve_model_dir(None))]
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            rotary_command("--log-level", "warning", "worker", "--listen", address, *model, *extra),
+            stdin=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        )
+    deadline = time.monotonic() + 60
+    while "listening on" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    return proc, address
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    proc.wait(timeout=60)  # it writes the snapshots of changed documents before exiting
+
+
+@pytest.fixture(scope="session")
+def shared_worker(tmp_path_factory):
+    """One real worker (the embedded model over real gRPC, default flags) for the whole session, as a
+    WorkerClient; its caches under a temporary XDG_CACHE_HOME. For the tests that need no special
+    worker flags (test_worker_grpc, test_grpc_interface, test_testgen_entrypoints); each of them
+    keeps to URIs and cache keys of its own, and compares counters before and after, never absolutes."""
+    from rotary.completion.client import WorkerClient
+
+    proc, address = spawn_worker(tmp_path_factory.mktemp("shared-worker"))
+    client = WorkerClient(address)
+    try:
+        client.wait_ready(timeout=300)
+        yield client
+    finally:
+        client.close()
+        stop(proc)

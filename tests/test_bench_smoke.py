@@ -72,6 +72,19 @@ SPECS: dict[str, dict[str, set[str]]] = {
 }
 
 
+# name -> {dotted path: the value a correct run shows}: what the quick run must find, not only its keys.
+# Lossless methods give the same text (decode's own forward, exit's lossless speculation, every test
+# generation drafter); the exact cache methods (full recompute, prefix reuse) predict what full
+# recompute predicts; the load run loses no edit.
+MUST_HOLD: dict[str, dict[str, object]] = {
+    "decode": {"results.own.identical": True},
+    "exit": {"results.lossless.identical": True},
+    "tests": {f"results.{m}.identical": True for m in ("plain", "ngram", "ast")},
+    "edits": {"results.full.same_as_full": 1.0, "results.prefix.same_as_full": 1.0},
+    "load": {f"results.n={n}.lost_edits": 0 for n in (1, 5, 20)},
+}
+
+
 def test_every_benchmark_has_a_smoke_run():
     missing = [name for name in BENCHMARKS if name not in SPECS]
     assert not missing, f"add the JSON keys of {missing} (from their issue) to SPECS in {__file__}"
@@ -139,8 +152,51 @@ def test_benchmark_quick_run_writes_the_keys_its_issue_names(name, tmp_path, req
         assert isinstance(node, dict), f"{dotted} is not an object: {node!r}"
         assert keys <= set(node), f"{dotted} lacks {sorted(keys - set(node))}"
     assert all(math.isfinite(x) for x in numbers_in(report["results"])), report["results"]
-    if name == "decode":
-        assert at(report, "results.own.identical") is True
+    assert_what_must_hold(name, report)
+
+
+def assert_what_must_hold(name: str, report: dict) -> None:
+    """MUST_HOLD's values, and latency's suggestions the same on both paths in every case."""
+    for dotted, value in MUST_HOLD.get(name, {}).items():
+        found = at(report, dotted)
+        assert found == value and type(found) is type(value), f"{name}: {dotted} is {found!r}, not {value!r}"
+    if name == "edits":
+        for method in SPECS["edits"]["results"]:
+            assert 0.0 <= at(report, f"results.{method}.same_as_full") <= 1.0, method
+    if name == "latency":
+        cases = at(report, "results.cases")
+        assert cases > 0 and at(report, "results.same_suggestion") == cases, report["results"]
+
+
+def test_a_report_that_breaks_what_must_hold_fails():
+    """The checks above can fail: each value of MUST_HOLD changed in a report that otherwise holds
+    (identical False, same_as_full 0.5, one lost edit, one latency case that differs) is caught."""
+    for name, must in MUST_HOLD.items():
+        report: dict = {}
+        for dotted, value in must.items():
+            node = report
+            *parents, last = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        if name == "edits":
+            for method in SPECS["edits"]["results"]:
+                report["results"].setdefault(method, {}).setdefault("same_as_full", 0.8)
+        assert_what_must_hold(name, report)
+        for dotted, value in must.items():
+            broken = json.loads(json.dumps(report))
+            node = broken
+            *parents, last = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = False if value is True else 0.5 if isinstance(value, float) else value + 1
+            with pytest.raises(AssertionError, match=dotted):
+                assert_what_must_hold(name, broken)
+    latency = {"results": {"cases": 2, "same_suggestion": 2}}
+    assert_what_must_hold("latency", latency)
+    latency["results"]["same_suggestion"] = 1
+    with pytest.raises(AssertionError):
+        assert_what_must_hold("latency", latency)
 
 
 @pytest.mark.model

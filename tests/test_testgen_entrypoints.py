@@ -66,22 +66,10 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, name, text, target, 
 # -- the real worker -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def worker():
-    from rotary.completion.client import WorkerClient
-
-    address = f"127.0.0.1:{free_port()}"
-    proc = subprocess.Popen(
-        rotary_command("--log-level", "warning", "worker", "--listen", address), stdin=subprocess.DEVNULL
-    )
-    client = WorkerClient(address)
-    try:
-        client.wait_ready(timeout=300)
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=60)
+@pytest.fixture
+def worker(shared_worker):
+    """The session's worker (tests/conftest.py): default flags, caches under a temporary directory."""
+    return shared_worker
 
 
 @pytest.mark.model

@@ -7,12 +7,10 @@ reference_model), not Rotary's forward.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from tests.conftest import reference_model
+from tests.conftest import reference_model, rotary_engine
 
 pytestmark = pytest.mark.model
 
@@ -45,14 +43,7 @@ EDITS = {
 }
 
 
-@functools.lru_cache(maxsize=1)
-def engine():
-    from rotary.cache.store import KVStore
-    from rotary.completion.engine import CompletionEngine
-    from rotary.models.loader import load_model
-    from rotary.models.runner import ModelRunner
-
-    return CompletionEngine(ModelRunner(load_model(None)), KVStore())
+engine = rotary_engine  # the session's one engine (tests/conftest.py)
 
 
 def transformers_kv(ids):

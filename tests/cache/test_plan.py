@@ -335,10 +335,10 @@ def test_bookkeeping_does_not_import_torch():
 
 
 @pytest.mark.model
-def test_real_tokenizer_edit_changes_the_token_that_holds_it(model_dir):
-    from transformers import AutoTokenizer
+def test_real_tokenizer_edit_changes_the_token_that_holds_it():
+    from tests.conftest import reference_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer = reference_tokenizer()  # the session's (the embedded model's)
     old_text = "def compute_total(items):\n    return sum(item.price for item in items)\n" * 3
     # Typing one character turns the token "item" into "items": a character diff
     # sees a pure insertion, the ids see a replaced token.

@@ -166,10 +166,6 @@ def test_leftover_half_written_files_of_dead_processes_are_pruned(tmp_path):
     assert not (tmp_path / "abc.msgpack.tmp999999").exists() and mine.exists()
 
 
-def test_format_is_versioned():
-    assert FORMAT == 2
-
-
 def test_a_snapshot_queued_before_a_close_never_lands_after_it(tmp_path):
     """A document's snapshot handed to the writer thread, then the document closed (drop) before the
     writer got to it: no snapshot of it may stay on disk (it would come back on a reopen, or after a
@@ -195,3 +191,16 @@ def test_a_snapshot_queued_before_a_close_never_lands_after_it(tmp_path):
     assert not store._writes.unfinished_tasks
     assert not store.snapshot_path(closed).exists()
     assert store.get(closed) is None
+
+
+@pytest.mark.parametrize("other", [FORMAT - 1, FORMAT + 1, "2", None])
+def test_a_snapshot_of_another_format_is_refused_naming_both_formats(tmp_path, other):
+    """Everything else in the snapshot is valid (checksum included): only its format differs, and the
+    same snapshot with this Rotary's format loads. Fails if load_snapshot stopped checking the format
+    (checked by deleting that check: the snapshot of format 3 then loaded)."""
+    path = tmp_path / "doc.msgpack"
+    crafted(path, {"format": FORMAT})
+    assert list(load_snapshot(path, "m", "float32", LAYOUT).token_ids) == list(range(5))
+    crafted(path, {"format": other})
+    with pytest.raises(SnapshotRefused, match=rf"format {other!r}, this Rotary reads format {FORMAT}$"):
+        load_snapshot(path, "m", "float32", LAYOUT)

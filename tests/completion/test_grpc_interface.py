@@ -5,9 +5,7 @@ errors, and examples/grpc_client.py end to end."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,46 +19,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from rotary.completion.client import WorkerClient
 from rotary.completion.rpc import worker_pb2 as pb
-from rotary.completion.rpc.launch import rotary_command
+from tests.conftest import spawn_worker, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICES = {"rotary.v1.Worker", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_worker(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """Start `rotary worker` and return once it listens (its model is then still loading).
-
-    Its caches and their snapshots live under tmp_path, so no state is carried between runs
-    (a cache key's cache, like a document's, would otherwise outlive the worker); the model is
-    the embedded one, already converted, unless `extra` names another."""
-    from rotary.models.loader import resolve_model_dir
-
-    address = f"127.0.0.1:{free_port()}"
-    log = tmp_path / f"worker-{address.rsplit(':', 1)[1]}.log"
-    model = [] if "--model" in extra else ["--model", str(resolve_model_dir(None))]
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(
-            rotary_command("--log-level", "warning", "worker", "--listen", address, *model, *extra),
-            stdin=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
-        )
-    deadline = time.monotonic() + 60
-    while "listening on" not in log.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.02)
-    return proc, address
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(timeout=60)
 
 
 def check(channel, service: str = "rotary.v1.Worker") -> int:
@@ -79,16 +43,10 @@ def cache_documents(client: WorkerClient) -> int:
     return json.loads(client.stub.Stats(pb.StatsRequest()).json)["cache"]["documents"]
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    proc, address = spawn_worker(tmp_path_factory.mktemp("worker"))
-    client = WorkerClient(address)
-    try:
-        client.wait_ready(timeout=300)
-        yield client
-    finally:
-        client.close()
-        stop(proc)
+@pytest.fixture
+def worker(shared_worker):
+    """The session's worker (tests/conftest.py): default flags, caches under a temporary directory."""
+    return shared_worker
 
 
 # -- the standard health service -------------------------------------------------------------

@@ -8,7 +8,6 @@ before the cursor plus the suggestion neither repeats nor drops a character.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sysconfig
 from pathlib import Path
@@ -17,19 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import first_line, greedy_continuation
+from tests.conftest import first_line, greedy_continuation, rotary_engine
 
 pytestmark = pytest.mark.model
 
 
-@functools.lru_cache(maxsize=1)
-def engine():
-    from rotary.cache.store import KVStore
-    from rotary.completion.engine import CompletionEngine
-    from rotary.models.loader import load_model
-    from rotary.models.runner import ModelRunner
-
-    return CompletionEngine(ModelRunner(load_model(None)), KVStore())
+engine = rotary_engine  # the session's one engine (tests/conftest.py)
 
 
 def suggest(before: str, after: str = "", mode: str = "single_line", max_tokens: int = 32) -> str:

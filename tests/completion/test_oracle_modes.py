@@ -22,25 +22,20 @@ import functools
 
 import pytest
 
-from tests.conftest import greedy_continuation, reference_model
+from tests.conftest import greedy_continuation, reference_model, rotary_engine, rotary_runner
 
 pytestmark = pytest.mark.model
 
 
-@functools.lru_cache(maxsize=1)
-def runner():
-    from rotary.models.loader import load_model
-    from rotary.models.runner import ModelRunner
-
-    return ModelRunner(load_model(None))
-
-
 @functools.lru_cache(maxsize=4)
 def engine(max_context_tokens: int = 2048):
+    """The session's engine (tests/conftest.py), or one with a smaller window on the session's runner."""
     from rotary.cache.store import KVStore
     from rotary.completion.engine import CompletionEngine
 
-    return CompletionEngine(runner(), KVStore(), max_context_tokens=max_context_tokens)
+    if max_context_tokens == 2048:
+        return rotary_engine()
+    return CompletionEngine(rotary_runner(), KVStore(), max_context_tokens=max_context_tokens)
 
 
 def suggest(before: str, after: str, mode: str, max_tokens: int, max_context_tokens: int = 2048) -> str:

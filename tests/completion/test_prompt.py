@@ -6,8 +6,6 @@ mid-number, after an operator or a dot, at column 0 of an empty line, with CRLF.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 
 from rotary.completion.prompt import (
@@ -20,21 +18,10 @@ from rotary.completion.prompt import (
     line_prefix,
     trailing_run_start,
 )
+from tests.conftest import reference_token_texts, reference_tokenizer
 
-
-@functools.lru_cache(maxsize=1)
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from rotary.models.loader import resolve_model_dir
-
-    return AutoTokenizer.from_pretrained(str(resolve_model_dir(None)), local_files_only=True)
-
-
-@functools.lru_cache(maxsize=1)
-def token_texts() -> list[str]:
-    tok = tokenizer()
-    return [tok.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tok))]
+tokenizer = reference_tokenizer  # the session's tokenizer and token texts (tests/conftest.py)
+token_texts = reference_token_texts
 
 
 def healed(text_before: str) -> str:

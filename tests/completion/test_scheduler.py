@@ -23,10 +23,10 @@ DOCUMENTS = {
 def engine():
     from rotary.cache.store import KVStore
     from rotary.completion.engine import CompletionEngine
-    from rotary.models.loader import load_model
-    from rotary.models.runner import ModelRunner
+    from tests.conftest import rotary_runner
 
-    eng = CompletionEngine(ModelRunner(load_model(None)), KVStore(), prefill_chunk=64)
+    # Its own engine (its own scheduler and counters), on the session's runner.
+    eng = CompletionEngine(rotary_runner(), KVStore(), prefill_chunk=64)
     eng.scheduler.prefill_round_s = 0.0  # one prefill step a round: the cancel tests below count rounds
     return eng
 
@@ -167,24 +167,49 @@ def test_batched_rounds_share_a_budget_of_guesses(monkeypatch):
     assert without.stats.forwards == without.stats.tokens_generated - 1
 
 
-def test_health_and_stats_never_wait_for_a_busy_model_thread():
+def test_health_and_stats_never_wait_for_a_busy_model_thread(monkeypatch):
+    """What Health reads (queue_depth, busy_for) answers while the model thread is held inside a forward.
+
+    The model thread's first forward of the request waits on an event (then the real forward runs),
+    so the reads provably happen during a step: a reader thread answers before the release, the
+    depth is 1 and busy_for is above 0. Fails if a read waited for the model thread (checked with
+    busy_for going through run_exclusive: the reader never answered) or said 0 during a step."""
     eng = engine()
     scheduler = eng.scheduler
-    seen = []
-    done = threading.Event()
+    model_thread, inside, release = [], threading.Event(), threading.Event()
+    forward = eng.runner.forward
 
-    def busy():
-        complete("file:///busy.py", DOCUMENTS["file:///read.py"] * 10, max_tokens=64)
-        done.set()
+    def held_forward(*args, **kwargs):
+        if model_thread and threading.get_ident() == model_thread[0] and not release.is_set():
+            inside.set()
+            release.wait()
+        return forward(*args, **kwargs)
 
-    worker = threading.Thread(target=busy)
-    worker.start()
-    while not done.is_set():
-        seen.append((scheduler.queue_depth, scheduler.busy_for()))  # what Health reads: no lock, no wait
-        done.wait(0.01)
-    worker.join()
-    assert any(depth >= 1 for depth, _ in seen)
-    assert max(busy for _, busy in seen) < 60
+    def note_model_thread():  # is_cancelled runs on this engine's model thread before its steps
+        if not model_thread:
+            model_thread.append(threading.get_ident())
+        return False
+
+    monkeypatch.setattr(eng.runner, "forward", held_forward)  # the runner is the session's: put back after
+    text = DOCUMENTS["file:///read.py"] * 10
+    result, seen, answered = {}, {}, threading.Event()
+    busy = threading.Thread(target=lambda: result.update(text=complete("file:///busy.py", text, max_tokens=64, is_cancelled=note_model_thread)[0]))
+    busy.start()
+    try:
+        assert inside.wait(timeout=300), "the request never reached a forward"
+
+        def read():  # what Health reads: no lock, no wait
+            seen["depth"], seen["busy"] = scheduler.queue_depth, scheduler.busy_for()
+            answered.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert answered.wait(timeout=60), "reading the depth and the busy time waited for the model thread"
+    finally:
+        release.set()
+        busy.join(timeout=300)
+    assert seen["depth"] == 1 and seen["busy"] > 0, seen
+    assert result["text"], "the held request did not finish with a suggestion"
+    assert (scheduler.queue_depth, scheduler.busy_for()) == (0, 0.0)
 
 
 def test_edits_of_waiting_requests_ride_in_the_decoding_forward_with_the_caches_each_gets_alone():

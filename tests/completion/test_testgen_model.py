@@ -4,9 +4,10 @@ same path."""
 
 from __future__ import annotations
 
-import functools
 
 import pytest
+
+from tests.conftest import rotary_engine
 
 pytestmark = pytest.mark.model
 
@@ -19,14 +20,7 @@ SOURCE = '''class Solution:
 '''
 
 
-@functools.lru_cache(maxsize=1)
-def engine():
-    from rotary.cache.store import KVStore
-    from rotary.completion.engine import CompletionEngine
-    from rotary.models.loader import load_model
-    from rotary.models.runner import ModelRunner
-
-    return CompletionEngine(ModelRunner(load_model(None)), KVStore())
+engine = rotary_engine  # the session's one engine (tests/conftest.py)
 
 
 def generate(drafter: str, **kwargs):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import math
 
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 
 from rotary.completion.calibrate import auroc
 from rotary.completion.verdict import FEATURES, Gate, choose_threshold, line_features, measure
+from tests.conftest import rotary_engine
 
 
 def test_auroc_equals_the_pairwise_definition():
@@ -122,14 +122,7 @@ def test_threshold_keeps_at_least_the_minimum_shown_and_the_best_exact_match():
     assert report["em_shown"] == pytest.approx(best, abs=1e-4)
 
 
-@functools.lru_cache(maxsize=1)
-def engine():
-    from rotary.cache.store import KVStore
-    from rotary.completion.engine import CompletionEngine
-    from rotary.models.loader import load_model
-    from rotary.models.runner import ModelRunner
-
-    return CompletionEngine(ModelRunner(load_model(None)), KVStore())
+engine = rotary_engine  # the session's one engine (tests/conftest.py)
 
 
 @pytest.mark.model

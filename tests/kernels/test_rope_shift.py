@@ -352,14 +352,12 @@ def test_triton_leaves_tokens_outside_segments_bit_identical():
 # End to end on the embedded model: PIE is exact in layer 0
 
 @pytest.mark.model
-def test_layer0_keys_after_edit_equal_a_full_recompute(model_dir):
+def test_layer0_keys_after_edit_equal_a_full_recompute():
     """Layer-0 keys depend only on the token and its position, so PIE must reproduce them exactly there."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from rotary.cache.plan import plan_update
+    from tests.conftest import reference_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    model, tokenizer = reference_model()  # the session's plain transformers load of the embedded model
     old_text = "def area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n"
     new_text = old_text.replace("def area(", "def rectangle_area(").replace("    return 2 *", "    # both sides\n    return 2 *")
     old_ids, new_ids = tokenizer(old_text)["input_ids"], tokenizer(new_text)["input_ids"]

@@ -4,6 +4,10 @@ The suggestion must equal the greedy continuation computed directly with
 transformers on the text the test itself built from the same edits, so the
 whole path (incremental sync, position encoding, gRPC diffs, cache, decoding,
 stop rules) is checked, not just "non-empty".
+
+The first test needs a daemon whose model is still loading: it has one of its own. The others
+share one daemon (a module-scoped client), each with a document (URI) of its own, and each puts
+back any setting it changes.
 """
 
 from __future__ import annotations
@@ -38,18 +42,18 @@ def change(start, end, text):
     )
 
 
-def open_document(client: LanguageClient, text: str) -> None:
+def open_document(client: LanguageClient, text: str, uri: str = URI) -> None:
     client.text_document_did_open(
         types.DidOpenTextDocumentParams(
-            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)
+            text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)
         )
     )
 
 
-def change_document(client: LanguageClient, version: int, start, end, new: str) -> None:
+def change_document(client: LanguageClient, version: int, start, end, new: str, uri: str = URI) -> None:
     client.text_document_did_change(
         types.DidChangeTextDocumentParams(
-            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=version),
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
             content_changes=[change(start, end, new)],
         )
     )
@@ -66,27 +70,37 @@ async def wait_ready(client: LanguageClient, timeout: float = 240.0) -> dict:
         await asyncio.sleep(0.5)
 
 
-async def inline(client: LanguageClient, line: int, character: int, invoked: bool = False):
+async def inline(client: LanguageClient, line: int, character: int, invoked: bool = False, uri: str = URI):
     kind = types.InlineCompletionTriggerKind.Invoked if invoked else types.InlineCompletionTriggerKind.Automatic
     return await client.text_document_inline_completion_async(
         types.InlineCompletionParams(
-            text_document=types.TextDocumentIdentifier(uri=URI),
+            text_document=types.TextDocumentIdentifier(uri=uri),
             position=types.Position(line=line, character=character),
             context=types.InlineCompletionContext(trigger_kind=kind),
         )
     )
 
 
-@pytest_lsp.fixture(
-    config=ClientServerConfig(server_command=rotary_command("lsp")),
-)
-async def client(lsp_client: LanguageClient):
+async def start_session(lsp_client: LanguageClient) -> None:
     params = types.InitializeParams(
         capabilities=client_capabilities("visual-studio-code"),
         initialization_options={"completionMode": "singleLine", "debounceMs": 10, "maxTokens": 48},
     )
-    result = await lsp_client.initialize_session(params)
-    lsp_client.init_result = result
+    lsp_client.init_result = await lsp_client.initialize_session(params)
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=rotary_command("lsp")))
+async def client(lsp_client: LanguageClient):
+    """A daemon of the test's own (its worker starts loading when the test starts)."""
+    await start_session(lsp_client)
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=rotary_command("lsp")), scope="module")
+async def shared_client(lsp_client: LanguageClient):
+    """One daemon (and its worker) for the module's tests that do not need a loading model."""
+    await start_session(lsp_client)
     yield
     await lsp_client.shutdown_session()
 
@@ -105,7 +119,9 @@ async def test_invoked_request_waits_for_the_loading_model_and_automatic_does_no
     assert result is not None and result.items and result.items[0].insert_text == expected
 
 
-async def test_inline_completion_after_incremental_edits_matches_transformers(client: LanguageClient):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_inline_completion_after_incremental_edits_matches_transformers(shared_client: LanguageClient):
+    client, uri = shared_client, "file:///tmp/rotary-e2e/edits.py"
     caps = client.init_result.capabilities
     assert caps.inline_completion_provider is not None
     assert "rotary.stats" in caps.execute_command_provider.commands
@@ -115,7 +131,7 @@ async def test_inline_completion_after_incremental_edits_matches_transformers(cl
     assert reports and reports[0].kind == "begin" and reports[-1].kind == "end"
 
     text = ORIGINAL
-    open_document(client, text)
+    open_document(client, text, uri)
     # Several incremental edits, one of them with a character outside the BMP (2 UTF-16 units).
     edits = [
         ((0, 9), (0, 9), "\nimport sys"),  # insert a line after "import os"
@@ -127,9 +143,9 @@ async def test_inline_completion_after_incremental_edits_matches_transformers(cl
     for start, end, new in edits:
         version += 1
         text = apply_utf16(text, start, end, new)
-        change_document(client, version, start, end, new)
+        change_document(client, version, start, end, new, uri)
     cursor_line = text.split("\n")[8]
-    result = await inline(client, 8, len(cursor_line))
+    result = await inline(client, 8, len(cursor_line), uri=uri)
     assert result is not None and result.items, "no suggestion"
     suggestion = result.items[0].insert_text
     expected = first_line(greedy_continuation(text[: text.index(cursor_line) + len(cursor_line)]))
@@ -159,15 +175,17 @@ def apply_utf16(text: str, start, end, new: str) -> str:
     return text[: off(start)] + new + text[off(end) :]
 
 
-async def test_position_after_astral_character_uses_utf16_units(client: LanguageClient):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_position_after_astral_character_uses_utf16_units(shared_client: LanguageClient):
+    client, uri = shared_client, "file:///tmp/rotary-e2e/astral.py"
     await wait_ready(client)
     text = 'label = "🔧 spanner"\nvalue = label.upper()\nprint(val'
-    open_document(client, text)
+    open_document(client, text, uri)
     # Insert after "🔧 ": column 12 in UTF-16 units (the emoji counts 2) is code point 11.
-    change_document(client, 2, (0, 12), (0, 12), "big ")
+    change_document(client, 2, (0, 12), (0, 12), "big ", uri)
     text = apply_utf16(text, (0, 12), (0, 12), "big ")
     assert text.startswith('label = "🔧 big spanner"')
-    result = await inline(client, 2, 9)
+    result = await inline(client, 2, 9, uri=uri)
     expected = first_line(greedy_continuation(text))
     assert expected.strip(), "the oracle produced nothing; the test would be vacuous"
     assert result is not None and result.items, "no suggestion"
@@ -178,24 +196,30 @@ async def daemon_stats(client: LanguageClient) -> dict:
     return (await client.workspace_execute_command_async(types.ExecuteCommandParams(command="rotary.stats")))["daemon"]
 
 
-async def test_newer_request_supersedes_older(client: LanguageClient):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_newer_request_supersedes_older(shared_client: LanguageClient):
+    client, uri = shared_client, "file:///tmp/rotary-e2e/supersede.py"
     await wait_ready(client)
+    superseded = (await daemon_stats(client))["superseded"]  # the daemon is the module's: counted from here
     # A debounce long enough that the first request is surely still waiting when the second comes.
     client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"rotary": {"debounceMs": 1500}}))
-    text = "def add(a, b):\n    return a"
-    open_document(client, text)
-    requests = (await daemon_stats(client))["requests"]
-    first = asyncio.ensure_future(inline(client, 1, 12))
-    deadline = asyncio.get_running_loop().time() + 10
-    while (await daemon_stats(client))["requests"] == requests:  # the daemon holds the first request
-        assert asyncio.get_running_loop().time() < deadline, "the first request never reached the daemon"
-    assert not first.done()
-    second = await inline(client, 1, 12)
-    assert await first is None
-    expected = first_line(greedy_continuation(text))
-    assert expected.strip(), "the oracle produced nothing; the test would be vacuous"
-    assert second is not None and second.items[0].insert_text == expected
-    assert (await daemon_stats(client))["superseded"] >= 1
+    try:
+        text = "def add(a, b):\n    return a"
+        open_document(client, text, uri)
+        requests = (await daemon_stats(client))["requests"]
+        first = asyncio.ensure_future(inline(client, 1, 12, uri=uri))
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await daemon_stats(client))["requests"] == requests:  # the daemon holds the first request
+            assert asyncio.get_running_loop().time() < deadline, "the first request never reached the daemon"
+        assert not first.done()
+        second = await inline(client, 1, 12, uri=uri)
+        assert await first is None
+        expected = first_line(greedy_continuation(text))
+        assert expected.strip(), "the oracle produced nothing; the test would be vacuous"
+        assert second is not None and second.items[0].insert_text == expected
+        assert (await daemon_stats(client))["superseded"] >= superseded + 1
+    finally:  # the module's other tests debounce as the fixture set it
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"rotary": {"debounceMs": 10}}))
 
 
 # Worker restarts (killed, rotary.restartWorker, settings changes): tests/lsp/test_restart.py.

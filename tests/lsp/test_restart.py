@@ -14,6 +14,11 @@ NOT_FOUND, then a resend). What tells the two apart:
   restart, yet the worker got whole texts, never an edit against a text it never had.
 
 The suggestions after the restart equal the transformers oracle on the edited texts.
+
+The causes run in sequence on one daemon (a module-scoped client: each cause costs one worker
+load, not a new daemon's too). Each cause opens documents of its own (URIs under a folder named
+after it), and closes them at its end, so what it asserts is about its own documents and the
+worker that its restart started.
 """
 
 from __future__ import annotations
@@ -35,17 +40,23 @@ from rotary.completion.rpc.launch import rotary_command
 
 pytestmark = [pytest.mark.model]
 
-# uri -> (text, an edit made after the restart as (line, start, end, new text))
+# file name -> (text, an edit made after the restart as (line, start, end, new text))
 DOCUMENTS = {
-    "file:///tmp/rotary-restart/load.py": (
+    "load.py": (
         "import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json.",
         (3, 9, 13, "path_to_file"),
     ),
-    "file:///tmp/rotary-restart/area.py": (
+    "area.py": (
         "def area(width, height):\n    return width",
         (0, 4, 8, "rectangle_area"),
     ),
 }
+CAUSES = ["worker killed", "rotary.restartWorker", "model setting", "workerAddress setting"]
+
+
+def uri_of(cause: str, name: str) -> str:
+    """The URI of a document of one cause's test (no cause sees another's documents)."""
+    return f"file:///tmp/rotary-restart/{cause.replace(' ', '-').replace('.', '-')}/{name}"
 
 
 def edited(text: str, edit) -> str:
@@ -56,14 +67,14 @@ def edited(text: str, edit) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def expected_after_edit(uri: str) -> str:
-    text, edit = DOCUMENTS[uri]
+def expected_after_edit(name: str) -> str:
+    text, edit = DOCUMENTS[name]
     expected = first_line(greedy_continuation(edited(text, edit), 16))
-    assert expected.strip(), f"the oracle produced nothing for {uri}; the test would be vacuous"
+    assert expected.strip(), f"the oracle produced nothing for {name}; the test would be vacuous"
     return expected
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=rotary_command("lsp")))
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=rotary_command("lsp")), scope="module")
 async def client(lsp_client: LanguageClient):
     @lsp_client.feature(types.WINDOW_SHOW_MESSAGE_REQUEST)
     def allow(params: types.ShowMessageRequestParams):
@@ -111,7 +122,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("cause", ["worker killed", "rotary.restartWorker", "model setting", "workerAddress setting"])
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("cause", CAUSES)  # in this order: the workerAddress cause leaves the daemon on a worker it stops
 async def test_a_restart_resends_the_documents_through_the_restart_hook(client: LanguageClient, cause, model_dir):
     external = None
     if cause == "workerAddress setting":  # loads beside the daemon's own worker
@@ -120,10 +132,12 @@ async def test_a_restart_resends_the_documents_through_the_restart_hook(client: 
             rotary_command("--log-level", "warning", "worker", "--listen", address),
             stdin=subprocess.DEVNULL,
         )
+    documents = {uri_of(cause, name): (name, text, edit) for name, (text, edit) in DOCUMENTS.items()}
     try:
         ready = lambda s: s["worker"]["state"] == "ready"  # noqa: E731
-        await wait_for(client, ready, "the first worker never became ready")
-        for uri, (text, _) in DOCUMENTS.items():
+        # The daemon is the module's: the previous cause closed its documents, the worker holds none.
+        await wait_for(client, lambda s: ready(s) and s["worker"]["open_documents"] == 0, "no ready worker without documents")
+        for uri, (_, text, _) in documents.items():
             client.text_document_did_open(
                 types.DidOpenTextDocumentParams(types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text))
             )
@@ -137,6 +151,7 @@ async def test_a_restart_resends_the_documents_through_the_restart_hook(client: 
         elif cause == "rotary.restartWorker":
             await client.workspace_execute_command_async(types.ExecuteCommandParams(command="rotary.restartWorker"))
         elif cause == "model setting":
+            assert before["daemon"]["settings"]["model"] != str(model_dir)  # a change, so a restart
             client.workspace_did_change_configuration(
                 types.DidChangeConfigurationParams(settings={"rotary": {"model": str(model_dir)}})
             )
@@ -160,11 +175,11 @@ async def test_a_restart_resends_the_documents_through_the_restart_hook(client: 
             assert after["daemon"]["settings"]["model"] == str(model_dir)
 
         # The user goes on editing; each document's next completion sends it to the new worker.
-        for version, (uri, (text, edit)) in enumerate(DOCUMENTS.items(), start=2):
+        for uri, (name, text, edit) in documents.items():
             line, start, end, new = edit
             client.text_document_did_change(
                 types.DidChangeTextDocumentParams(
-                    text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+                    text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
                     content_changes=[
                         types.TextDocumentContentChangePartial(
                             range=types.Range(types.Position(line, start), types.Position(line, end)), text=new
@@ -172,7 +187,7 @@ async def test_a_restart_resends_the_documents_through_the_restart_hook(client: 
                     ],
                 )
             )
-            assert await suggestion(client, uri, edited(text, edit)) == expected_after_edit(uri)
+            assert await suggestion(client, uri, edited(text, edit)) == expected_after_edit(name)
 
         final = await stats(client)
         assert final["worker"]["restarts"] == before["worker"]["restarts"] + 1
@@ -182,6 +197,8 @@ async def test_a_restart_resends_the_documents_through_the_restart_hook(client: 
         assert final["worker"]["edits"] == 0 and final["worker"]["edits_rejected"] == 0
         assert final["worker"]["open_documents"] == len(DOCUMENTS)
     finally:
+        for uri in documents:
+            client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri=uri)))
         if external is not None:
             external.terminate()
             external.wait(timeout=60)

@@ -3,28 +3,19 @@ the logits are the exit head's, and the skipped layers' K/V are the exiting stat
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+
+from tests.conftest import reference_model, reference_tokenizer, rotary_transformer
 
 pytestmark = pytest.mark.model
 
 EXIT_AT = 9
 
 
-@functools.lru_cache(maxsize=1)
-def loaded():
-    from rotary.models.loader import load_model
-
-    return load_model(None)
-
-
-@functools.lru_cache(maxsize=1)
 def transformer():
-    from rotary.models.transformer import Transformer
-
-    return Transformer.from_hf(loaded().model, share_weights=False)
+    """Rotary's own forward on the embedded model: the session's runner's (tests/conftest.py)."""
+    return rotary_transformer()
 
 
 def heads(always: bool, rank: int = 4, seed: int = 0):
@@ -51,7 +42,7 @@ def prefilled(ids):
 
 
 def prompt_ids():
-    return loaded().tokenizer.encode("def area(width, height):\n    return width *", add_special_tokens=False)
+    return reference_tokenizer().encode("def area(width, height):\n    return width *", add_special_tokens=False)
 
 
 def test_a_controller_that_never_exits_changes_nothing():
@@ -67,7 +58,7 @@ def test_a_controller_that_never_exits_changes_nothing():
 def test_exit_logits_and_copied_state_match_transformers_modules():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    hf = loaded().model
+    hf, _ = reference_model()  # plain transformers, loaded apart: no weight shared with the own forward
     ids = prompt_ids()
     exits = heads(always=True)
     buffer = prefilled(ids[:-1])

@@ -10,8 +10,6 @@ transformers' own `generate` on real code.
 
 from __future__ import annotations
 
-import functools
-import json
 import sysconfig
 from pathlib import Path
 
@@ -346,26 +344,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@functools.lru_cache(maxsize=1)
 def real():
-    """(own Transformer via Rotary's loader, plain transformers oracle loaded independently, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(own Transformer via Rotary's loader, plain transformers oracle loaded independently, tokenizer).
 
-    from rotary.models.loader import load_model, resolve_model_dir
+    The session's objects (tests/conftest.py): the runner's own forward, and the reference model."""
+    from tests.conftest import reference_model, rotary_transformer
 
-    loaded = load_model(None)
-    model_dir = resolve_model_dir(None)
-    oracle = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    return Transformer.from_hf(loaded.model), oracle, tokenizer
+    oracle, tokenizer = reference_model()
+    return rotary_transformer(), oracle, tokenizer
+
+
+PROMPT_FILES = ("json/decoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "string.py", "bisect.py")
 
 
 def code_prompts(count: int = 5, tokens: int = 400) -> list[list[int]]:
     """Real code: the start of a few standard-library modules, cut inside a function body."""
-    _, _, tokenizer = real()
+    from tests.conftest import reference_tokenizer
+
+    tokenizer = reference_tokenizer()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     prompts = []
-    for name in ("json/decoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "string.py", "bisect.py")[:count]:
+    for name in PROMPT_FILES[:count]:
         text = (stdlib / name).read_text()
         ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
         prompts.append(ids)
@@ -423,5 +422,20 @@ def test_real_model_batched_decode_equals_each_alone(one_thread):
         logits = list(out.logits)
 
 
-def test_json_is_importable_for_prompts():
-    assert json.decoder  # the prompts read json/decoder.py from the standard library
+@pytest.mark.model
+def test_the_real_model_prompts_are_real_code_of_the_length_asked():
+    """The real-model tests above feed `code_prompts`: each prompt must be the start of its standard-library
+    file, exactly as long as asked, and the prompts must differ (a short or missing file would quietly make
+    the logits and greedy checks weaker). Fails when a file gives fewer tokens than asked: checked with
+    (5, 2000), which fnmatch.py (1,548 tokens) cannot give."""
+    from tests.conftest import reference_tokenizer
+
+    tokenizer = reference_tokenizer()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for count, tokens in ((5, 420), (4, 250), (3, 300), (1, 420)):
+        prompts = code_prompts(count, tokens)
+        assert len(prompts) == count and all(len(ids) == tokens for ids in prompts), [len(ids) for ids in prompts]
+        assert len({tuple(ids) for ids in prompts}) == count
+        for name, ids in zip(PROMPT_FILES, prompts):
+            text = (stdlib / name).read_text()
+            assert text.startswith(tokenizer.decode(ids, clean_up_tokenization_spaces=False)), name
