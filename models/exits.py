@@ -99,10 +99,30 @@ class ExitHeads:
         return cls(layers, down, up, gate_w, gate_b, float(header["threshold"]), json.loads(header.get("meta", "{}")))
 
 
+# What of a model's config fixes its computation. Not the whole config: each transformers release adds,
+# renames or drops keys (`transformers_version`, `_model_name_or_path`, which is a path), and an artifact
+# must keep fitting its model across releases and wherever the model lies on disk.
+ARCHITECTURE_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps", "hidden_act",
+)
+
+
+def _rope_theta(config: Any) -> Any:
+    """RoPE's base, wherever this transformers release keeps it (`rope_theta`, or `rope_parameters`)."""
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    return theta
+
+
 def model_fingerprint(hf_model: Any, tokenizer: Any) -> str:
-    """Which weights and tokenizer an artifact fits, wherever the model lies on disk."""
-    config = hf_model.config.to_dict()
-    config.pop("_name_or_path", None)
+    """Which weights and tokenizer an artifact fits, wherever the model lies on disk and whichever
+    transformers release loaded it: the architecture, the vocabulary, and the first bytes of two weights."""
+    config = {key: getattr(hf_model.config, key, None) for key in ARCHITECTURE_KEYS}
+    config["rope_theta"] = _rope_theta(hf_model.config)
+    # floats as 6 significant digits: a GGUF's float32 1e-5 reads back as 9.999999747e-06 from one converter
+    config = {key: f"{value:.6g}" if isinstance(value, float) else value for key, value in config.items()}
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     weights = hashlib.sha256()
     base = getattr(hf_model, "model", hf_model)

@@ -102,3 +102,32 @@ def test_exit_heads_round_trip_through_the_artifact(tmp_path):
     for layer in original.layers:
         assert torch.equal(back.down[layer], original.down[layer]) and torch.equal(back.up[layer], original.up[layer])
         assert float(back.gate_b[layer]) == float(original.gate_b[layer])
+
+
+def test_the_embedded_model_finds_its_shipped_calibration():
+    """The exit heads and the abstention gate shipped for the embedded model (models/calibration/) are found
+    for it as the set-up prepares it. Failed when transformers 5.25's config (a new `transformers_version`,
+    `_model_name_or_path` holding a path) changed the fingerprint: the worker then ran with no gate and no heads."""
+    from tests.conftest import rotary_runner
+
+    runner = rotary_runner()
+    assert runner.exits is not None, f"no calibration for fingerprint {runner.fingerprint}"
+    assert "/models/calibration/" in runner.exits_from and runner.fingerprint in runner.exits_from
+    assert runner.exits.meta.get("gate"), "the shipped artifact carries the abstention gate"
+
+
+def test_the_fingerprint_ignores_the_transformers_release_and_the_path():
+    """An artifact fits its model wherever it lies and whichever transformers loaded it; a different
+    architecture or other weights are another model."""
+    import copy
+
+    from rotary.models.exits import model_fingerprint
+
+    model, tokenizer = reference_model()
+    before = model_fingerprint(model, tokenizer)
+    moved = copy.copy(model)
+    moved.config = copy.deepcopy(model.config)
+    moved.config.transformers_version, moved.config._name_or_path = "0.0.1", "/somewhere/else"
+    assert model_fingerprint(moved, tokenizer) == before
+    moved.config.num_hidden_layers = model.config.num_hidden_layers - 1
+    assert model_fingerprint(moved, tokenizer) != before
