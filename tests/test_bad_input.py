@@ -29,7 +29,6 @@ kind of crafted file is in tests/cache/test_snapshot.py.
 from __future__ import annotations
 
 import itertools
-import subprocess
 import time
 
 import grpc
@@ -39,8 +38,7 @@ from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 from rotary.lsp.sync import text_crc32
 from tests.fakes import FAKE_COMPLETION, start_worker
-from tests.lsp.test_lsp_protocol import RawClient, initialize, inline, open_doc, stats
-from rotary.completion.rpc.launch import rotary_command
+from tests.lsp.test_lsp_protocol import RawClient, initialize, inline, open_doc, start_daemon, stats, stop_daemon
 
 _probes = itertools.count()
 
@@ -56,27 +54,9 @@ def worker():
     server.stop(0)
 
 
-def start_daemon(address: str) -> tuple[subprocess.Popen, RawClient]:
-    proc = subprocess.Popen(
-        rotary_command("lsp", "--worker", address),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )
-    return proc, RawClient(proc.stdout, proc.stdin)
-
-
-def stop_daemon(proc: subprocess.Popen, client: RawClient) -> None:
-    try:
-        client.request("shutdown", None, timeout=10)
-        client.notify("exit", {})
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 @pytest.fixture(scope="module")
 def daemon(worker):
-    proc, client = start_daemon(worker[2])
+    proc, client = start_daemon("--worker", worker[2])
     initialize(client, options={"debounceMs": 0})
     deadline = time.monotonic() + 30
     while stats(client)["worker"]["state"] != "ready":
@@ -166,7 +146,7 @@ def test_unknown_methods(daemon, worker):
 
 
 def test_requests_before_initialize_get_server_not_initialized(worker):
-    proc, client = start_daemon(worker[2])
+    proc, client = start_daemon("--worker", worker[2])
     try:
         reply = client.request("workspace/executeCommand", {"command": "rotary.stats", "arguments": []})
         assert reply["error"]["code"] == -32002 and "initialize" in reply["error"]["message"]

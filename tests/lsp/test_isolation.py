@@ -25,7 +25,7 @@ from rotary.completion.service import WorkerService
 from rotary.lsp import sync as sync_mod
 from rotary.lsp.sync import DocumentSync, ack_matches, text_crc32
 from tests.fakes import FAKE_COMPLETION, start_worker
-from tests.lsp.test_lsp_protocol import RawClient, inline, open_doc, stats
+from tests.lsp.test_lsp_protocol import RawClient, inline, open_doc, start_daemon, stats, stop_daemon
 from tests.test_testgen_entrypoints import SOURCE, lsp_session, open_source
 from rotary.completion.rpc.launch import rotary_command
 
@@ -67,24 +67,6 @@ def worker():
     server, service, address = start_worker(service_cls=HostileWorker)
     yield service, address
     server.stop(0)
-
-
-def start_daemon(*args: str) -> tuple[subprocess.Popen, RawClient]:
-    proc = subprocess.Popen(
-        rotary_command("lsp", *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )
-    return proc, RawClient(proc.stdout, proc.stdin)
-
-
-def stop_daemon(proc: subprocess.Popen, client: RawClient) -> None:
-    try:
-        client.request("shutdown", None, timeout=10)
-        client.notify("exit", {})
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def initialize(client: RawClient, capabilities: dict | None = None, options: dict | None = None, initialized: bool = True) -> dict:

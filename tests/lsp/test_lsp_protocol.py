@@ -58,14 +58,15 @@ class RawClient:
         return json.loads(self.reader.read(length))
 
 
-@pytest.fixture
-def daemon():
+def start_daemon(*args: str) -> tuple[subprocess.Popen, RawClient]:
+    """`rotary lsp ARGS` over stdio, and a raw client on it."""
     proc = subprocess.Popen(
-        rotary_command("lsp", "--worker", UNREACHABLE),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        rotary_command("lsp", *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
-    client = RawClient(proc.stdout, proc.stdin)
-    yield client
+    return proc, RawClient(proc.stdout, proc.stdin)
+
+
+def stop_daemon(proc: subprocess.Popen, client: RawClient) -> None:
     try:
         client.request("shutdown", None, timeout=10)
         client.notify("exit", {})
@@ -73,6 +74,14 @@ def daemon():
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def daemon():
+    proc, client = start_daemon("--worker", UNREACHABLE)
+    yield client
+    stop_daemon(proc, client)
 
 
 def initialize(client: RawClient, encodings=None, options=None) -> dict:
