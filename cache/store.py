@@ -5,7 +5,9 @@ changed only together) plus what the store needs: changed since its snapshot (di
 an idle refresh in progress, and whether a request holds it right now (pinned).
 
 The store maps documents to them under a byte budget: the least recently used unpinned
-documents spill to disk as snapshots and come back from there without re-encoding.
+documents spill to disk as snapshots and come back from there without re-encoding. With
+owners (the worker's sessions), the owner holding the most bytes spills first, so one
+session's caches never push out another's while it holds more.
 Snapshots also outlive the worker: a restarted worker finds a reopened document's
 snapshot and starts from it.
 
@@ -78,8 +80,13 @@ class KVStore:
         layout: tuple[int, int, int] | None = None,
         device: torch.device | str = "cpu",
         disk_budget_bytes: int | None = None,
+        owner: Callable[[str], str | None] | None = None,
     ):
         self.budget_bytes = budget_bytes
+        # Who a key's cache belongs to (the worker's sessions: completion.documents.key_session). Over
+        # the budget, the heaviest owner gives up its least recently used cache first, so one owner's
+        # caches never push another's out while it holds more than they do. None: one plain LRU.
+        self.owner = owner
         self.disk_budget_bytes = disk_budget_bytes if disk_budget_bytes is not None else 4 * budget_bytes
         self.spill_dir = spill_dir
         self.identity = identity
@@ -284,7 +291,7 @@ class KVStore:
 
     def _evict_over_budget(self) -> None:
         while self.total_bytes() > self.budget_bytes:
-            victim = next((uri for uri, e in self._docs.items() if not e.pinned), None)
+            victim = self._victim()
             if victim is None or len(self._docs) <= 1:
                 return
             entry = self._docs.pop(victim)
@@ -294,6 +301,17 @@ class KVStore:
             self.counters["spilled"] += 1
             if entry.dirty:
                 self._write_later(victim, entry.buffer, entry)  # no one else holds it now: written as it is
+
+    def _victim(self) -> str | None:
+        """The least recently used unpinned cache of the owner holding the most bytes (of any, without owners)."""
+        unpinned = [key for key, entry in self._docs.items() if not entry.pinned]  # least recently used first
+        if self.owner is None or not unpinned:
+            return unpinned[0] if unpinned else None
+        held: dict[str | None, int] = {}
+        for key, entry in self._docs.items():
+            held[self.owner(key)] = held.get(self.owner(key), 0) + entry.nbytes()
+        heaviest = max({self.owner(key) for key in unpinned}, key=lambda owner: held[owner])
+        return next(key for key in unpinned if self.owner(key) == heaviest)
 
 
 def _alive(pid: int) -> bool:

@@ -170,6 +170,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 dtype=info.dtype,
                 layout=(info.num_layers, info.num_kv_heads, info.head_dim),
                 device=runner.device,
+                owner=key_session,  # over the budget, the session holding the most gives up a cache first
             )
             engine = CompletionEngine(runner, store, self.max_context_tokens, self.stale_budget)
             progress("warming up")

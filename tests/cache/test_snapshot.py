@@ -204,3 +204,29 @@ def test_a_snapshot_of_another_format_is_refused_naming_both_formats(tmp_path, o
     crafted(path, {"format": other})
     with pytest.raises(SnapshotRefused, match=rf"format {other!r}, this Rotary reads format {FORMAT}$"):
         load_snapshot(path, "m", "float32", LAYOUT)
+
+
+def test_over_the_budget_the_session_holding_most_spills_first(tmp_path):
+    """Per-session shares of the memory budget: session A opening documents past the budget spills its own
+    least recently used cache, not session B's older one. Fails with a plain LRU (owner=None): B's cache,
+    the least recently used, went to disk and B's next completion paid for A's documents."""
+    from rotary.completion.documents import key_session, store_key
+
+    one = make_buffer(8).nbytes()
+    store = KVStore(budget_bytes=3 * one, spill_dir=tmp_path, identity="m", layout=LAYOUT, owner=key_session)
+    b1 = store_key("B", "file:///b1.py")
+    store.put(b1, DocumentKV(buffer=make_buffer(8, seed=1)))
+    a = [store_key("A", f"file:///a{i}.py") for i in range(4)]
+    for i, key in enumerate(a):
+        store.put(key, DocumentKV(buffer=make_buffer(8, seed=10 + i)))
+    in_memory = [key for key, _ in store.items()]
+    assert b1 in in_memory, in_memory
+    assert in_memory == [b1, a[2], a[3]]  # A's two least recently used went to disk, B's stayed
+    store.flush()
+    assert store.get(a[0]) is not None and store.counters["restored"] == 1  # A's own cache came back from disk
+    # without owners the same sequence spills B's: the rule above is what keeps it
+    plain = KVStore(budget_bytes=3 * one, spill_dir=tmp_path / "plain", identity="m", layout=LAYOUT)
+    plain.put(b1, DocumentKV(buffer=make_buffer(8, seed=1)))
+    for i, key in enumerate(a):
+        plain.put(key, DocumentKV(buffer=make_buffer(8, seed=10 + i)))
+    assert b1 not in [key for key, _ in plain.items()]
