@@ -23,9 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from rotary.completion.rpc.launch import rotary_command
+
 from . import write_report
 from .corpus import sample_files
-from rotary.completion.rpc.launch import rotary_command
 
 
 def _percentile(values: list[float], q: float) -> float:

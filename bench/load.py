@@ -46,9 +46,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rotary.completion.rpc.launch import rotary_command
+
 from . import write_report
 from .corpus import sample_files
-from rotary.completion.rpc.launch import rotary_command
 
 SIZES = (1, 5, 20)
 STDERR_LINES_KEPT = 200  # of each daemon's log (errors only), for a report on a failure

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+
 from rotary.completion.rpc.launch import rotary_command
 
 DEFAULT_LISTEN = "127.0.0.1:50151"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rotary.cli import DEFAULT_LISTEN as DEMO_WORKER
 from rotary.completion.rpc.launch import rotary_command
+
 # Ends mid-statement on purpose (the demo types the rest), so it is not a .py file of the package.
 SAMPLE = Path(__file__).parent / "samples" / "inventory.py.in"
 

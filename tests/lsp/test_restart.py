@@ -35,8 +35,9 @@ import pytest_lsp
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
-from tests.conftest import first_line, greedy_continuation
 from rotary.completion.rpc.launch import rotary_command
+
+from tests.conftest import first_line, greedy_continuation
 
 pytestmark = [pytest.mark.model]
 
