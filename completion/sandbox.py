@@ -276,7 +276,8 @@ def _run(iso: Isolation, module_name, module_source, test_source, test_module, t
         }
         if iso.available:
             config["confine"] = {
-                "writable": os.path.realpath(tmp), "readable": [os.path.realpath(p) for p in extra_path if os.path.isdir(p)],
+                "writable": os.path.realpath(tmp),
+                "readable": _interpreter_folders() + [os.path.realpath(p) for p in extra_path if os.path.isdir(p)],
                 "masked": _masked(), "setpriv": iso.setpriv, "drop": DROP_PRIVILEGES,
             }
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -315,6 +316,14 @@ def _run(iso: Isolation, module_name, module_source, test_source, test_module, t
             result.line_cov = (cov["statements"] - cov["missing"]) / cov["statements"] if cov["statements"] else 1.0
             result.branch_cov = (cov["branches"] - cov["missing_branches"]) / cov["branches"] if cov["branches"] else 1.0
         return result
+
+
+def _interpreter_folders() -> list[str]:
+    """What the runner's interpreter needs that lies in an emptied folder (a venv, or Python itself,
+    under /tmp: a clone checked out there), shown again read-only."""
+    masked = _masked()
+    needed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))}
+    return sorted(p for p in needed if any(p == q or p.startswith(q + os.sep) for q in masked))
 
 
 def _masked() -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 
 from rotary.completion import sandbox
 from rotary.completion.sandbox import run_tests
-from rotary.completion.rpc.launch import rotary_command
+from rotary.completion.rpc.launch import python_command, rotary_command
 
 MODULE = "def sign(x):\n    if x > 0:\n        return 1\n    return 0\n"
 
@@ -296,3 +296,26 @@ def test_cli_check_with_allow_network_warns_before_running(tmp_path):
     warning = out.stderr.index("warning: no sandbox can be set up here (ROTARY_SANDBOX_UNAVAILABLE is set (simulated))")
     assert warning < out.stderr.index("[1/1]")
     assert "--check: NOT isolated (--allow-network)" in out.stdout and " of 1 passed" in out.stdout
+
+
+@needs_sandbox
+def test_an_interpreter_inside_an_emptied_folder_still_runs_the_tests():
+    """The sandbox empties /tmp; a venv (or a clone) under /tmp is what CI and users may have. The
+    interpreter's folders are shown again, read-only. Failed before: every outcome was an error,
+    because the venv's python was gone inside the sandbox (found by `make test` in a clone under /tmp)."""
+    import site
+
+    with tempfile.TemporaryDirectory(dir=tempfile.gettempdir()) as folder:
+        venv = os.path.join(folder, "venv")
+        subprocess.run(python_command("-m", "venv", "--without-pip", venv), check=True)
+        purelib = subprocess.run([os.path.join(venv, "bin", "python"), "-P", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        with open(os.path.join(purelib, "outer.pth"), "w") as f:  # this venv's packages (rotary, coverage) as well
+            f.write("".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages()))
+        code = ("from rotary.completion.sandbox import run_tests\n"
+                "r = run_tests('m', 'def sign(x):\\n    return (x > 0) - (x < 0)\\n',"
+                " 'from m import sign\\n\\ndef test_sign():\\n    assert sign(-3) == -1\\n')\n"
+                "print(r.results, r.load_error, r.output[-500:])")
+        out = subprocess.run([os.path.join(venv, "bin", "python"), "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("{'test_sign': 'passed'}"), out.stdout
