@@ -164,7 +164,7 @@ def test_the_daemon_shows_an_abstention_in_its_status_and_stats():
         def __getattr__(self, name):
             return getattr(self.base, name)
 
-        def complete(self, uri, text, offset, options, is_cancelled=lambda: False):
+        def complete(self, uri, text, offset, options, is_cancelled=lambda: False, session=""):
             stats = FakeStats(**{name: 0 for name in FakeStats.__dataclass_fields__})
             stats.confidence = 0.12
             yield FakeChunk(text="", stop_reason="abstained", stats=stats)
