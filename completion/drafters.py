@@ -209,8 +209,13 @@ class StepCosts:
             table[tokens] = old + self.smoothing * (seconds - old)
 
     def estimate(self, tokens: int, setting: Hashable = None) -> float:
-        """Seconds for a forward of `tokens` tokens (in the prior's units while nothing is measured)."""
+        """Seconds for a forward of `tokens` tokens (in the prior's units while nothing is measured).
+        Never less than a measured forward of fewer tokens: feeding more cannot make a forward cheaper,
+        whatever a noisy average says (else a policy would add guesses that are never kept)."""
         seen = self._seconds.get(setting, {})
+        return max([self._interpolated(tokens, seen), *(s for t, s in seen.items() if t < tokens)])
+
+    def _interpolated(self, tokens: int, seen: dict[int, float]) -> float:
         if tokens in seen:
             return seen[tokens]
         below = max((t for t in seen if t < tokens), default=None)
