@@ -226,8 +226,11 @@ def test_demo_keeps_serving_then_stops_its_worker_on_a_signal(stop, tmp_path):
     (a child with no --parent-pid) kept listening.
     """
     port = free_port()
+    # As from a terminal: Ctrl-C not ignored (a background job of a non-interactive shell, which a test
+    # run may be, inherits SIGINT ignored, and Python then keeps ignoring it).
     demo = subprocess.Popen(rotary_command("demo", "--listen", f"127.0.0.1:{port}"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(tmp_path))})
     seen, started = [], []
     try:
