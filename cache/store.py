@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -307,11 +307,12 @@ class KVStore:
         unpinned = [key for key, entry in self._docs.items() if not entry.pinned]  # least recently used first
         if self.owner is None or not unpinned:
             return unpinned[0] if unpinned else None
-        held: dict[str | None, int] = {}
+        owners = {key: self.owner(key) for key in self._docs}
+        held = Counter()
         for key, entry in self._docs.items():
-            held[self.owner(key)] = held.get(self.owner(key), 0) + entry.nbytes()
-        heaviest = max({self.owner(key) for key in unpinned}, key=lambda owner: held[owner])
-        return next(key for key in unpinned if self.owner(key) == heaviest)
+            held[owners[key]] += entry.nbytes()
+        heaviest = max({owners[key] for key in unpinned}, key=held.__getitem__)
+        return next(key for key in unpinned if owners[key] == heaviest)
 
 
 def _alive(pid: int) -> bool:
