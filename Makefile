@@ -22,8 +22,11 @@ export PYTHONSAFEPATH := 1
 run: model
 	$(ROTARY) demo
 
+# The suite runs on every core (pytest-xdist, `-n auto`); tests that share an outside resource (the
+# editors' build folders) are one xdist group, run in one process (see tests/conftest.py).
+PYTEST_WORKERS ?= auto
 test: model
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 install: $(STAMP)
 

@@ -275,3 +275,13 @@ def shared_worker(tmp_path_factory):
     finally:
         client.close()
         stop(proc)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`): the editor tests share the
+    editors' build folders (node_modules, the .vsix, the Neovim and Emacs runtime files), so they
+    form one xdist group and run in one process, one after another."""
+    editors = os.path.join(ROOT, "tests", "editors") + os.sep
+    for item in items:
+        if str(item.path).startswith(editors):
+            item.add_marker(pytest.mark.xdist_group("editors"))
