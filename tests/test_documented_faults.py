@@ -14,13 +14,11 @@ import asyncio
 import logging
 import time
 
-import grpc
 import pytest
 from lsprotocol import types
-
-from rotary.completion.rpc import worker_pb2 as pb
 from rotary.lsp.server import RotaryServer
 from rotary.lsp.worker import ERROR, READY, WorkerConnection
+
 from tests.fakes import FakeEngine, start_worker
 
 URI = "file:///documented_fault.py"

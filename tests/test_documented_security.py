@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import os
 import re
 import socket
@@ -28,10 +27,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from rotary.completion.rpc import access
 from rotary.completion.rpc.launch import rotary_command
 from rotary.completion.service import WorkerService, make_server
+
 from tests.fakes import FAKE_COMPLETION, FakeEngine
 from tests.lsp.test_lsp_protocol import RawClient, stop_daemon
 
@@ -46,7 +45,7 @@ def clean_env(**extra: str) -> dict:
 
 def run_rotary(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        rotary_command(*args), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env or clean_env()
+        rotary_command(*args), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env or clean_env(), check=False
     )
 
 
