@@ -236,3 +236,27 @@ def test_edit_aware_cache_off_reuses_only_the_unchanged_prefix():
     assert results["prefix"][1] <= prefix_tokens + 1  # at most the tokens before the edit
     assert results["edit_aware"][1] > prefix_tokens + 100  # the functions after the edit too
     assert results["prefix"][0] == results["edit_aware"][0]
+
+
+@pytest.mark.model
+def test_exit_threshold_minus_one_is_the_calibrated_threshold():
+    """README Settings: `exitThreshold` -1 (no threshold sent, above) is "calibrated": an early-exit
+    completion without a threshold runs exactly as one given the model's calibrated threshold, and
+    another threshold changes how many layers run (so the comparison can tell them apart)."""
+    from rotary.cache.store import KVStore
+    from rotary.completion.engine import CompletionEngine, CompletionOptions
+    from tests.conftest import rotary_runner
+
+    runner = rotary_runner()
+    assert runner.exits is not None, "the embedded model ships calibrated exit heads"
+    engine = CompletionEngine(runner, KVStore())
+    text = "import os\n\n\ndef list_python_files(folder):\n    "
+
+    def run(threshold):
+        options = CompletionOptions(max_tokens=16, early_exit=True, exit_threshold=threshold, abstain_threshold=0.0)
+        chunks = list(engine.complete(None, text, len(text), options))
+        return "".join(c.text for c in chunks), chunks[-1].stats.layers_run
+
+    unset, calibrated = run(None), run(runner.exits.threshold)
+    assert unset == calibrated and unset[1] > 0
+    assert run(1.0)[1] != unset[1]  # never sure enough to stop early: every layer runs

@@ -62,7 +62,7 @@ input("<Esc>")
 wait(2000, function() return lua("return T.state()").mode == "n" end)
 lua("vim.cmd('Rotary restart')")
 local after
-H.check(":Rotary restart attaches a new client to the buffer", wait(20000, function()
+if not H.check(":Rotary restart attaches a new client to the buffer", wait(20000, function()
   after = attached()
   return after ~= nil and after.id ~= before.id
 end), vim.inspect({ before = before, after = after, notes = lua("return _G.notes"), clients = lua([[
@@ -71,7 +71,9 @@ end), vim.inspect({ before = before, after = after, notes = lua("return _G.notes
     out[#out + 1] = { id = c.id, name = c.name, stopped = c:is_stopped(), buffers = vim.tbl_keys(c.attached_buffers) }
   end
   return out
-]]) }))
+]]) })) then
+  return finish()
+end
 H.check("the first client is stopped", lua("return vim.lsp.get_client_by_id(...) == nil or vim.lsp.get_client_by_id(...):is_stopped()",
   before.id) == true)
 if before.pid and after and after.pid then
