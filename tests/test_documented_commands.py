@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc.launch import rotary_command
 
-import rotary.cli
+from tests.test_documented_defaults import main_of_rotary
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -67,7 +67,7 @@ def test_rotary_bench_load_runs_1_5_and_20_editors(monkeypatch, capsys):
 
     monkeypatch.setattr("rotary.bench.load.make_sessions", stop_here)
     with pytest.raises(Stopped):
-        rotary.cli.main(["bench", "load"])
+        main_of_rotary(monkeypatch, ["bench", "load"])
     assert re.search(r"load: N = \[1, 5, 20\] editors .*full", capsys.readouterr().err)
 
 

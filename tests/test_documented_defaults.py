@@ -14,6 +14,7 @@ Checked by mutation (by hand, then put back): `--session-lease` default 60, IDLE
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 
@@ -31,6 +32,14 @@ from tests.lsp.test_lsp_protocol import RawClient, stop_daemon
 URI = "file:///documented_defaults.py"
 
 
+def main_of_rotary(monkeypatch, argv: list[str]) -> int:
+    """`rotary.cli.main(argv)` in this process; what it sets in the environment (HF_HUB_OFFLINE, ...) is
+    put back afterwards."""
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+    return rotary.cli.main(argv)
+
+
 # -- the command line's defaults -----------------------------------------------------------------------
 
 
@@ -38,7 +47,7 @@ def test_rotary_worker_drops_a_silent_sessions_documents_after_120_s_by_default(
     """README Commands and docs/RELIABILITY.md Sessions: `--session-lease` seconds, "default 120"."""
     served = {}
     monkeypatch.setattr("rotary.completion.service.serve", lambda *args, **kwargs: served.update(kwargs))
-    assert rotary.cli.main(["worker", "--listen", "unix:/nonexistent-rotary-test/w.sock"]) == 0
+    assert main_of_rotary(monkeypatch, ["worker", "--listen", "unix:/nonexistent-rotary-test/w.sock"]) == 0
     assert served["session_lease_s"] == 120
 
 
@@ -46,7 +55,7 @@ def test_rotary_lsp_tcp_closes_a_silent_session_after_300_s_by_default(monkeypat
     """README Commands: "a session silent for --idle-timeout seconds, default 300, is closed"."""
     daemons = []
     monkeypatch.setattr("rotary.lsp.tcp.TcpDaemon.run", lambda self, *args: daemons.append(self))
-    assert rotary.cli.main(["lsp", "--tcp", "127.0.0.1:0", "--worker", "unix:/nonexistent-rotary-test/w.sock"]) == 0
+    assert main_of_rotary(monkeypatch, ["lsp", "--tcp", "127.0.0.1:0", "--worker", "unix:/nonexistent-rotary-test/w.sock"]) == 0
     assert [d.idle_s for d in daemons] == [300]
 
 
@@ -245,6 +254,7 @@ def test_exit_threshold_minus_one_is_the_calibrated_threshold():
     another threshold changes how many layers run (so the comparison can tell them apart)."""
     from rotary.cache.store import KVStore
     from rotary.completion.engine import CompletionEngine, CompletionOptions
+
     from tests.conftest import rotary_runner
 
     runner = rotary_runner()
