@@ -5,6 +5,9 @@ editors), the set-up's torch rule (the Makefile's own recipe, run against a stan
 grpcurl commands' requests (each a valid request of the method it names; the offset the end of the
 text), and `--model PATH` with a `.gguf` file and with a Hugging Face directory (`model`: the real
 model, converted once into a fresh `$XDG_CACHE_HOME/rotary`).
+
+Checked by mutation (by hand, then put back): `SIZES = (1, 5, 10)` in bench/load.py, and a Makefile
+that installs torch whatever the venv has, each fail a test here.
 """
 
 from __future__ import annotations
