@@ -2,12 +2,10 @@
 (tests/editors/fake_server.py): the buffer's server is stopped, a new client with a server process
 of its own attaches, and it answers the next completion (editors/nvim/tests/restart.lua).
 
-It fails on the plugin as it is (2026-12-07): `restart()` stops the client, then `vim.lsp.start` with
-`reuse_client = function(client) return client.name == M.NAME end` attaches the buffer to that same
-client, still stopping (not yet exited), so no new server starts and the buffer is left with none.
-With `and not is_stopped(client)` added to reuse_client (editors/nvim/lua/rotary/client.lua) it
-passes (tried, then put back: the fix is not this change's to make). Hence xfail, strict: once the
-plugin is fixed this test passes and the marker must go.
+It failed on the plugin before its fix (2026-12-07): `restart()` stopped the client, then `vim.lsp.start`
+with `reuse_client = function(client) return client.name == M.NAME end` attached the buffer to that same
+client, still stopping (not yet exited), so no new server started and the buffer was left with none.
+reuse_client now skips a stopped client (editors/nvim/lua/rotary/client.lua).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from .test_nvim import NVIM_TESTS, nvim, run_lua  # noqa: F401  (nvim: the fixtu
 pytestmark = pytest.mark.editor
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: :Rotary restart re-attaches the buffer to the stopping client (reuse_client)")
 def test_rotary_restart_starts_a_new_server_that_answers(nvim, fake_server_cmd):  # noqa: F811
     output = run_lua(
         nvim, NVIM_TESTS / "restart.lua", env={"ROTARY_TEST_CMD": json.dumps(fake_server_cmd), "ROTARY_TEST_TIMEOUT": "30"},

@@ -185,7 +185,8 @@ function M.start(bufnr)
   }, {
     bufnr = bufnr,
     reuse_client = function(client)
-      return client.name == M.NAME
+      -- never the client `:Rotary restart` is stopping: the buffer would be left with no server
+      return client.name == M.NAME and not is_stopped(client)
     end,
   })
 end
