@@ -23,6 +23,7 @@ from rotary.completion.rpc.launch import python_command
 from rotary.lsp.server import RotaryServer
 from rotary.lsp.worker import ERROR, MAX_START_FAILURES, READY, WorkerConnection
 from tests.fakes import FAKE_COMPLETION, start_worker
+from tests.listening import UNREACHABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 URI = "file:///fault.py"
@@ -184,7 +185,7 @@ def test_an_edit_that_times_out_but_landed_is_resent_not_applied_twice():
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
 def test_an_unreachable_worker_during_a_completion_wakes_the_watcher(code):
-    conn = WorkerConnection("127.0.0.1:9")
+    conn = WorkerConnection(UNREACHABLE)
     conn.report_failure(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"))
     assert conn._wake.is_set()
 
