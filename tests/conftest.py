@@ -249,6 +249,16 @@ def kv_dir_of_the_test(kv_dir_of_the_session, tmp_path_factory, monkeypatch):
     monkeypatch.setenv(KV_DIR_ENV, str(tmp_path_factory.mktemp("kv")))
 
 
+@pytest.fixture
+def unix_socket_address():
+    """A fresh `unix:PATH` in a private folder (tests/listening.py::unix_address), for a server whose
+    address must be known before it starts."""
+    from tests.listening import unix_address
+
+    with unix_address() as address:
+        yield address
+
+
 def spawn_worker(tmp_path, *extra: str, env: dict | None = None):
     """Start `rotary worker` and return (process, address) once it listens (its model is then still loading).
 

@@ -4,8 +4,10 @@ test, freed, and hoped still free when the server binds it."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
+import tempfile
 
 # `rotary worker`: "listening on 127.0.0.1:PORT (...)"; `rotary lsp --tcp`: "listening on ('127.0.0.1', PORT)".
 _WORKER = re.compile(r"listening on (\S+):(\d+)")
@@ -29,3 +31,11 @@ def wait_listening(proc: subprocess.Popen) -> tuple[str, int, str]:
 # A worker address nothing can ever listen on (/dev/null is no folder): a daemon given it gets no
 # worker. Not a port assumed closed, which any process may take meanwhile.
 UNREACHABLE = "unix:/dev/null/rotary-no-worker.sock"
+
+
+@contextlib.contextmanager
+def unix_address(name: str = "worker.sock"):
+    """`unix:PATH` in a private temporary folder of its own, removed after: for a server whose address
+    must be known before it starts. Under the system's temp folder, short, as a socket path must be."""
+    with tempfile.TemporaryDirectory(prefix="rotary-") as folder:
+        yield f"unix:{folder}/{name}"

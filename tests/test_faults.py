@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from rotary.completion.rpc.launch import python_command
 from rotary.lsp.server import RotaryServer
 from rotary.lsp.worker import ERROR, MAX_START_FAILURES, READY, WorkerConnection
 from tests.fakes import FAKE_COMPLETION, start_worker
-from tests.listening import UNREACHABLE
+from tests.listening import UNREACHABLE, unix_address
 
 ROOT = Path(__file__).resolve().parent.parent
 URI = "file:///fault.py"
@@ -56,10 +55,8 @@ async def until(predicate, timeout: float = 20.0) -> bool:
 def test_the_error_state_retries_with_backoff_and_recovers_by_itself():
     """The worker's address is a unix socket in a folder of the test's own: nothing listens there
     until the test serves the worker on it (no port freed and hoped unused meanwhile)."""
-    folder = tempfile.TemporaryDirectory(prefix="rotary-faults-")  # short: a socket path has ~100 bytes
-    address = f"unix:{folder.name}/worker.sock"
 
-    async def run():
+    async def run(address: str):
         conn = WorkerConnection(address)
         conn.backoff_base_s, conn.connect_timeout_s = 0.05, 0.3
         states = []
@@ -75,8 +72,8 @@ def test_the_error_state_retries_with_backoff_and_recovers_by_itself():
             await conn.stop()
             server.stop(0)
 
-    with folder:
-        asyncio.run(run())
+    with unix_address() as address:
+        asyncio.run(run(address))
 
 
 def test_starts_that_fail_in_a_loop_back_off_then_stop_with_a_clear_status():

@@ -25,7 +25,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from rotary.completion.rpc.launch import python_command, rotary_command
-from tests.fakes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP_LEVEL = ("kernels", "models", "cache", "lsp", "completion", "tests", "editors")
@@ -218,17 +217,16 @@ def test_this_venv_was_installed_from_the_lock():
 
 @pytest.mark.model
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
-def test_demo_keeps_serving_then_stops_its_worker_on_a_signal(stop, tmp_path):
+def test_demo_keeps_serving_then_stops_its_worker_on_a_signal(stop, tmp_path, unix_socket_address):
     """`make run` completes through LSP and gRPC, keeps the worker serving, and SIGTERM, SIGHUP or Ctrl-C
     stop it: no process the demo started is left.
 
     Fails on the demo before the fix: SIGTERM and SIGHUP killed it without its clean-up, and the worker
     (a child with no --parent-pid) kept listening.
     """
-    port = free_port()
     # As from a terminal: Ctrl-C not ignored (a background job of a non-interactive shell, which a test
     # run may be, inherits SIGINT ignored, and Python then keeps ignoring it).
-    demo = subprocess.Popen(rotary_command("demo", "--listen", f"127.0.0.1:{port}"), stdout=subprocess.PIPE,
+    demo = subprocess.Popen(rotary_command("demo", "--listen", unix_socket_address), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(tmp_path))})
