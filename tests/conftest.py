@@ -249,6 +249,29 @@ def kv_dir_of_the_test(kv_dir_of_the_session, tmp_path_factory, monkeypatch):
     monkeypatch.setenv(KV_DIR_ENV, str(tmp_path_factory.mktemp("kv")))
 
 
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory):
+    """Rotary's wheel, built once per session from a copy of the sources (setuptools writes build/ and
+    *.egg-info beside what it builds): (its path, pip's verbose output). What the editable install of
+    the test venv cannot show (what ships) is checked on it."""
+    import shutil
+    import subprocess
+
+    from rotary.completion.rpc.launch import python_command
+
+    folder = tmp_path_factory.mktemp("wheel")
+    source = folder / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "node_modules", "*.egg-info",
+                                                                "__pycache__", "artifacts", ".hypothesis"))
+    built = subprocess.run(
+        python_command("-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+                       "-w", str(folder), str(source)),
+        capture_output=True, text=True, cwd=folder,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return next(folder.glob("rotary-*.whl")), built.stdout + built.stderr
+
+
 @pytest.fixture
 def unix_socket_address():
     """A fresh `unix:PATH` in a private folder (tests/listening.py::unix_address), for a server whose
