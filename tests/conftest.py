@@ -282,14 +282,14 @@ def unix_socket_address():
         yield address
 
 
-def spawn_worker(tmp_path, *extra: str, env: dict | None = None):
+def spawn_worker(tmp_path, *extra: str):
     """Start `rotary worker` and return (process, address) once it listens (its model is then still loading).
 
     It binds a port the OS picks (`--listen 127.0.0.1:0`) and the address is read from its
     "listening on" line, so no port is chosen here and freed before the worker takes it. Its
     snapshots live in tmp_path/kv and its other caches under tmp_path/cache, so no state is carried
     between runs (a cache key's cache, like a document's, would otherwise outlive the worker); the
-    model is the embedded one, already converted, unless `extra` names another. `env`: more variables."""
+    model is the embedded one, already converted, unless `extra` names another."""
     import re
     import subprocess
     import tempfile
@@ -302,7 +302,7 @@ def spawn_worker(tmp_path, *extra: str, env: dict | None = None):
     os.close(fd)
     log = Path(log)
     model = [] if "--model" in extra else ["--model", str(resolve_model_dir(None))]
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), KV_DIR_ENV: str(tmp_path / "kv"), **(env or {})}
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), KV_DIR_ENV: str(tmp_path / "kv")}
     with log.open("w") as stderr:
         proc = subprocess.Popen(
             rotary_command("--log-level", "warning", "worker", "--listen", "127.0.0.1:0", *model, *extra),
