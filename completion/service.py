@@ -149,7 +149,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def _load(self) -> None:
         try:
             from rotary.cache.store import KVStore
-            from rotary.models.loader import cache_dir, load_model
+            from rotary.models.loader import kv_dir, load_model
             from rotary.models.runner import ModelRunner, configure_threads
 
             from .engine import CompletionEngine
@@ -165,7 +165,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             info = loaded.info
             store = KVStore(
                 self.cache_budget_mb << 20,
-                spill_dir=cache_dir() / "kv" / info.identity,
+                spill_dir=kv_dir() / info.identity,
                 identity=info.identity,
                 dtype=info.dtype,
                 layout=(info.num_layers, info.num_kv_heads, info.head_dim),

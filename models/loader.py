@@ -82,9 +82,18 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    """Where converted models (and later, KV snapshots) live: $XDG_CACHE_HOME/rotary."""
+    """Where converted models (and by default KV snapshots) live: $XDG_CACHE_HOME/rotary."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "rotary"
+
+
+KV_DIR_ENV = "ROTARY_KV_DIR"
+
+
+def kv_dir() -> Path:
+    """Where the worker keeps its KV snapshots: $ROTARY_KV_DIR, else cache_dir()/kv. The test suite gives
+    every worker a folder of its own this way, while the prepared model stays where it is."""
+    return Path(os.environ.get(KV_DIR_ENV) or cache_dir() / "kv")
 
 
 def find_default_gguf() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -226,32 +227,92 @@ def model_dir():
     return resolve_model_dir(None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kv_dir_of_the_session(tmp_path_factory):
+    """No worker of the suite writes KV snapshots to the user's ~/.cache/rotary/kv, where one run
+    could restore another's (snapshots are found by URI): every process the suite starts (workers,
+    daemons and the workers they start, editors, the demo) inherits $ROTARY_KV_DIR. This one covers
+    the session's and modules' fixtures; `kv_dir_of_the_test` gives each test a folder of its own.
+    The prepared model stays in the user's cache (XDG_CACHE_HOME), converted once."""
+    from rotary.models.loader import KV_DIR_ENV
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KV_DIR_ENV, str(tmp_path_factory.mktemp("kv-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def kv_dir_of_the_test(kv_dir_of_the_session, tmp_path_factory, monkeypatch):
+    """Each test's processes keep their KV snapshots in a folder of the test's own."""
+    from rotary.models.loader import KV_DIR_ENV
+
+    monkeypatch.setenv(KV_DIR_ENV, str(tmp_path_factory.mktemp("kv")))
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory):
+    """Rotary's wheel, built once per session from a copy of the sources (setuptools writes build/ and
+    *.egg-info beside what it builds): (its path, pip's verbose output). What the editable install of
+    the test venv cannot show (what ships) is checked on it."""
+    import shutil
+    import subprocess
+
+    from rotary.completion.rpc.launch import python_command
+
+    folder = tmp_path_factory.mktemp("wheel")
+    source = folder / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "node_modules", "*.egg-info",
+                                                                "__pycache__", "artifacts", ".hypothesis"))
+    built = subprocess.run(
+        python_command("-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+                       "-w", str(folder), str(source)),
+        capture_output=True, text=True, cwd=folder,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return next(folder.glob("rotary-*.whl")), built.stdout + built.stderr
+
+
+@pytest.fixture
+def unix_socket_address():
+    """A fresh `unix:PATH` in a private folder (tests/listening.py::unix_address), for a server whose
+    address must be known before it starts."""
+    from tests.listening import unix_address
+
+    with unix_address() as address:
+        yield address
+
+
 def spawn_worker(tmp_path, *extra: str):
     """Start `rotary worker` and return (process, address) once it listens (its model is then still loading).
 
-    Its caches and their snapshots live under tmp_path, so no state is carried between runs
-    (a cache key's cache, like a document's, would otherwise outlive the worker); the model is
-    the embedded one, already converted, unless `extra` names another."""
+    It binds a port the OS picks (`--listen 127.0.0.1:0`) and the address is read from its
+    "listening on" line, so no port is chosen here and freed before the worker takes it. Its
+    snapshots live in tmp_path/kv and its other caches under tmp_path/cache, so no state is carried
+    between runs (a cache key's cache, like a document's, would otherwise outlive the worker); the
+    model is the embedded one, already converted, unless `extra` names another."""
+    import re
     import subprocess
+    import tempfile
     import time
 
     from rotary.completion.rpc.launch import rotary_command
-    from rotary.models.loader import resolve_model_dir
-    from tests.fakes import free_port
+    from rotary.models.loader import KV_DIR_ENV, resolve_model_dir
 
-    address = f"127.0.0.1:{free_port()}"
-    log = tmp_path / f"worker-{address.rsplit(':', 1)[1]}.log"
+    fd, log = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=tmp_path)
+    os.close(fd)
+    log = Path(log)
     model = [] if "--model" in extra else ["--model", str(resolve_model_dir(None))]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), KV_DIR_ENV: str(tmp_path / "kv")}
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            rotary_command("--log-level", "warning", "worker", "--listen", address, *model, *extra),
-            stdin=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+            rotary_command("--log-level", "warning", "worker", "--listen", "127.0.0.1:0", *model, *extra),
+            stdin=subprocess.DEVNULL, stderr=stderr, env=env,
         )
-    deadline = time.monotonic() + 60
-    while "listening on" not in log.read_text():
+    deadline = time.monotonic() + 60  # a guard against a hang, not a measure
+    while not (bound := re.search(r"listening on (127\.0\.0\.1:\d+)", log.read_text())):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.02)
-    return proc, address
+    return proc, bound.group(1)
 
 
 def stop(proc) -> None:

@@ -9,7 +9,6 @@ so a daemon connects to it as to a loaded worker. No torch is loaded for any of 
 from __future__ import annotations
 
 import dataclasses
-import socket
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -74,7 +73,8 @@ class FakeEngine:
 
     def __init__(self):
         self.hang = False
-        self.requests = 0
+        self.requests = 0  # calls that reached the engine
+        self.cancelled = 0  # of those, the ones that ended cancelled (by their caller)
         self.kv_store = FakeStore()
         self.runner = SimpleNamespace(device="cpu", path="fake")
 
@@ -88,26 +88,21 @@ class FakeEngine:
 
             time.sleep(0.01)
         stats = FakeStats(**{f.name: 0 for f in dataclasses.fields(FakeStats)})
+        self.cancelled += bool(is_cancelled())
         yield FakeChunk(text="" if is_cancelled() else FAKE_COMPLETION, stop_reason="cancelled" if is_cancelled() else "eos", stats=stats)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_worker(
-    port: int | None = None, token: str | None = None, tls: tuple[bytes, bytes] | None = None, service_cls=WorkerService
+    listen: str = "127.0.0.1:0", token: str | None = None, tls: tuple[bytes, bytes] | None = None, service_cls=WorkerService
 ):
-    """Serve a ready, model-less worker on 127.0.0.1; returns (server, service, address).
-    `service_cls`: WorkerService or a subclass (a worker that misbehaves on purpose)."""
+    """Serve a ready, model-less worker; returns (server, service, address).
+    `listen`: where, by default a loopback port the OS picks (the address returned names it), or
+    `unix:PATH`. `service_cls`: WorkerService or a subclass (a worker that misbehaves on purpose)."""
     service = service_cls()
     service.engine = FakeEngine()
     service.load_message = "ready: fake"
     service.ready.set()
     server, _ = make_server(service, token, reflection=False, rpc_threads=16)
-    address = f"127.0.0.1:{port or 0}"
-    bound = server.add_secure_port(address, server_credentials(*tls)) if tls else server.add_insecure_port(address)
+    bound = server.add_secure_port(listen, server_credentials(*tls)) if tls else server.add_insecure_port(listen)
     server.start()
-    return server, service, f"127.0.0.1:{bound}"
+    return server, service, listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{bound}"

@@ -39,3 +39,25 @@ def test_embedded_model_facts_and_local_directory_loading():
     # The converted directory loads through the same loader as any local HF directory, with the same facts.
     again = load_model(info.path)
     assert again.info.num_layers == info.num_layers and again.info.rope == info.rope
+
+
+def test_kv_snapshots_go_to_rotary_kv_dir_when_set_else_the_cache(tmp_path, monkeypatch):
+    from rotary.models.loader import KV_DIR_ENV, cache_dir, kv_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(KV_DIR_ENV)
+    assert kv_dir() == cache_dir() / "kv" == tmp_path / "cache" / "rotary" / "kv"
+    monkeypatch.setenv(KV_DIR_ENV, str(tmp_path / "elsewhere"))
+    assert kv_dir() == tmp_path / "elsewhere"
+
+
+def test_the_suite_keeps_every_test_s_snapshots_out_of_the_user_s_cache(tmp_path_factory):
+    """tests/conftest.py's autouse fixtures: this test's processes inherit a $ROTARY_KV_DIR of its own,
+    under the session's temporary folder (the user's ~/.cache/rotary/kv is never written by the suite)."""
+    import os
+    from pathlib import Path
+
+    from rotary.models.loader import KV_DIR_ENV
+
+    folder = Path(os.environ[KV_DIR_ENV])
+    assert folder.is_relative_to(tmp_path_factory.getbasetemp()) and folder.is_dir() and not any(folder.iterdir())

@@ -26,12 +26,12 @@ from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 from rotary.completion.rpc.access import AccessError
 from rotary.lsp.worker import ERROR, READY, WorkerConnection
-from tests.fakes import FAKE_COMPLETION, free_port, start_worker
+from tests.fakes import FAKE_COMPLETION, start_worker
+from tests.listening import UNREACHABLE, wait_listening
 from tests.lsp.test_lsp_protocol import RawClient, initialize, open_doc, stats
 from rotary.completion.rpc.launch import rotary_command
 
 TOKEN = "s3cret-token-for-tests-0123456789"
-UNREACHABLE = "127.0.0.1:9"
 
 
 def run_cli(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
@@ -99,14 +99,13 @@ def test_a_worker_with_token_and_tls_serves_only_callers_with_the_token(tmp_path
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     tls_dir = tmp_path / "tls"
-    port = free_port()
     proc = subprocess.Popen(
-        rotary_command("worker", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
+        rotary_command("worker", "--listen", "127.0.0.1:0", "--token-file", str(token_file),
          "--tls-self-signed", str(tls_dir), "--model", str(tmp_path / "no-such-model")),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        line = _wait_for_line(proc, "listening")
+        _, port, line = wait_listening(proc)
         assert "TLS" in line and "access token required" in line
         assert stat.S_IMODE(tls_dir.stat().st_mode) == 0o700 and stat.S_IMODE((tls_dir / "key.pem").stat().st_mode) == 0o600
         creds = grpc.ssl_channel_credentials(root_certificates=(tls_dir / "cert.pem").read_bytes())
@@ -286,13 +285,12 @@ def test_an_untrusted_client_cannot_redirect_text_and_a_trusted_change_is_logged
 
 class TcpDaemon:
     def __init__(self, *extra, env=None):
-        self.port = free_port()
         self.proc = subprocess.Popen(
-            rotary_command("lsp", "--tcp", f"127.0.0.1:{self.port}", "--worker", UNREACHABLE, *extra),
+            rotary_command("lsp", "--tcp", "127.0.0.1:0", "--worker", UNREACHABLE, *extra),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )
-        _wait_for_line(self.proc, "listening")
+        _, self.port, _ = wait_listening(self.proc)
 
     def connect(self) -> tuple[socket.socket, RawClient]:
         conn = socket.create_connection(("127.0.0.1", self.port), timeout=20)

@@ -25,7 +25,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from rotary.completion.rpc.launch import python_command, rotary_command
-from tests.fakes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP_LEVEL = ("kernels", "models", "cache", "lsp", "completion", "tests", "editors")
@@ -126,25 +125,15 @@ def test_makefile_and_ci_start_python_safely():
     assert not re.search(r"python3?\s+-m\s+(rotary|pytest)\b", dry.stdout), dry.stdout
 
 
-def test_wheel_builds_without_warnings_and_carries_its_data(tmp_path):
+def test_wheel_builds_without_warnings_and_carries_its_data(built_wheel):
     """Rotary as a library: the wheel builds with no setuptools warning (package data declared as packages,
     an SPDX licence) and carries the data the code reads (the demo's sample, the calibration, TestEval)."""
-    import shutil
     import zipfile
 
-    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info beside the sources it builds
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "node_modules", "*.egg-info",
-                                                                "__pycache__", "artifacts", ".hypothesis"))
-    built = subprocess.run(
-        python_command("-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-                       "-w", str(tmp_path), str(source)),
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    warnings = [line for line in (built.stdout + built.stderr).splitlines()
-                if "Warning" in line and "Editable" not in line]
+    wheel, output = built_wheel
+    warnings = [line for line in output.splitlines() if "Warning" in line and "Editable" not in line]
     assert not warnings, warnings
-    names = zipfile.ZipFile(next(tmp_path.glob("rotary-*.whl"))).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
     for wanted in ("rotary/samples/inventory.py.in", "rotary/completion/worker.proto",
                    "rotary/bench/data/testeval/leetcode-py.jsonl", "rotary/kernels/__init__.py"):
         assert wanted in names, wanted
@@ -218,17 +207,16 @@ def test_this_venv_was_installed_from_the_lock():
 
 @pytest.mark.model
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
-def test_demo_keeps_serving_then_stops_its_worker_on_a_signal(stop, tmp_path):
+def test_demo_keeps_serving_then_stops_its_worker_on_a_signal(stop, tmp_path, unix_socket_address):
     """`make run` completes through LSP and gRPC, keeps the worker serving, and SIGTERM, SIGHUP or Ctrl-C
     stop it: no process the demo started is left.
 
     Fails on the demo before the fix: SIGTERM and SIGHUP killed it without its clean-up, and the worker
     (a child with no --parent-pid) kept listening.
     """
-    port = free_port()
     # As from a terminal: Ctrl-C not ignored (a background job of a non-interactive shell, which a test
     # run may be, inherits SIGINT ignored, and Python then keeps ignoring it).
-    demo = subprocess.Popen(rotary_command("demo", "--listen", f"127.0.0.1:{port}"), stdout=subprocess.PIPE,
+    demo = subprocess.Popen(rotary_command("demo", "--listen", unix_socket_address), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(tmp_path))})

@@ -7,7 +7,6 @@ grammar) gets a clear error on each path and nothing is written.
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 from pathlib import Path
 
@@ -26,12 +25,6 @@ SOURCE = '''def clamp(value, low, high):
         return high
     return value
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

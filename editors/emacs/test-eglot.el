@@ -9,6 +9,8 @@
 ;; buffer.  Also runs rotary.stats through workspace/executeCommand.  Exits 0 on success.
 ;;
 ;; ROTARY_TEST_TIMEOUT: seconds to wait for a non-empty answer (the model loads) [240].
+;; ROTARY_TEST_EXPECT: JSON string, the suggestion the server must give (tests/editors/test_emacs.py
+;; computes it for the real server); when set, the buffer must be exactly the text before plus it.
 
 (require 'package)
 ;; Debian's elpa-* packages live here; -Q does not look there by itself.
@@ -33,6 +35,7 @@
                     ;; initializationOptions is the "rotary" settings tree itself.
                     '(:initializationOptions (:maxTokens 32 :completionMode "singleLine"))))
        (timeout (string-to-number (or (getenv "ROTARY_TEST_TIMEOUT") "240")))
+       (expect (and (getenv "ROTARY_TEST_EXPECT") (json-parse-string (getenv "ROTARY_TEST_EXPECT"))))
        (dir (make-temp-file "rotary-emacs" t))
        (file (expand-file-name "shapes.py" dir))
        (eglot-sync-connect 30)
@@ -81,7 +84,11 @@
         (princ (format "# line after insertion: %S\n"
                        (buffer-substring (line-beginning-position) (line-end-position))))
         (rotary-test-check "the buffer now ends with the server's candidate"
-                           (string-suffix-p candidate (buffer-string)) (list (buffer-string) candidate))))
+                           (string-suffix-p candidate (buffer-string)) (list (buffer-string) candidate))
+        (when expect
+          (rotary-test-check "the inserted suggestion is the expected one"
+                             (equal (buffer-string) (concat before expect))
+                             (list (substring (buffer-string) (length before)) expect)))))
     (let ((stats (jsonrpc-request server :workspace/executeCommand '(:command "rotary.stats"))))
       (rotary-test-check "rotary.stats answers" (and stats (listp stats)) stats))
     (rotary-test-finish)))

@@ -13,8 +13,8 @@ which refuses to write while the compatibility check fails.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
+import os
 import re
 import subprocess
 import sys
@@ -154,17 +154,31 @@ def test_the_check_catches_renumbering_retyping_and_removal():
     assert breaking_changes(old, old) == [] and additions(old, old) == []
 
 
-def test_proto_and_stubs_ship_in_the_package():
-    shipped = importlib.resources.files("rotary.completion") / "worker.proto"
-    assert shipped.is_file()
-    assert shipped.read_text() == (ROOT / "completion" / "worker.proto").read_text()
-    # A client needs only grpcio and protobuf: importing the stubs loads no torch.
+def test_proto_and_stubs_ship_in_the_package(built_wheel, tmp_path):
+    """What ships, not the editable install (where the package's worker.proto *is* the source file,
+    so the comparison this test made before could not fail): the built wheel, unpacked apart from the
+    repository, holds the .proto and the stubs as in the source; the stubs import from there, and the
+    .proto is found as package data there. Fails if pyproject.toml's package data leaves out *.proto."""
+    import zipfile
+
+    wheel, _ = built_wheel
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    for name in ("worker.proto", "rpc/worker_pb2.py", "rpc/worker_pb2_grpc.py"):
+        shipped = unpacked / "rotary" / "completion" / name
+        assert shipped.is_file(), f"the wheel lacks rotary/completion/{name}"
+        assert shipped.read_bytes() == (ROOT / "completion" / name).read_bytes(), name
+    # A client needs only grpcio and protobuf: importing the shipped stubs loads no torch.
     code = (
-        "import sys; from rotary.completion.rpc import worker_pb2, worker_pb2_grpc; "
-        "assert worker_pb2_grpc.WorkerStub; print('torch' in sys.modules)"
+        "import importlib.resources, json, sys; from rotary.completion.rpc import worker_pb2, worker_pb2_grpc; "
+        "assert worker_pb2_grpc.WorkerStub; proto = importlib.resources.files('rotary.completion') / 'worker.proto'; "
+        "print(json.dumps([worker_pb2.__file__, str(proto), proto.is_file(), 'torch' in sys.modules]))"
     )
-    out = subprocess.run(python_command("-c", code), capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "False"
+    out = subprocess.run(python_command("-c", code), capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(unpacked)}).stdout
+    stubs, proto, proto_found, torch_loaded = json.loads(out)
+    assert Path(stubs).is_relative_to(unpacked) and Path(proto).is_relative_to(unpacked), (stubs, proto)
+    assert proto_found and not torch_loaded
 
 
 def test_language_ids_listed_in_the_proto_are_the_accepted_ones():

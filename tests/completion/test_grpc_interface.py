@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -57,10 +56,9 @@ def test_health_is_not_serving_while_loading_then_serving_then_not_serving_at_sh
     proc, address = spawn_worker(tmp_path)
     try:
         with grpc.insecure_channel(address) as channel:
-            # Answered at once while the model loads: the status never waits for the model.
-            started = time.monotonic()
+            # Answered while the model loads (NOT_SERVING is only said before the load ends): the status
+            # never waits for the model.
             assert check(channel) == NOT_SERVING and check(channel, "") == NOT_SERVING
-            assert time.monotonic() - started < 5
             assert not WorkerClient(address).stub.Health(pb.HealthRequest(), timeout=10).ready
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service="rotary.v1.Worker"), timeout=300

@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -58,10 +57,10 @@ def test_runs_in_a_temporary_directory_that_is_removed():
 
 
 def test_a_hanging_test_file_is_killed_at_the_timeout():
-    started = time.monotonic()
-    result = run_tests("m", MODULE, "import time\ntime.sleep(60)\n", timeout=2)
+    """The file sleeps for about a year: run_tests returns at all only because it killed it (a sandbox
+    that waited would hold this test until pytest-timeout fails it)."""
+    result = run_tests("m", MODULE, "import time\ntime.sleep(3e7)\n", timeout=2)
     assert result.timed_out and result.results == {}
-    assert time.monotonic() - started < 15
 
 
 def test_a_hanging_test_fails_alone():

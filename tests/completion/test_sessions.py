@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 import threading
 import time
 
@@ -17,8 +16,7 @@ import pytest
 from rotary.completion.client import WorkerClient
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc.access import SESSION_METADATA
-from tests.fakes import free_port
-from rotary.completion.rpc.launch import rotary_command
+from tests.conftest import spawn_worker
 
 pytestmark = pytest.mark.model
 
@@ -26,12 +24,8 @@ LEASE_S = 3
 
 
 @pytest.fixture(scope="module")
-def worker():
-    address = f"127.0.0.1:{free_port()}"
-    proc = subprocess.Popen(
-        rotary_command("--log-level", "warning", "worker", "--listen", address, "--session-lease", str(LEASE_S)),
-        stdin=subprocess.DEVNULL,
-    )
+def worker(tmp_path_factory):
+    proc, address = spawn_worker(tmp_path_factory.mktemp("sessions-worker"), "--session-lease", str(LEASE_S))
     client = WorkerClient(address)
     try:
         client.wait_ready(timeout=300)
@@ -136,9 +130,13 @@ def test_a_silent_session_loses_its_documents_after_the_lease(worker):
     open_doc(stub, alive, "file:///alive.py", "y = 2\n")
     open_doc(stub, "", "file:///no-session.py", "z = 3\n")  # a client naming no session: the same lease
     before = worker_stats(stub, alive)
-    deadline = time.monotonic() + LEASE_S + 4
-    while time.monotonic() < deadline:
-        stub.Health(pb.HealthRequest(), metadata=as_session(alive))  # what a daemon does every 2 s
+    # The alive session calls as a daemon does (Health every 2 s; here more often) until the worker has
+    # expired the two silent ones' documents: the counter, not the clock, says when the lease ran out.
+    # The 120 s: a guard against a worker that never expires them.
+    deadline = time.monotonic() + 120
+    while (after := worker_stats(stub, alive))["documents_expired"] < before["documents_expired"] + 2:
+        assert time.monotonic() < deadline, after
+        stub.Health(pb.HealthRequest(), metadata=as_session(alive))
         time.sleep(0.5)
     with pytest.raises(grpc.RpcError) as err:
         held(stub, silent, "file:///silent.py", 1)

@@ -24,7 +24,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ROTARY_EDITORS_CACHE") or Path(base) / "rotary-editors")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def npm() -> str:
     exe = shutil.which("npm")
     if not exe or not shutil.which("node"):
@@ -34,8 +34,8 @@ def npm() -> str:
     return exe
 
 
-def run(cmd: list[str], timeout: int, env: dict | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=EXT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def run(cmd: list[str], timeout: int, env: dict | None = None, cwd: Path = EXT) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     return out
@@ -46,11 +46,21 @@ def test_unit(npm):
     assert "# fail 0" in out and "# pass " in out, out
 
 
-def test_package_builds_a_small_vsix(npm):
-    for old in EXT.glob("*.vsix"):
-        old.unlink()
-    run([npm, "run", "package"], timeout=300)
-    vsix = next(EXT.glob("*.vsix"))
+@pytest.fixture(scope="session")
+def vsix(npm, tmp_path_factory) -> Path:
+    """The .vsix, built once per session in a temporary copy of editors/vscode (its node_modules
+    linked, not copied): nothing is written into the repository (no dist/, no .vsix there)."""
+    folder = tmp_path_factory.mktemp("vscode")
+    source = folder / "vscode"
+    shutil.copytree(EXT, source, ignore=shutil.ignore_patterns("node_modules", "dist", "out", "out-test", "*.vsix"))
+    (source / "node_modules").symlink_to(EXT / "node_modules", target_is_directory=True)
+    built = folder / "rotary.vsix"
+    run([npm, "run", "package", "--", "--out", str(built)], timeout=300, cwd=source)
+    assert built.is_file(), f"npm run package wrote no {built}"
+    return built
+
+
+def test_package_builds_a_small_vsix(vsix):
     assert vsix.stat().st_size < 1_000_000
     names = set(zipfile.ZipFile(vsix).namelist())
     assert "extension/dist/extension.js" in names
@@ -58,8 +68,9 @@ def test_package_builds_a_small_vsix(npm):
     assert not any("node_modules" in n or n.endswith(".ts") or "/test/" in n for n in names), names
 
 
-def run_e2e(scenario: str) -> tuple[str, Path]:
-    """editors/vscode/scripts/e2e.sh run, one scenario of e2e-driver.mjs; its output and artifacts folder."""
+def run_e2e(scenario: str, vsix: Path) -> tuple[str, Path]:
+    """editors/vscode/scripts/e2e.sh run, one scenario of e2e-driver.mjs, on the session's .vsix (the
+    script builds none then); its output and artifacts folder."""
     if not (cache_dir() / "code-server-4.100.3" / ".rotary-installed").exists() or not shutil.which("chromium"):
         pytest.skip("code-server/chromium not installed: editors/vscode/scripts/e2e.sh install")
     server = rotary_executable()
@@ -69,23 +80,23 @@ def run_e2e(scenario: str) -> tuple[str, Path]:
     out = run(
         [str(EXT / "scripts" / "e2e.sh"), "run"],
         timeout=900,
-        env={"ROTARY_SERVER": server, "ROTARY_ARTIFACTS": str(artifacts), "ROTARY_E2E_SCENARIO": scenario},
+        env={"ROTARY_SERVER": server, "ROTARY_ARTIFACTS": str(artifacts), "ROTARY_E2E_SCENARIO": scenario, "ROTARY_VSIX": str(vsix)},
     )
     assert "[driver] PASS" in out and "not ok" not in out, out
     return out, artifacts
 
 
 @pytest.mark.model
-def test_end_to_end_in_code_server(npm):
+def test_end_to_end_in_code_server(vsix):
     """Type, ghost text, Tab, accept word then Tab, the server's counters: every file compared
     byte for byte with the server's reply (from the language client's trace)."""
-    _, artifacts = run_e2e("basic")
+    _, artifacts = run_e2e("basic", vsix)
     assert (artifacts / "02-basic-ghost-text.png").exists()
 
 
 @pytest.mark.model
-def test_enter_then_accept_in_code_server(npm):
+def test_enter_then_accept_in_code_server(vsix):
     """Issue 7: Enter after `def add(a, b):` / `    with open(path) as f:` (VS Code's Python
     onEnter rule indents), Tab: the line is the editor's indentation followed by exactly the
     server's suggestion."""
-    run_e2e("indent")
+    run_e2e("indent", vsix)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from concurrent import futures
 
@@ -20,7 +21,11 @@ from rotary.lsp.server import worker_stats
 
 
 class SlowStats(pb_grpc.WorkerServicer):
+    def __init__(self):
+        self.entered = threading.Event()  # a Stats call is in flight on the server
+
     def Stats(self, request, context):
+        self.entered.set()
         deadline = time.monotonic() + 10
         while context.is_active() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -30,18 +35,26 @@ class SlowStats(pb_grpc.WorkerServicer):
 @pytest.fixture()
 def slow_worker():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_WorkerServicer_to_server(SlowStats(), server)
+    servicer = SlowStats()
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield f"127.0.0.1:{port}"
+    yield f"127.0.0.1:{port}", servicer.entered
     server.stop(0)
 
 
+async def in_flight(entered: threading.Event) -> None:
+    """Until the call has reached the server (an event, not a sleep that hopes it has)."""
+    assert await asyncio.to_thread(entered.wait, 30), "the Stats call never reached the server"
+
+
 def test_a_channel_closed_mid_call_is_an_answer_not_a_cancel(slow_worker):
+    address, entered = slow_worker
+
     async def run() -> dict:
-        channel = worker_channel(slow_worker, session="s")
+        channel = worker_channel(address, session="s")
         call = asyncio.ensure_future(worker_stats(pb_grpc.WorkerStub(channel)))
-        await asyncio.sleep(0.3)
+        await in_flight(entered)
         await channel.close()  # what the daemon's supervisor does when its worker dies
         return await asyncio.wait_for(call, timeout=5)
 
@@ -50,11 +63,13 @@ def test_a_channel_closed_mid_call_is_an_answer_not_a_cancel(slow_worker):
 
 
 def test_a_cancelled_request_still_propagates(slow_worker):
+    address, entered = slow_worker
+
     async def run() -> None:
-        channel = worker_channel(slow_worker, session="s")
+        channel = worker_channel(address, session="s")
         try:
             task = asyncio.ensure_future(worker_stats(pb_grpc.WorkerStub(channel)))
-            await asyncio.sleep(0.3)
+            await in_flight(entered)
             task.cancel()  # $/cancelRequest or shutdown: the request's own task
             await task
         finally:

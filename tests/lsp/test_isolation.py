@@ -25,11 +25,11 @@ from rotary.completion.service import WorkerService
 from rotary.lsp import sync as sync_mod
 from rotary.lsp.sync import DocumentSync, ack_matches, text_crc32
 from tests.fakes import FAKE_COMPLETION, start_worker
+from tests.listening import UNREACHABLE, wait_listening
 from tests.lsp.test_lsp_protocol import RawClient, inline, open_doc, start_daemon, stats, stop_daemon
 from tests.test_testgen_entrypoints import SOURCE, lsp_session, open_source
 from rotary.completion.rpc.launch import rotary_command
 
-UNREACHABLE = "127.0.0.1:9"
 SECRET = "AWS_SECRET_ACCESS_KEY_rotary_isolation = 'hunter2'\ndef leak_me_please():\n    return AWS"
 TEST_FILE_TEXT = "from clamp import clamp\n\n\ndef test_clamp_1():\n    assert clamp(5, 0, 3) == 3\n"
 
@@ -317,40 +317,28 @@ def test_a_too_large_did_change_is_reported_and_the_daemon_goes_on(daemon):
     assert inline(daemon, "file:///many.py", 1, 4)["result"]["items"][0]["insertText"] == FAKE_COMPLETION
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def connect(port: int, deadline: float) -> socket.socket:
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=30)
-        except OSError:
-            assert time.monotonic() < deadline, "the daemon never listened"
-            time.sleep(0.1)
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=30)
 
 
 def test_an_idle_tcp_session_is_closed_and_frees_the_slot():
     """Before: the first client on loopback (no token) kept the one `lsp --tcp` slot for as long as it
     stayed connected; there was no --idle-timeout. Here the daemon closes the silent session (the
     test waits for its end of stream) and the next editor gets the slot."""
-    port = free_port()
     proc = subprocess.Popen(
-        rotary_command("lsp", "--tcp", f"127.0.0.1:{port}", "--worker", UNREACHABLE, "--idle-timeout", "0.5"),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        rotary_command("lsp", "--tcp", "127.0.0.1:0", "--worker", UNREACHABLE, "--idle-timeout", "0.5"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        with connect(port, deadline) as first:
+        _, port, _ = wait_listening(proc)
+        with connect(port) as first:
             stream = first.makefile("rwb")
             assert initialize(RawClient(stream, stream))["capabilities"]["inlineCompletionProvider"] is not None
             silent = RawClient(stream, stream)
             with pytest.raises(EOFError):  # the daemon ends the silent session (after its status messages)
                 while True:
                     silent.read()
-        with connect(port, deadline) as second:
+        with connect(port) as second:
             stream = second.makefile("rwb")
             client = RawClient(stream, stream)
             assert initialize(client)["capabilities"]["inlineCompletionProvider"] is not None

@@ -1,6 +1,6 @@
 """The daemon speaking raw LSP (JSON-RPC framing by hand), without a model: negotiation, bad input, TCP.
 
-The worker address points at a closed port, so every completion must come back
+The worker address points where nothing can listen (tests/listening.py), so every completion must come back
 empty (no error), while everything else keeps working.
 """
 
@@ -13,8 +13,8 @@ import time
 
 import pytest
 from rotary.completion.rpc.launch import rotary_command
+from tests.listening import UNREACHABLE, wait_listening
 
-UNREACHABLE = "127.0.0.1:9"
 
 
 class RawClient:
@@ -171,23 +171,13 @@ def test_binary_and_huge_files_are_not_completed(daemon):
 
 
 def test_lsp_over_tcp():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.Popen(
-        rotary_command("lsp", "--tcp", f"127.0.0.1:{port}", "--worker", UNREACHABLE),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        rotary_command("lsp", "--tcp", "127.0.0.1:0", "--worker", UNREACHABLE),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "daemon never listened"
-                time.sleep(0.1)
-        with conn:
+        _, port, _ = wait_listening(proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
             stream = conn.makefile("rwb")
             client = RawClient(stream, stream)
             assert initialize(client)["capabilities"]["inlineCompletionProvider"] is not None

@@ -27,8 +27,6 @@ import asyncio
 import functools
 import os
 import signal
-import socket
-import subprocess
 
 import pytest
 import pytest_lsp
@@ -37,7 +35,7 @@ from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
 from rotary.completion.rpc.launch import rotary_command
 
-from tests.conftest import first_line, greedy_continuation
+from tests.conftest import first_line, greedy_continuation, spawn_worker
 
 pytestmark = [pytest.mark.model]
 
@@ -117,22 +115,12 @@ async def suggestion(client: LanguageClient, uri: str, text: str) -> str | None:
     return result.items[0].insert_text if result and result.items else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("cause", CAUSES)  # in this order: the workerAddress cause leaves the daemon on a worker it stops
-async def test_a_restart_resends_the_documents_through_the_restart_hook(client: LanguageClient, cause, model_dir):
+async def test_a_restart_resends_the_documents_through_the_restart_hook(client: LanguageClient, cause, model_dir, tmp_path):
     external = None
     if cause == "workerAddress setting":  # loads beside the daemon's own worker
-        address = f"127.0.0.1:{free_port()}"
-        external = subprocess.Popen(
-            rotary_command("--log-level", "warning", "worker", "--listen", address),
-            stdin=subprocess.DEVNULL,
-        )
+        external, address = spawn_worker(tmp_path)
     documents = {uri_of(cause, name): (name, text, edit) for name, (text, edit) in DOCUMENTS.items()}
     try:
         ready = lambda s: s["worker"]["state"] == "ready"  # noqa: E731

@@ -19,6 +19,7 @@
 #                         (default: the repo's .venv/bin/rotary, else `rotary` on PATH)
 #   ROTARY_E2E_TIMEOUT_S  how long to wait for ghost text (default 180: first load of the model)
 #   ROTARY_ARTIFACTS      where screenshots and logs go (default <repo>/artifacts/vscode-e2e)
+#   ROTARY_VSIX           a .vsix built already, installed instead of building one
 #   ROTARY_E2E_SCENARIO   basic (type, Tab, accept word, stats) or indent (Enter after a
 #                         Python block opener, then Tab: the line keeps the editor's
 #                         indentation) [basic]
@@ -109,6 +110,12 @@ install_all() {
 }
 
 build_vsix() {
+  # A .vsix built already (the test suite builds one per session, outside the repository): use it.
+  if [ -n "${ROTARY_VSIX:-}" ]; then
+    [ -f "$ROTARY_VSIX" ] || die "ROTARY_VSIX=$ROTARY_VSIX: no such file"
+    echo "$ROTARY_VSIX"
+    return
+  fi
   log "building the .vsix"
   cd "$EXT_DIR"
   if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then npm ci >/dev/null; fi
@@ -120,10 +127,6 @@ find_server() {
   if [ -n "${ROTARY_SERVER:-}" ]; then echo "$ROTARY_SERVER"; return; fi
   if [ -x "$REPO/.venv/bin/rotary" ]; then echo "$REPO/.venv/bin/rotary"; return; fi
   command -v rotary || die "no rotary executable (set ROTARY_SERVER)"
-}
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 
 CS_PID=""
@@ -151,7 +154,6 @@ run_test() {
   local vsix server port
   vsix="$(build_vsix)"
   server="$(find_server)"
-  port="$(free_port)"
   trap cleanup EXIT INT TERM
   WORK="$(mktemp -d "${TMPDIR:-/tmp}/rotary-vscode-e2e.XXXXXX")"
   mkdir -p "$WORK/home" "$WORK/ud/User" "$WORK/ext" "$WORK/project" "$ARTIFACTS"
@@ -191,15 +193,24 @@ JSON
   log "installing $vsix into code-server"
   node "$CS_DIR/out/node/entry.js" --user-data-dir "$WORK/ud" --extensions-dir "$WORK/ext" \
     --install-extension "$vsix" > "$ARTIFACTS/install.log" 2>&1 || { cat "$ARTIFACTS/install.log" >&2; die "extension install failed"; }
-  log "starting code-server on 127.0.0.1:$port"
+  log "starting code-server on 127.0.0.1, a port the OS picks"
   # --log trace: the Rotary output channel logs at trace level, so the language client
   # writes the LSP traffic there (rotary.trace.server above); the driver reads the
   # server's replies from it.
-  setsid node "$CS_DIR/out/node/entry.js" --auth none --bind-addr "127.0.0.1:$port" \
+  setsid node "$CS_DIR/out/node/entry.js" --auth none --bind-addr "127.0.0.1:0" \
     --disable-telemetry --disable-update-check --disable-workspace-trust --log trace \
     --user-data-dir "$WORK/ud" --extensions-dir "$WORK/ext" "$WORK/project" \
     > "$ARTIFACTS/code-server-$SCENARIO.log" 2>&1 &
   CS_PID=$!
+  # It says where it listens: "HTTP server listening on http://127.0.0.1:PORT/".
+  for _ in $(seq 1 240); do
+    port="$(sed -n 's|.*HTTP server listening on http://127\.0\.0\.1:\([0-9][0-9]*\)/.*|\1|p' "$ARTIFACTS/code-server-$SCENARIO.log" | head -1)"
+    [ -n "$port" ] && break
+    kill -0 "$CS_PID" 2>/dev/null || { cat "$ARTIFACTS/code-server-$SCENARIO.log" >&2; die "code-server exited"; }
+    sleep 0.5
+  done
+  [ -n "$port" ] || die "code-server never said where it listens"
+  log "code-server listens on 127.0.0.1:$port"
   for _ in $(seq 1 120); do
     if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" 2>/dev/null; then break; fi
     kill -0 "$CS_PID" 2>/dev/null || { cat "$ARTIFACTS/code-server-$SCENARIO.log" >&2; die "code-server exited"; }
