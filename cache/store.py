@@ -267,7 +267,7 @@ class KVStore:
             private_folder(self.spill_dir)
             for tmp in self.spill_dir.glob("*.msgpack.tmp*"):
                 pid = tmp.name.rsplit(".tmp", 1)[-1]
-                gone = not pid.isdigit() or not _alive(int(pid))
+                gone = not pid.isdigit() or not pid_alive(int(pid))
                 if gone or time.time() - tmp.stat().st_mtime > STALE_TMP_S:
                     tmp.unlink(missing_ok=True)
         except OSError as exc:
@@ -315,7 +315,9 @@ class KVStore:
         return next(key for key in unpinned if owners[key] == heaviest)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` still there (also when it belongs to another user)? The worker asks it of its
+    parent too (completion/service.py): the lowest package that needs it owns it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
