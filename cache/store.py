@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Callable
 import torch
 
 from .buffer import KVBuffer
+from .pids import pid_alive
 from .plan import DocumentTokens
 from .snapshot import SnapshotRefused, load_snapshot, private_folder, save_snapshot
 
@@ -313,15 +313,3 @@ class KVStore:
             held[owners[key]] += entry.nbytes()
         heaviest = max({owners[key] for key in unpinned}, key=held.__getitem__)
         return next(key for key in unpinned if owners[key] == heaviest)
-
-
-def pid_alive(pid: int) -> bool:
-    """Is process `pid` still there (also when it belongs to another user)? The worker asks it of its
-    parent too (completion/service.py): the lowest package that needs it owns it."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -27,6 +27,8 @@ from dataclasses import asdict
 
 import grpc
 
+from rotary.cache.pids import pid_alive
+
 from .documents import (
     Change,
     DocumentNotOpen,
@@ -645,8 +647,6 @@ def serve(
     if on_bound:
         on_bound(bound)
     try:
-        from rotary.cache.store import pid_alive  # not at the top: torch loads here, while Health already answers
-
         while not stop.is_set() and server.wait_for_termination(timeout=1.0):  # True: timed out, still serving
             if parent_pid and not pid_alive(parent_pid):
                 log.info("parent %s is gone; worker exits", parent_pid)
