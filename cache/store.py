@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Callable
 import torch
 
 from .buffer import KVBuffer
+from .pids import pid_alive
 from .plan import DocumentTokens
 from .snapshot import SnapshotRefused, load_snapshot, private_folder, save_snapshot
 
@@ -267,7 +267,7 @@ class KVStore:
             private_folder(self.spill_dir)
             for tmp in self.spill_dir.glob("*.msgpack.tmp*"):
                 pid = tmp.name.rsplit(".tmp", 1)[-1]
-                gone = not pid.isdigit() or not _alive(int(pid))
+                gone = not pid.isdigit() or not pid_alive(int(pid))
                 if gone or time.time() - tmp.stat().st_mtime > STALE_TMP_S:
                     tmp.unlink(missing_ok=True)
         except OSError as exc:
@@ -313,13 +313,3 @@ class KVStore:
             held[owners[key]] += entry.nbytes()
         heaviest = max({owners[key] for key in unpinned}, key=held.__getitem__)
         return next(key for key in unpinned if owners[key] == heaviest)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

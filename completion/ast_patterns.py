@@ -68,7 +68,8 @@ RECENT_LINES = 32  # lines per group whose literals are kept for guessing
 
 
 class UnsupportedLanguage(ValueError):
-    """A language with no tree-sitter grammar here."""
+    """A language with no tree-sitter grammar here (or its grammar is not installed): test generation's
+    INVALID_ARGUMENT, like a TestGenError."""
 
 
 def language_of(path: str, language_id: str = "") -> str:

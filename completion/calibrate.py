@@ -13,7 +13,7 @@ path) and measured on the other, never on the files it was fitted on:
 3. Controller: per exit layer a logistic regression on the hidden state predicting whether that
    layer's head agrees with the full model; the exit threshold is the lowest probability at
    which held-out exits still agree at the target rate.
-4. Abstention gate (completion/verdict.py): completion points on training files (the rest of a
+4. Abstention gate (completion/verdict.py scores it at run time; it is fitted here): completion points on training files (the rest of a
    line after a random cut) completed by the service; a logistic regression over the first
    line's token probabilities predicts whether the line is right; its threshold keeps at
    least `--min-shown` of completions while maximising the exact match of those shown.
@@ -27,14 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .rpc.wire import NO_CACHE, SINGLE_LINE
+from .verdict import CONTEXT_CHARS, Gate, auroc, line_features, measure
 
 DEFAULT_EXIT_LAYERS = (9, 14, 19, 24, 27)
 DEFAULT_RANK = 32
@@ -146,24 +151,6 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, steps: int = 300,
     return w.detach(), b.detach()
 
 
-def auroc(scores: list[float], labels: list[bool]) -> float:
-    """Area under the ROC curve (the probability a positive outranks a negative; ties count half)."""
-    pairs = sorted(zip(scores, labels))
-    positives = sum(labels)
-    negatives = len(labels) - positives
-    if not positives or not negatives:
-        return float("nan")
-    rank_sum, i = 0.0, 0
-    while i < len(pairs):
-        j = i
-        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
-            j += 1
-        average_rank = (i + j + 1) / 2  # ranks are 1-based
-        rank_sum += average_rank * sum(1 for _, label in pairs[i:j] if label)
-        i = j
-    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
-
-
 def exit_threshold(probs: torch.Tensor, agree: torch.Tensor, target: float) -> float:
     """The lowest controller probability at which the exits it allows agree with the full model at `target`."""
     order = torch.argsort(probs, descending=True)
@@ -173,6 +160,98 @@ def exit_threshold(probs: torch.Tensor, agree: torch.Tensor, target: float) -> f
     if len(ok) == 0:
         return 1.01  # never exit
     return float(probs[order][int(ok[-1])])
+
+
+@dataclass
+class Point:
+    features: list[float]
+    correct: bool  # the suggestion's first line equals the real rest of the line
+    suggestion: str
+    truth: str
+
+
+def completion_points(files: Sequence[Path], count: int, seed: int) -> list[tuple[str, int, str]]:
+    """(text up to the cursor, cursor offset, the real rest of the line) at random cuts inside lines of real code."""
+    rng = random.Random(seed)
+    points = []
+    order = list(files)
+    rng.shuffle(order)
+    for path in order:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        lines = text.split("\n")
+        candidates = [i for i, ln in enumerate(lines) if len(ln.strip()) >= 12 and i >= 5 and not ln.strip().startswith("#")]
+        if not candidates:
+            continue
+        i = rng.choice(candidates)
+        line = lines[i]
+        indent = len(line) - len(line.lstrip())
+        cut = rng.randint(indent + 2, len(line) - 3)
+        offset = sum(len(ln) + 1 for ln in lines[:i]) + cut
+        start = max(0, offset - CONTEXT_CHARS)
+        # The file ends at the cursor, as when the rest of the line is being typed: with the rest of
+        # the line still after the cursor, the stop rules (never repeat the text after the cursor)
+        # would rightly refuse to write it.
+        points.append((text[start:offset], offset - start, line[cut:].rstrip()))
+        if len(points) == count:
+            break
+    return points
+
+
+def collect_points(engine, files: Sequence[Path], count: int, seed: int, progress: Callable[[int], None] | None = None) -> list[Point]:
+    """Complete the rest of a line at random cuts through the service's path; record features and correctness."""
+    from .engine import CompletionOptions
+
+    points = []
+    options = CompletionOptions(max_tokens=32, mode=SINGLE_LINE, cache_mode=NO_CACHE, abstain_threshold=0.0)
+    for text, offset, truth in completion_points(files, count, seed):
+        chunks = list(engine.complete(None, text, offset, options))
+        suggestion = "".join(c.text for c in chunks)
+        points.append(Point(chunks[-1].features or line_features([], []), suggestion.strip() == truth.strip(), suggestion, truth))
+        if progress:
+            progress(1)
+    return points
+
+
+def fit_gate(fit: Sequence[Point], held: Sequence[Point], min_shown: float) -> tuple[dict, dict]:
+    """Fit the logistic gate on `fit`; pick the threshold on `fit`; report on `held` (AUROC, shown, EM)."""
+    x = torch.tensor([p.features for p in fit], dtype=torch.float32)
+    y = torch.tensor([p.correct for p in fit])
+    right = int(y.sum())
+    if right in (0, len(fit)) or not torch.isfinite(x).all():
+        raise ValueError(
+            f"abstention gate: {right} of {len(fit)} training completions were right and "
+            f"{'some' if not torch.isfinite(x).all() else 'no'} features were not finite; it needs both right and wrong "
+            "completions with finite features (more --points, or a corpus of ordinary code)"
+        )
+    with torch.enable_grad():
+        w, b = fit_logistic(x, y)
+    gate = Gate(w.tolist(), float(b), 0.0)
+    fit_scores = [gate.score(p.features) for p in fit]
+    gate.threshold = choose_threshold(fit_scores, [p.correct for p in fit], min_shown)
+    held_scores = [gate.score(p.features) for p in held]
+    report = {
+        "points_fit": len(fit),
+        "points_held_out": len(held),
+        "threshold": round(gate.threshold, 4),
+        **measure(held_scores, [p.correct for p in held], gate.threshold),
+    }
+    return gate.as_dict(), report
+
+
+def choose_threshold(scores: Sequence[float], correct: Sequence[bool], min_shown: float) -> float:
+    """The threshold that maximises the exact match of what is shown while showing at least `min_shown`."""
+    ranked = sorted(zip(scores, correct), reverse=True)
+    keep = max(1, math.ceil(min_shown * len(ranked)))
+    best, best_em = 0.0, -1.0
+    hits = 0
+    for i, (score, ok) in enumerate(ranked, 1):
+        hits += ok
+        if i >= keep and hits / i > best_em:
+            best, best_em = score, hits / i
+    return best
 
 
 def fit_exit_heads(args, runner, engine, train: list[Path], test: list[Path], report: dict):
@@ -238,7 +317,6 @@ def main(args, files: list[Path]) -> int:
     from rotary.models.runner import ModelRunner, configure_threads
 
     from .engine import CompletionEngine
-    from .verdict import collect_points, fit_gate
 
     configure_threads()
     torch.manual_seed(args.seed)

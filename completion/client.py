@@ -10,14 +10,7 @@ import grpc
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
 from .rpc.access import WORKER_CA_ENV, WORKER_TOKEN_ENV, sync_worker_channel
-
-MODES = {
-    "auto": pb.COMPLETION_MODE_AUTO,
-    "single_line": pb.COMPLETION_MODE_SINGLE_LINE,
-    "multi_line": pb.COMPLETION_MODE_MULTI_LINE,
-}
-
-CACHE_MODES = {"edit_aware": pb.CACHE_MODE_EDIT_AWARE, "prefix": pb.CACHE_MODE_PREFIX, "none": pb.CACHE_MODE_NONE}
+from .rpc.wire import AUTO, CACHE_MODE_BY_NAME, COMPLETION_MODE_BY_NAME, EDIT_AWARE
 
 
 class WorkerClient:
@@ -65,13 +58,15 @@ class WorkerClient:
     def close_document(self, uri: str) -> pb.DocumentAck:
         return self.stub.CloseDocument(pb.CloseDocumentRequest(uri=uri))
 
-    def complete(self, uri: str, version: int, offset: int, max_tokens: int = 0, mode: str = "auto", cache: str = "edit_aware"):
-        """Return (text, last chunk)."""
+    def complete(self, uri: str, version: int, offset: int, max_tokens: int = 0, mode: str = AUTO, cache: str = EDIT_AWARE):
+        """Return (text, last chunk); `mode` and `cache` are the engine's names (rpc/wire.py)."""
         request = pb.CompleteRequest(
             uri=uri,
             version=version,
             offset=offset,
-            options=pb.CompleteOptions(max_tokens=max_tokens, mode=MODES[mode], cache=CACHE_MODES[cache]),
+            options=pb.CompleteOptions(
+                max_tokens=max_tokens, mode=COMPLETION_MODE_BY_NAME[mode].wire, cache=CACHE_MODE_BY_NAME[cache].wire
+            ),
         )
         parts, last = [], None
         for chunk in self.stub.Complete(request):

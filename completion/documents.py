@@ -13,24 +13,22 @@ MAX_SESSION_CHARS), so one session cannot fill the worker for the others.
 Errors are typed so the gRPC layer can map each to a status code the daemon
 acts on (a version mismatch makes the daemon resend the whole document).
 
-One edit's work is bounded: at most MAX_CHANGES_PER_EDIT changes, and at most
-MAX_EDIT_WORK_CHARS characters copied while applying them (each change copies the
-text). Changes are applied outside the store's lock, and the result is kept only if
+A document holds at most MAX_DOCUMENT_CHARS characters, and one edit's work is bounded: at most
+MAX_CHANGES_PER_EDIT changes, and at most MAX_EDIT_WORK_CHARS characters copied while applying
+them (each change copies the text). These limits are the contract's (rpc/wire.py, which the
+daemon reads too). Changes are applied outside the store's lock, and the result is kept only if
 no other call replaced the document meanwhile, so a large edit never holds the lock.
 """
 
 from __future__ import annotations
 
 import threading
-import zlib
 from dataclasses import dataclass
 
-MAX_DOCUMENT_CHARS = 4_000_000  # larger files are refused; the daemon skips them too
-# The daemon sends far fewer (it resends the whole document past its own, smaller bounds).
-MAX_CHANGES_PER_EDIT = 10_000
-MAX_EDIT_WORK_CHARS = 256_000_000  # about 0.1 s of copying
-# All sessions' documents together: a bound on the worker's memory for text (a daemon sends at
-# most 2 M characters a document; dead daemons' documents are dropped by the lease).
+from .rpc.wire import MAX_CHANGES_PER_EDIT, MAX_DOCUMENT_CHARS, MAX_EDIT_WORK_CHARS
+
+# All sessions' documents together: a bound on the worker's memory for text (a document holds at
+# most MAX_DOCUMENT_CHARS, 2 M characters; dead daemons' documents are dropped by the lease).
 MAX_TOTAL_CHARS = 200_000_000
 MAX_DOCUMENTS = 10_000
 # One session's share of those: a daemon (or a `rotary complete` that never closed its files) cannot
@@ -244,8 +242,3 @@ def key_session(key: str) -> str | None:
     made (benchmarks, test generation's scratch caches), which belongs to no session."""
     session, sep, _ = key.partition("\x00")
     return session if sep else None
-
-
-def text_crc32(text: str) -> int:
-    """DocumentAck.crc32: CRC-32 of the text in UTF-8 (the daemon computes the same to compare)."""
-    return zlib.crc32(text.encode("utf-8", "surrogatepass"))

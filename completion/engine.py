@@ -32,8 +32,9 @@ from .decode import DEFAULT_DRAFT_TOKENS, Generation
 from .documents import key_session
 from .drafters import Drafter, NgramDrafter, NoDrafter, SpeculationPolicy, StepCosts, TokenSources
 from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
+from .rpc.wire import AUTO, EDIT_AWARE, NO_CACHE, PREFIX
 from .scheduler import RUN_RECORDED, Job, Scheduler
-from .stops import AUTO, StopRules
+from .stops import StopRules
 from .verdict import Gate
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ DRAFT_ROUND_BUDGET = 16
 COMPLETION_NGRAM_MIN = 3
 IDLE_SECONDS = 1.0  # background work waits this long after the last request
 
-EDIT_AWARE, PREFIX, NO_CACHE, CONFLICT = "edit_aware", "prefix", "none", "conflict"
+CONFLICT = "conflict"  # besides the contract's cache modes (rpc/wire.py): PIE without re-rotation, a benchmark baseline
 DRAFTERS = ("ngram", "none")
 
 __all__ = ["WINDOW_HOP", "CompletionEngine", "CompletionOptions", "CompletionStats", "Chunk"]

@@ -27,6 +27,8 @@ from dataclasses import asdict
 
 import grpc
 
+from rotary.cache.pids import pid_alive
+
 from .documents import (
     Change,
     DocumentNotOpen,
@@ -38,28 +40,16 @@ from .documents import (
     check_change_count,
     key_session,
     store_key,
-    text_crc32,
 )
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
 from .rpc.access import SESSION_METADATA, WorkerInterceptor, server_credentials, unix_socket_path
 from .rpc.access import is_local_address
+from .rpc.wire import AUTO, CACHE_MODE_BY_WIRE, COMPLETION_MODE_BY_WIRE, EDIT_AWARE, NO_CACHE, text_crc32
 from .standard_services import add_standard_services, report_load
 from .text_request import InvalidArgument, cache_uri, check_complete_text
 
 log = logging.getLogger(__name__)
-
-MODE_NAMES = {
-    pb.COMPLETION_MODE_AUTO: "auto",
-    pb.COMPLETION_MODE_SINGLE_LINE: "single_line",
-    pb.COMPLETION_MODE_MULTI_LINE: "multi_line",
-}
-
-CACHE_MODES = {
-    pb.CACHE_MODE_EDIT_AWARE: "edit_aware",
-    pb.CACHE_MODE_PREFIX: "prefix",
-    pb.CACHE_MODE_NONE: "none",
-}
 
 # A daemon calls Health every 2 s while its worker is ready: a session silent this long has gone
 # away (exited, killed, lost its connection), and its documents are dropped. A daemon that comes
@@ -131,7 +121,6 @@ class WorkerService(pb_grpc.WorkerServicer):
             "documents_expired": 0,
         }
         self._latencies_ms: list[float] = []
-        self.last_request = time.monotonic()
         self._counter_lock = threading.Lock()
 
     # -- model loading -----------------------------------------------------
@@ -260,12 +249,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         opts = request.options
         options = CompletionOptions(
             max_tokens=opts.max_tokens,
-            mode=MODE_NAMES.get(opts.mode, "auto"),
-            cache_mode=CACHE_MODES.get(opts.cache, "edit_aware"),
+            mode=COMPLETION_MODE_BY_WIRE[opts.mode].name if opts.mode in COMPLETION_MODE_BY_WIRE else AUTO,
+            cache_mode=CACHE_MODE_BY_WIRE[opts.cache].name if opts.cache in CACHE_MODE_BY_WIRE else EDIT_AWARE,
             refresh_window=self.refresh_window,
             **verdict_options(opts),
         )
-        self.last_request = time.monotonic()
         yield from self._relay(
             context, f"rotary-complete-{request.request_id}", "completion failed",
             lambda cancelled, out: self._run_completion(store_key(session, doc.uri), doc.text, session, request, options, cancelled, out),
@@ -314,7 +302,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def CompleteText(self, request, context):
         """Complete with no document: the text comes in the request (limits in worker.proto)."""
-        from .engine import MAX_TOKENS_LIMIT, NO_CACHE, CompletionOptions
+        from .engine import MAX_TOKENS_LIMIT, CompletionOptions
 
         try:
             check_complete_text(request, MAX_TOKENS_LIMIT)
@@ -325,16 +313,15 @@ class WorkerService(pb_grpc.WorkerServicer):
         opts = request.options
         options = CompletionOptions(
             max_tokens=opts.max_tokens,
-            mode=MODE_NAMES[opts.mode],
+            mode=COMPLETION_MODE_BY_WIRE[opts.mode].name,
             # Without a cache key nothing is kept: the engine neither reads nor stores a cache.
-            cache_mode=CACHE_MODES[opts.cache] if request.cache_key else NO_CACHE,
+            cache_mode=CACHE_MODE_BY_WIRE[opts.cache].name if request.cache_key else NO_CACHE,
             refresh_window=self.refresh_window,
             **verdict_options(opts),
         )
         # The caller's keys are its session's own: another session's same key is another cache.
         session = self._session(context)
         key = store_key(session, cache_uri(request.cache_key)) if request.cache_key else None
-        self.last_request = time.monotonic()
         yield from self._relay(
             context, f"rotary-complete-text-{request.request_id}", "completion failed",
             lambda cancelled, out: self._run_completion(key, request.text, session, request, options, cancelled, out),
@@ -344,18 +331,17 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def GenerateTests(self, request, context):
         """Tests for one function, streamed as each is finished (limits in worker.proto)."""
-        from .testgen import FocalNotFound, TestGenError, check_request, find_focal
+        from .testgen import FocalNotFound, TestGenError, UnsupportedLanguage, check_request, find_focal
 
         try:
             check_request(request)
             focal = find_focal(request.path, request.text, request.qualname, request.language_id)
         except FocalNotFound as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except TestGenError as exc:
+        except (TestGenError, UnsupportedLanguage) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.ready.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, self.load_message)
-        self.last_request = time.monotonic()
         yield from self._relay(
             context, f"rotary-tests-{request.request_id}", "test generation failed",
             lambda cancelled, out: self._run_test_generation(focal, request, cancelled, out),
@@ -662,7 +648,7 @@ def serve(
         on_bound(bound)
     try:
         while not stop.is_set() and server.wait_for_termination(timeout=1.0):  # True: timed out, still serving
-            if parent_pid and not _alive(parent_pid):
+            if parent_pid and not pid_alive(parent_pid):
                 log.info("parent %s is gone; worker exits", parent_pid)
                 break
             service.expire_sessions()
@@ -673,13 +659,3 @@ def serve(
         health.enter_graceful_shutdown()
         server.stop(grace=0.5)
         service.flush_snapshots()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
+from .rpc.wire import AUTO, MULTI_LINE, SINGLE_LINE
 
-SINGLE_LINE = "single_line"
-MULTI_LINE = "multi_line"
-AUTO = "auto"
+BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
 
 
 def bracket_depth(text: str) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Callable, Iterator, Sequence
 
-from .ast_patterns import AstPatternDrafter, DraftRecord, language_of, parser
+from .ast_patterns import AstPatternDrafter, DraftRecord, UnsupportedLanguage, language_of, parser
 from .drafters import NgramDrafter, NoDrafter
 from .prompt import Prompt
 
@@ -79,10 +79,6 @@ class FocalNotFound(TestGenError):
     code = "NOT_FOUND"
 
 
-class UnsupportedLanguage(TestGenError):
-    """A file in a language without a grammar."""
-
-
 @dataclass
 class Focal:
     """The function tests are generated for."""
@@ -105,7 +101,7 @@ class Focal:
 
 def check_request(request) -> None:
     """The limits of a GenerateTestsRequest (worker.proto); a broken one raises TestGenError naming the field."""
-    from .documents import MAX_DOCUMENT_CHARS
+    from .rpc.wire import MAX_DOCUMENT_CHARS
 
     if not request.text:
         raise TestGenError("text: empty (the source file's text is needed)")
@@ -129,14 +125,11 @@ def check_request(request) -> None:
 
 
 def find_focal(path: str, text: str, qualname: str, language_id: str = "") -> Focal:
-    """The focal function `qualname` in `text` (the file at `path`); raises a TestGenError naming the problem."""
-    from .ast_patterns import UnsupportedLanguage as NoGrammar
-
+    """The focal function `qualname` in `text` (the file at `path`); raises a TestGenError or an
+    UnsupportedLanguage (a language without a grammar here) naming the problem."""
     try:
         language = language_of(path, language_id)
         parser(language)
-    except NoGrammar as exc:
-        raise UnsupportedLanguage(str(exc)) from None
     except ImportError as exc:  # the grammar wheel is missing
         raise UnsupportedLanguage(f"the tree-sitter grammar for {language_id or path} is not installed ({exc})") from None
     qualname = qualname.strip()

@@ -7,8 +7,9 @@ The limits are documented on CompleteTextRequest in worker.proto.
 
 from __future__ import annotations
 
-from .documents import CACHE_KEY_PREFIX, MAX_DOCUMENT_CHARS
+from .documents import CACHE_KEY_PREFIX
 from .rpc import worker_pb2 as pb
+from .rpc.wire import MAX_DOCUMENT_CHARS
 
 # The LSP specification's well-known language ids ("rebase" is how its meta model spells
 # git-rebase), "plaintext", and a few common ids it lacks. worker.proto lists the same set

@@ -10,18 +10,21 @@ returns no completion and says so ("abstained"), and the daemon shows it in its 
 stats. The threshold is a setting (0 turns abstention off). While the first line is still being
 written, `Gate.best_score` bounds the score of every way it could end: once even that is below the
 threshold, decoding stops there with the same verdict (one very unlikely token usually settles it).
+
+This module holds the gate as the worker runs it (its features and score, read from the
+calibration artifact) and how a gate's scores are measured (pure Python; the benchmark uses it
+too). Fitting the gate is completion/calibrate.py's, which imports this module, never the reverse.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-# Characters of context before a completion point: about 500 tokens, so calibration stays minutes on 2 cores.
+# Characters of context before a completion point when the gate is fitted (calibrate.py) or measured
+# (bench/exit.py): about 500 tokens, so calibration stays minutes on 2 cores.
 CONTEXT_CHARS = 1500
 
 FEATURES = ("mean_logprob", "min_logprob", "first_logprob", "mean_margin", "low_prob_frac", "log_tokens")
@@ -96,105 +99,25 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))  # clamped: an infinite z is a sure 0 or 1
 
 
-@dataclass
-class Point:
-    features: list[float]
-    correct: bool  # the suggestion's first line equals the real rest of the line
-    suggestion: str
-    truth: str
-
-
-def completion_points(files: Sequence[Path], count: int, seed: int) -> list[tuple[str, int, str]]:
-    """(text up to the cursor, cursor offset, the real rest of the line) at random cuts inside lines of real code."""
-    rng = random.Random(seed)
-    points = []
-    order = list(files)
-    rng.shuffle(order)
-    for path in order:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        lines = text.split("\n")
-        candidates = [i for i, ln in enumerate(lines) if len(ln.strip()) >= 12 and i >= 5 and not ln.strip().startswith("#")]
-        if not candidates:
-            continue
-        i = rng.choice(candidates)
-        line = lines[i]
-        indent = len(line) - len(line.lstrip())
-        cut = rng.randint(indent + 2, len(line) - 3)
-        offset = sum(len(ln) + 1 for ln in lines[:i]) + cut
-        start = max(0, offset - CONTEXT_CHARS)
-        # The file ends at the cursor, as when the rest of the line is being typed: with the rest of
-        # the line still after the cursor, the stop rules (never repeat the text after the cursor)
-        # would rightly refuse to write it.
-        points.append((text[start:offset], offset - start, line[cut:].rstrip()))
-        if len(points) == count:
-            break
-    return points
-
-
-def collect_points(engine, files: Sequence[Path], count: int, seed: int, progress: Callable[[int], None] | None = None) -> list[Point]:
-    """Complete the rest of a line at random cuts through the service's path; record features and correctness."""
-    from .engine import CompletionOptions
-
-    points = []
-    options = CompletionOptions(max_tokens=32, mode="single_line", cache_mode="none", abstain_threshold=0.0)
-    for text, offset, truth in completion_points(files, count, seed):
-        chunks = list(engine.complete(None, text, offset, options))
-        suggestion = "".join(c.text for c in chunks)
-        points.append(Point(chunks[-1].features or line_features([], []), suggestion.strip() == truth.strip(), suggestion, truth))
-        if progress:
-            progress(1)
-    return points
-
-
-def fit_gate(fit: Sequence[Point], held: Sequence[Point], min_shown: float) -> tuple[dict, dict]:
-    """Fit the logistic gate on `fit`; pick the threshold on `fit`; report on `held` (AUROC, shown, EM)."""
-    import torch
-
-    from .calibrate import auroc, fit_logistic
-
-    x = torch.tensor([p.features for p in fit], dtype=torch.float32)
-    y = torch.tensor([p.correct for p in fit])
-    right = int(y.sum())
-    if right in (0, len(fit)) or not torch.isfinite(x).all():
-        raise ValueError(
-            f"abstention gate: {right} of {len(fit)} training completions were right and "
-            f"{'some' if not torch.isfinite(x).all() else 'no'} features were not finite; it needs both right and wrong "
-            "completions with finite features (more --points, or a corpus of ordinary code)"
-        )
-    with torch.enable_grad():
-        w, b = fit_logistic(x, y)
-    gate = Gate(w.tolist(), float(b), 0.0)
-    fit_scores = [gate.score(p.features) for p in fit]
-    gate.threshold = choose_threshold(fit_scores, [p.correct for p in fit], min_shown)
-    held_scores = [gate.score(p.features) for p in held]
-    report = {
-        "points_fit": len(fit),
-        "points_held_out": len(held),
-        "threshold": round(gate.threshold, 4),
-        **measure(held_scores, [p.correct for p in held], gate.threshold),
-    }
-    return gate.as_dict(), report
-
-
-def choose_threshold(scores: Sequence[float], correct: Sequence[bool], min_shown: float) -> float:
-    """The threshold that maximises the exact match of what is shown while showing at least `min_shown`."""
-    ranked = sorted(zip(scores, correct), reverse=True)
-    keep = max(1, math.ceil(min_shown * len(ranked)))
-    best, best_em = 0.0, -1.0
-    hits = 0
-    for i, (score, ok) in enumerate(ranked, 1):
-        hits += ok
-        if i >= keep and hits / i > best_em:
-            best, best_em = score, hits / i
-    return best
+def auroc(scores: list[float], labels: list[bool]) -> float:
+    """Area under the ROC curve (the probability a positive outranks a negative; ties count half)."""
+    pairs = sorted(zip(scores, labels))
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    if not positives or not negatives:
+        return float("nan")
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        average_rank = (i + j + 1) / 2  # ranks are 1-based
+        rank_sum += average_rank * sum(1 for _, label in pairs[i:j] if label)
+        i = j
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def measure(scores: Sequence[float], correct: Sequence[bool], threshold: float) -> dict:
-    from .calibrate import auroc
-
     shown = [ok for s, ok in zip(scores, correct) if s >= threshold]
     return {
         "auroc": round(auroc(list(scores), list(correct)), 4),

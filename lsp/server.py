@@ -59,20 +59,16 @@ from pygls.uris import to_fs_path
 
 import rotary
 from rotary.completion.rpc import worker_pb2 as pb
+from rotary.completion.rpc.wire import COMPLETION_MODE_BY_NAME, DECODING_MODE_BY_SETTING, SINGLE_LINE, text_crc32
 
 from .positions import UTF8, UTF16, offset_at, position_at
 from .settings import Settings, parse_settings
-from .sync import DocumentSync, text_crc32, wire_text
+from .sync import DocumentSync, wire_text
 from .testgen import function_at, new_test_file_uri
 from .worker import LOADING, READY, STARTING, STOPPED, WorkerConnection
 
 log = logging.getLogger(__name__)
 
-MODES = {
-    "auto": pb.COMPLETION_MODE_AUTO,
-    "single_line": pb.COMPLETION_MODE_SINGLE_LINE,
-    "multi_line": pb.COMPLETION_MODE_MULTI_LINE,
-}
 COMPLETION_TIMEOUT_S = 60
 # An explicitly invoked request made while the model loads waits this long for it (automatic ones do not wait).
 INVOKED_WAIT_S = 30
@@ -434,6 +430,7 @@ class RotaryServer(LanguageServer):
                 if copy.pending or self.latest_request.get(uri) != number:
                     self.counters["superseded"] += 1
                     return None  # the text moved on while we flushed; a newer request will come
+                decoding = DECODING_MODE_BY_SETTING[self.settings.decodingMode]
                 call = stub.Complete(
                     pb.CompleteRequest(
                         uri=uri,
@@ -442,10 +439,10 @@ class RotaryServer(LanguageServer):
                         request_id=str(number),
                         options=pb.CompleteOptions(
                             max_tokens=self.settings.maxTokens,
-                            mode=MODES[mode],
+                            mode=COMPLETION_MODE_BY_NAME[mode].wire,
                             cache=pb.CACHE_MODE_EDIT_AWARE if self.settings.editAwareCache else pb.CACHE_MODE_PREFIX,
-                            early_exit=self.settings.decodingMode == "earlyExit",
-                            plain_decoding=self.settings.decodingMode == "plain",
+                            early_exit=decoding.early_exit,
+                            plain_decoding=decoding.plain_decoding,
                             # Negative: the threshold calibrated for the model (the field left unset).
                             **({"abstain_threshold": self.settings.abstainThreshold} if self.settings.abstainThreshold >= 0 else {}),
                             **({"exit_threshold": self.settings.exitThreshold} if self.settings.exitThreshold >= 0 else {}),
@@ -790,7 +787,7 @@ def create_server(worker_address: str = "", model: str = "", **options) -> Rotar
     async def completion(ls: RotaryServer, params: types.CompletionParams):
         # No waiting for a loading model here: clients send "Invoked" for ordinary typing too (LSP's
         # CompletionTriggerKind.Invoked covers 24x7 completion), and time the request out.
-        result = await ls.complete(params.text_document.uri, params.position, "single_line")
+        result = await ls.complete(params.text_document.uri, params.position, SINGLE_LINE)
         if result is None:
             return types.CompletionList(is_incomplete=True, items=[])
         text, _stats = result

@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-COMPLETION_MODES = ("auto", "singleLine", "multiLine")
-DECODING_MODES = ("lossless", "earlyExit", "plain")
+from rotary.completion.rpc.wire import COMPLETION_MODE_BY_SETTING, DECODING_MODE_BY_SETTING
+
+# The values of completionMode and decodingMode: their settings' spellings in the one table of modes.
+COMPLETION_MODES = tuple(COMPLETION_MODE_BY_SETTING)
+DECODING_MODES = tuple(DECODING_MODE_BY_SETTING)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class Settings:
     exitThreshold: float = -1.0
 
     def worker_mode(self) -> str:
-        return {"auto": "auto", "singleLine": "single_line", "multiLine": "multi_line"}[self.completionMode]
+        """completionMode as the worker's engine names it."""
+        return COMPLETION_MODE_BY_SETTING[self.completionMode].name
 
 
 _LIMITS = {"maxTokens": (1, 512), "debounceMs": (0, 5000), "abstainThreshold": (-1.0, 1.0), "exitThreshold": (-1.0, 1.0)}

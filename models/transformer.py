@@ -33,10 +33,9 @@ from typing import Any, Literal, NamedTuple, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from .loader import COMPOSABLE_ROPE_TYPES
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-# RoPE types whose inverse frequencies are fixed at load time ("dynamic" NTK and "longrope"
-# recompute them from the sequence length in every forward).
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 Logits = Literal["last", "all"] | None
 
@@ -138,7 +137,7 @@ def supports(hf_model: Any) -> tuple[bool, str]:
     if inv_freq is None:
         return False, "no rotary embedding with inv_freq found at model.rotary_emb"
     rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
+    if rope_type not in COMPOSABLE_ROPE_TYPES:  # "dynamic", "longrope": frequencies recomputed per forward
         return False, f"RoPE type {rope_type!r} recomputes its frequencies per sequence length"
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     if 2 * inv_freq.numel() != head_dim:

@@ -11,9 +11,8 @@ import logging
 import os
 import sys
 
-from rotary.completion.rpc.launch import rotary_command
-
-DEFAULT_LISTEN = "127.0.0.1:50151"
+from rotary.completion.rpc.launch import DEFAULT_LISTEN, private_socket, spawn_worker
+from rotary.completion.rpc.wire import AUTO, COMPLETION_MODE_BY_NAME
 
 
 def _setup_logging(level: str, stream=None) -> None:
@@ -196,7 +195,7 @@ def cmd_tests(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from pathlib import Path
 
-    from rotary.completion.testgen import TestGenError, find_focal, layout
+    from rotary.completion.testgen import TestGenError, UnsupportedLanguage, find_focal, layout
 
     def fail(message: str) -> int:
         print(f"rotary tests: {message}", file=sys.stderr)
@@ -212,7 +211,7 @@ def cmd_tests(args: argparse.Namespace) -> int:
         return fail(f"cannot read {path}: {exc}")
     try:
         focal = find_focal(str(path), text, qualname, args.language or "")
-    except TestGenError as exc:
+    except (TestGenError, UnsupportedLanguage) as exc:
         return fail(str(exc))
     if not 1 <= args.count <= 20:
         return fail(f"-n {args.count}: between 1 and 20 tests")
@@ -331,15 +330,9 @@ def _check_tests(source: Path, text: str, out: Path, test_text: str, allow_netwo
 
 
 def _spawn_worker(model: str | None):
-    """Start a private worker on a unix socket (for one-shot commands)."""
-    import subprocess
-    import tempfile
-
-    address = f"unix:{tempfile.mkdtemp(prefix='rotary-')}/worker.sock"
-    cmd = rotary_command("worker", "--listen", address, "--parent-pid", str(os.getpid()))
-    if model:
-        cmd += ["--model", model]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL), address
+    """Start a private worker on a unix socket (for one-shot commands): (process, address)."""
+    _, address = private_socket()
+    return spawn_worker(address, model), address
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -477,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--worker", default=None, metavar="ADDR", help="use a running worker (default: start one)")
     c.add_argument("--model", default=None)
     c.add_argument("--max-tokens", type=int, default=64)
-    c.add_argument("--mode", choices=("auto", "single_line", "multi_line"), default="auto")
+    c.add_argument("--mode", choices=tuple(COMPLETION_MODE_BY_NAME), default=AUTO)
     c.add_argument("-v", "--verbose", action="store_true", help="print the stop reason and stats to stderr")
     c.set_defaults(func=cmd_complete)
 

@@ -10,15 +10,13 @@ connect an editor.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from rotary.cli import DEFAULT_LISTEN as DEMO_WORKER
-from rotary.completion.rpc.launch import rotary_command
+from rotary.completion.rpc.launch import DEFAULT_LISTEN, rotary_command, spawn_worker
 
 # Ends mid-statement on purpose (the demo types the rest), so it is not a .py file of the package.
 SAMPLE = Path(__file__).parent / "samples" / "inventory.py.in"
@@ -100,7 +98,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def run_demo(serve_after: bool = True, model: str | None = None, listen: str = DEMO_WORKER) -> int:
+def run_demo(serve_after: bool = True, model: str | None = None, listen: str = DEFAULT_LISTEN) -> int:
     """Ctrl-C, SIGTERM and SIGHUP all end the demo through its `finally`, which stops the worker;
     the worker also watches this process (--parent-pid), so even a SIGKILL leaves no worker behind."""
     from rotary.completion.client import WorkerClient
@@ -108,10 +106,7 @@ def run_demo(serve_after: bool = True, model: str | None = None, listen: str = D
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, _interrupt)
     _say(f"Rotary demo: starting the model worker on {listen} (embedded model unless --model)")
-    cmd = rotary_command("--log-level", "warning", "worker", "--listen", listen, "--parent-pid", str(os.getpid()))
-    if model:
-        cmd += ["--model", model]
-    worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    worker = spawn_worker(listen, model, log_level="warning")
     try:
         client = WorkerClient(listen)
         try:

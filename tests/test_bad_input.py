@@ -36,7 +36,7 @@ import pytest
 
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
-from rotary.lsp.sync import text_crc32
+from rotary.completion.rpc.wire import text_crc32
 from tests.fakes import FAKE_COMPLETION, start_worker
 from tests.lsp.test_lsp_protocol import RawClient, initialize, inline, open_doc, start_daemon, stats, stop_daemon
 

@@ -85,8 +85,9 @@ class WorkerServicer:
         rotary-session metadata; none: the session ""): no session's text changes
         another's completions. INVALID_ARGUMENT for a uri starting with
         "cache-key:" (kept for CompleteText's caches; so for every document call);
-        RESOURCE_EXHAUSTED past a session's share of the worker's documents or
-        characters, or the worker's own bounds.
+        RESOURCE_EXHAUSTED for a text over 2,000,000 code points (the daemon never
+        sends one), past a session's share of the worker's documents or characters,
+        or past the worker's own bounds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,7 +96,9 @@ class WorkerServicer:
     def EditDocument(self, request, context):
         """Apply text changes to a tracked document. FAILED_PRECONDITION when
         base_version is not the worker's version (resend with OpenDocument);
-        NOT_FOUND when the uri is not open; OUT_OF_RANGE for offsets past the text.
+        NOT_FOUND when the uri is not open; OUT_OF_RANGE for offsets past the text;
+        RESOURCE_EXHAUSTED when the text would pass 2,000,000 code points, or for
+        more than 10,000 changes in one edit (nothing is changed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -80,7 +80,7 @@ def test_an_edit_that_loses_a_race_changes_nothing():
 def test_crc32_of_the_text():
     import zlib
 
-    from rotary.completion.documents import text_crc32
+    from rotary.completion.rpc.wire import text_crc32
 
     assert text_crc32("é😀") == zlib.crc32("é😀".encode())
 

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from rotary.completion.client import WorkerClient
 from rotary.completion.rpc import worker_pb2 as pb
+from rotary.completion.rpc.wire import MAX_DOCUMENT_CHARS
 from tests.conftest import spawn_worker, stop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,7 +236,7 @@ def test_cache_key_reuses_work_on_a_growing_text(worker):
         ({"text": "x = 1", "offset": 6}, "offset"),
         ({"text": "x = 1", "offset": -1}, "offset"),
         ({"text": "", "offset": 0}, "text"),
-        ({"text": "x" * 4_000_001, "offset": 0}, "text"),
+        ({"text": "x" * (MAX_DOCUMENT_CHARS + 1), "offset": 0}, "text"),
         ({"text": "x = 1", "offset": 5, "language_id": "cobol-85"}, "language_id"),
         ({"text": "x = 1", "offset": 5, "options": pb.CompleteOptions(max_tokens=513)}, "options.max_tokens"),
         ({"text": "x = 1", "offset": 5, "options": pb.CompleteOptions(max_tokens=-1)}, "options.max_tokens"),

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rotary.completion.calibrate import auroc
-from rotary.completion.verdict import FEATURES, Gate, choose_threshold, line_features, measure
+from rotary.completion.calibrate import choose_threshold
+from rotary.completion.verdict import FEATURES, Gate, auroc, line_features, measure
 from tests.conftest import rotary_engine
 
 

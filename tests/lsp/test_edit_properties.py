@@ -25,7 +25,7 @@ from rotary.bench.soak import (
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.lsp import sync as sync_module
 from rotary.lsp.positions import offset_at, position_at
-from rotary.lsp.sync import MAX_PENDING_CHANGES, DocumentSync, text_crc32
+from rotary.lsp.sync import MAX_PENDING_CHANGES, DocumentSync
 
 TEXT, ENCODING, OPS = strategies()
 URI = "file:///p.py"
@@ -133,13 +133,6 @@ def test_an_acknowledgement_that_does_not_match_resends_the_document():
 
     sync, worker = asyncio.run(run())
     assert sync.drifts == 1 and worker.text(URI) == "aQbc" == sync.docs[URI].text
-
-
-def test_crc32_is_the_workers():
-    from rotary.completion.documents import text_crc32 as worker_crc32
-
-    for text in ("", "abc", "é😀\r\n"):
-        assert text_crc32(text) == worker_crc32(text)
 
 
 def test_a_lone_surrogate_from_the_client_reaches_the_worker_as_a_replacement_character():

@@ -21,9 +21,10 @@ from lsprotocol import types
 
 from rotary.completion.rpc import access
 from rotary.completion.rpc import worker_pb2 as pb
+from rotary.completion.rpc.wire import text_crc32
 from rotary.completion.service import WorkerService
 from rotary.lsp import sync as sync_mod
-from rotary.lsp.sync import DocumentSync, ack_matches, text_crc32
+from rotary.lsp.sync import DocumentSync, ack_matches
 from tests.fakes import FAKE_COMPLETION, start_worker
 from tests.listening import UNREACHABLE, wait_listening
 from tests.lsp.test_lsp_protocol import RawClient, inline, open_doc, start_daemon, stats, stop_daemon
