@@ -127,9 +127,9 @@ def healed_split(text_before: str, tokenizer=None) -> tuple[list[int], str]:
     or the whole context; none of that is documented behaviour, so a text that would meet one of
     those limits is outside this oracle: it says so (AssertionError) rather than guess.
 
-    Mutation check (2026-12-07): `heal_length` in completion/prompt.py returning 1 (one token back
-    whatever the run) fails tests/completion/test_healing.py::test_the_model_sees_the_text_before_the_trailing_run
-    ("x = retu" is " re" + "tu"; one token back leaves " re" in the context).
+    Mutation check (2026-12-07): `heal_length` in completion/prompt.py returning `min(taken, 1)` (one
+    token back whatever the run) fails tests/completion/test_healing.py::test_the_model_sees_the_text_before_the_trailing_run
+    ("    retu" ends in " ret" + "u": one token back leaves " ret" in the context).
     """
     from rotary.completion.prompt import MAX_HEAL_CHARS, MAX_HEAL_TOKENS
 
@@ -217,7 +217,8 @@ def greedy_continuation(
     generation (default: SmolLM2's <|endoftext|>, <|im_end|> and <file_sep>).
 
     Mutation check (2026-12-07): completion/prompt.py `forbidden_after` returning "" (whitespace
-    allowed after the auto-indent) fails tests/completion/test_healing.py::test_suggestion_equals_independent_oracle.
+    allowed after the auto-indent) fails tests/completion/test_healing.py::test_suggestion_equals_independent_oracle
+    (its CRLF case: the engine then suggests "    a += b" after the editor's indentation).
     """
     import torch
 

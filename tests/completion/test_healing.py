@@ -51,8 +51,9 @@ def test_the_model_sees_the_text_before_the_trailing_run(before, after):
     """The documented split (tests/conftest.py `healed_split`): the model sees the tokenizer's own tokens up to
     the trailing run of whitespace, word or operator characters, and the rest is written again.
 
-    Mutation check (2026-12-07): completion/prompt.py `heal_length` returning 1 fails the "retu" case
-    (the context keeps " re"); taking back one token more than the run needs fails every case."""
+    Mutation checks (2026-12-07): completion/prompt.py `heal_length` returning `min(taken, 1)` fails the
+    "retu" case (" ret" + "u": the context keeps " ret"); returning one token more than the run needs
+    fails the first case (the context loses "):")."""
     prompt = engine().build_context(before + after, len(before), 32)
     ids, heal = healed_split(before)
     assert (prompt.ids, prompt.heal) == (ids, heal)
