@@ -247,7 +247,10 @@ def test_cached_token_ids_after_random_edits_equal_the_tokenizers(loaded_service
     """The document is completed at its end after every flush, so its KV cache follows the edits
     (edit-aware plans); each time, the ids the cache holds for the context are the tokenizer's ids
     of the worker's text, less the tokens taken back for healing (however many: healing has tests
-    of its own, tests/completion/test_healing.py), and those read as the text less the healed text."""
+    of its own, tests/completion/test_healing.py), and those read as the text less the healed text.
+
+    Mutation check (2026-12-07): completion/engine.py build_context decoding the healed text from one
+    token later (a character dropped) fails it ('aa' against 'aaa')."""
     from rotary.completion.engine import CompletionOptions
     from tests.conftest import reference_tokenizer
 
