@@ -101,10 +101,15 @@ def line_prefix(text_before: str) -> str:
     return text_before[start:]
 
 
+def line_rest(text_after: str) -> str:
+    """The text between the cursor and the end of its line (LSP line breaks: \\n, \\r\\n, \\r)."""
+    ends = [i for i in (text_after.find("\n"), text_after.find("\r")) if i >= 0]
+    return text_after[: min(ends)] if ends else text_after
+
+
 def forbidden_after(text_before: str, text_after: str) -> str:
     """What the suggestion may not start with, given where the cursor is."""
-    rest_of_line = text_after.split("\n", 1)[0].strip()
-    if rest_of_line:
+    if line_rest(text_after).strip():
         return ""
     prefix = line_prefix(text_before)
     if prefix and not prefix.strip():

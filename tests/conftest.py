@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import string
 import sys
 from pathlib import Path
 
@@ -92,46 +94,105 @@ def rotary_engine():
     return CompletionEngine(rotary_runner(), KVStore())
 
 
-def _char_class(ch: str) -> int:
-    return 0 if ch.isspace() else 1 if (ch.isalnum() or ch == "_") else 2
+# -- the oracle: documented behaviour, stated without Rotary's code ------------------------------------
+#
+# What a suggestion must be, from docs/ARCHITECTURE.md ("One keystroke" step 4, "What the editor inserts"):
+# - token healing: the end of the text before the cursor (the trailing run of whitespace, word or operator
+#   characters) is taken back; the model sees the tokens before it and first writes it again, under a
+#   constraint, so the text before the cursor plus the suggestion neither repeats nor drops a character;
+# - after the editor's auto-indentation the suggestion starts with a non-whitespace character; at column 0
+#   of an empty line it may start with indentation but not with a line break;
+# - with FIM tokens and code after the cursor the prompt is prefix-suffix-middle (StarCoder's PSM form);
+# - a context longer than the window keeps its last tokens from a multiple of the 256-token window hop.
+
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"  # StarCoder / SmolLM2 names
+WINDOW_HOP = 256  # docs/ARCHITECTURE.md step 4
 
 
-def healing_split(ids: list[int], text_before: str, tokenizer=None, texts: tuple[str, ...] | None = None) -> int:
-    """The documented healing rule, stated here on its own: how many trailing tokens to take back.
+def trailing_run(text: str) -> str:
+    """The trailing run of whitespace, of word characters (letters, digits, `_`) or of other characters
+    (operators, punctuation) that ends `text`: what token healing takes back (docs/ARCHITECTURE.md step 4)."""
+    match = re.search(r"(\s+|\w+|[^\s\w]+)\Z", text)
+    return match.group() if match else ""
 
-    Whole tokens come off the end until their text covers the trailing run of characters of the
-    last character's class (whitespace, word characters, anything else), at least one, at most
-    6 tokens and 48 characters; never a special token or one that is part of a character, and
-    never the whole context. `tokenizer` and `texts` (its token texts): another model's; by
-    default the embedded model's.
+
+def healed_split(text_before: str, tokenizer=None) -> tuple[list[int], str]:
+    """(what the model sees, the text it must first write again) for the text before the cursor.
+
+    The tokenizer's own tokens of `text_before`, less every token that holds a character of its
+    trailing run (so a partial word, an indentation or an operator is written by the model in the
+    split it would choose itself); the text of those tokens is returned second, and the two read
+    as `text_before` exactly. Stated from the documented rule, not from completion/prompt.py: no
+    counting of tokens, and no cap. Rotary bounds how far healing reaches (completion/prompt.py
+    MAX_HEAL_TOKENS, MAX_HEAL_CHARS) and never takes back a special token or a piece of a character,
+    or the whole context; none of that is documented behaviour, so a text that would meet one of
+    those limits is outside this oracle: it says so (AssertionError) rather than guess.
+
+    Mutation check (2026-12-07): `heal_length` in completion/prompt.py returning `min(taken, 1)` (one
+    token back whatever the run) fails tests/completion/test_healing.py::test_the_model_sees_the_text_before_the_trailing_run
+    ("    retu" ends in " ret" + "u": one token back leaves " ret" in the context).
     """
-    if tokenizer is None:
-        _, tokenizer = reference_model()
-        texts = reference_token_texts()
-    run = 0
-    while run < len(text_before) and _char_class(text_before[-1 - run]) == _char_class(text_before[-1]):
-        run += 1
-    taken = chars = 0
-    for token in reversed(ids[1:]):
-        text = texts[token]
-        if taken == 6 or token in tokenizer.all_special_ids or "\ufffd" in text or chars + len(text) > 48:
+    from rotary.completion.prompt import MAX_HEAL_CHARS, MAX_HEAL_TOKENS
+
+    tokenizer = tokenizer or reference_tokenizer()
+    assert text_before, "an empty text before the cursor is outside this oracle"
+    ids = tokenizer.encode(text_before, add_special_tokens=False)
+    run_start = len(text_before) - len(trailing_run(text_before))
+    keep = len(ids)
+    while keep:  # drop tokens from the end until what is left ends before the trailing run starts
+        seen = tokenizer.decode(ids[:keep], clean_up_tokenization_spaces=False)
+        if len(seen) <= run_start and text_before.startswith(seen):
             break
-        taken, chars = taken + 1, chars + len(text)
-        if chars >= run:
-            break
-    return taken
+        keep -= 1
+    heal = text_before[len(tokenizer.decode(ids[:keep], clean_up_tokenization_spaces=False)) :]
+    taken = ids[keep:]
+    assert keep > 0, f"{text_before!r} is one run: outside this oracle (Rotary keeps at least one token)"
+    assert len(taken) <= MAX_HEAL_TOKENS and len(heal) <= MAX_HEAL_CHARS, f"{heal!r}: past Rotary's healing bound"
+    assert not set(taken) & set(tokenizer.all_special_ids), f"{heal!r}: a special token in the healed text"
+    assert all("\ufffd" not in tokenizer.decode([t]) for t in taken), f"{heal!r}: a character split across tokens"
+    return ids[:keep], heal
 
 
 def forbidden_first(text_before: str, text_after: str) -> str:
-    """The documented rule for the first character after the healed text, stated here on its own."""
-    if text_after.split("\n", 1)[0].strip():
-        return ""
-    line = text_before.replace("\r\n", "\n").replace("\r", "\n").rsplit("\n", 1)[-1]
-    if line and not line.strip():
-        return " \t\r\n\f\v"  # after indentation: no more whitespace
-    if not line and text_before:
-        return "\r\n"  # column 0 of an empty line: stay on this line
-    return ""
+    """What the suggestion may not start with (docs/ARCHITECTURE.md, What the editor inserts): when the
+    cursor's line holds only whitespace, no whitespace after the editor's indentation, and no line
+    break at column 0. Lines end at \\n, \\r\\n or \\r (LSP)."""
+    before_on_line = re.split(r"\r\n|\r|\n", text_before)[-1]
+    after_on_line = re.split(r"\r\n|\r|\n", text_after)[0]
+    if (before_on_line + after_on_line).strip():
+        return ""  # code on the cursor's line: no rule
+    return string.whitespace if before_on_line else "\r\n"
+
+
+def oracle_prompt(
+    text_before: str, text_after: str = "", tokenizer=None, fim: bool = False, window: int | None = None
+) -> tuple[list[int], str]:
+    """(the token ids the model sees, the healed text) as documented.
+
+    `fim`: the prefix-suffix-middle form, built as text in the model's FIM format
+    (`<fim_prefix>` text before the cursor less the healed text `<fim_suffix>` text after
+    `<fim_middle>`, StarCoder's PSM layout) and tokenized whole, so neither the order nor the
+    placement of the FIM tokens comes from Rotary. `window`: the most context tokens the model may
+    see (the engine's max_context_tokens less the completion's max_tokens). The documented rule
+    (docs/ARCHITECTURE.md step 4): a longer context keeps the longest tail of its tokens that fits
+    and starts on a multiple of WINDOW_HOP (so a file growing at its end moves the window rarely);
+    a window so small that this tail is under half of it keeps exactly its last `window` tokens.
+
+    Mutation checks (2026-12-07): prefix and suffix swapped in completion/engine.py build_context
+    fails tests/test_fim.py::test_fim_prompt_and_greedy_middle_match_transformers; completion/prompt.py
+    WINDOW_HOP = 255 fails tests/completion/test_oracle_modes.py::test_a_context_longer_than_the_window_completes_from_the_window.
+    """
+    tokenizer = tokenizer or reference_tokenizer()
+    ids, heal = healed_split(text_before, tokenizer)
+    if fim:
+        assert window is None, "the FIM window is outside this oracle"
+        psm = FIM_PREFIX + text_before[: len(text_before) - len(heal)] + FIM_SUFFIX + text_after + FIM_MIDDLE
+        return tokenizer.encode(psm, add_special_tokens=False), heal
+    if window is not None and len(ids) > window:
+        on_hops = [ids[start:] for start in range(0, len(ids), WINDOW_HOP) if len(ids) - start <= window]
+        longest = on_hops[0] if on_hops else []
+        ids = longest if len(longest) >= window // 2 else ids[len(ids) - window :]
+    return ids, heal
 
 
 def greedy_continuation(
@@ -139,60 +200,46 @@ def greedy_continuation(
     max_new_tokens: int = 48,
     text_after: str = "",
     model_and_tokenizer=None,
-    fim: dict[str, int] | None = None,
+    fim: bool = False,
     eos: set[int] | frozenset[int] = frozenset({0, 2, 5}),
     window: int | None = None,
 ) -> str:
-    """Greedy decoding after `text_before` with plain transformers `generate`, healing as documented.
+    """The suggestion at the cursor by the documented behaviour, with plain transformers `generate`.
 
-    Independent of Rotary's code: the tokens taken back are chosen by `healing_split`, and the
-    constraint is a brute-force check of every token's text in `prefix_allowed_tokens_fn`: the
-    generated text must stay a prefix of the healed text, or start with it, and its first
-    character past it must not be in `forbidden_first`. End of sequence is always allowed.
-    The returned text starts after the healed text.
+    The model sees `oracle_prompt` (healing, FIM form, window; see there) and decodes greedily
+    under one constraint, checked by brute force over every token's text in
+    `prefix_allowed_tokens_fn`: what it writes must agree with the healed text (the end of the
+    typed text) until it has covered it, and then go on with a character not in `forbidden_first`.
+    So the text before the cursor followed by the returned suggestion is exactly the text the
+    model wrote after its context: nothing typed is repeated or dropped. End of sequence is always
+    allowed; special tokens and pieces of a character never stand for typed text.
 
-    By default the embedded model; `model_and_tokenizer` takes another one. With `fim`
-    ({"prefix", "suffix", "middle"} token ids) the prompt is prefix-suffix-middle: the healed
-    text before the cursor, then the text after it. `eos`: the ids that end generation
-    (default: SmolLM2's <|endoftext|>, <|im_end|> and <file_sep>). `window`: the most context
-    tokens the model may see (the engine's max_context_tokens less the completion's max_tokens);
-    a longer context, after healing, loses its first k * 256 tokens for the smallest k that makes
-    it fit (the documented window hop, so a growing file moves the window rarely).
+    By default the embedded model; `model_and_tokenizer` takes another one. `eos`: the ids that end
+    generation (default: SmolLM2's <|endoftext|>, <|im_end|> and <file_sep>).
+
+    Mutation check (2026-12-07): completion/prompt.py `forbidden_after` returning "" (whitespace
+    allowed after the auto-indent) fails tests/completion/test_healing.py::test_suggestion_equals_independent_oracle
+    (its CRLF case: the engine then suggests "    a += b" after the editor's indentation).
     """
     import torch
 
     model, tokenizer = model_and_tokenizer or reference_model()
     texts = token_texts(tokenizer)
-    ids = tokenizer.encode(text_before, add_special_tokens=False)
-    cut = healing_split(ids, text_before, tokenizer, texts)
-    heal = tokenizer.decode(ids[len(ids) - cut :], clean_up_tokenization_spaces=False) if cut else ""
-    ids = ids[: len(ids) - cut]
-    if window is not None and len(ids) > window:
-        hops = 1
-        while len(ids) - 256 * hops > window:
-            hops += 1
-        # A window under one hop would keep almost nothing: then it starts exactly `window` from the end.
-        ids = ids[256 * hops :] if len(ids) - 256 * hops >= window // 2 else ids[len(ids) - window :]
-    if fim is not None:
-        ids = [fim["prefix"], *ids, fim["suffix"], *tokenizer.encode(text_after, add_special_tokens=False), fim["middle"]]
+    ids, heal = oracle_prompt(text_before, text_after, tokenizer, fim=fim, window=window)
     forbidden = forbidden_first(text_before, text_after)
     vocab = range(model.config.vocab_size)
     special = set(tokenizer.all_special_ids)
 
     def allowed(_batch, input_ids):
-        so_far = tokenizer.decode(input_ids[len(ids) :], clean_up_tokenization_spaces=False)
-        if len(so_far) > len(heal) or (len(so_far) == len(heal) and not forbidden):
-            return list(vocab)
+        written = tokenizer.decode(input_ids[len(ids) :], clean_up_tokenization_spaces=False)
+        if len(written) > len(heal) or (len(written) == len(heal) and not forbidden):
+            return list(vocab)  # the typed text is covered (and its next character judged): free
         ok = list(eos)
         for token in vocab:
             if token in special or "\ufffd" in texts[token] or not texts[token]:
-                continue  # special tokens and pieces of a character never take part in healing
-            text = so_far + texts[token]
-            if len(text) <= len(heal):
-                fits = heal.startswith(text)
-            else:
-                fits = text.startswith(heal) and text[len(heal)] not in forbidden
-            if fits:
+                continue
+            text = written + texts[token]
+            if heal.startswith(text) or (text.startswith(heal) and text[len(heal)] not in forbidden):
                 ok.append(token)
         return ok
 

@@ -2,7 +2,10 @@
 
 The model is random, so its text is junk, but it is deterministic: the engine must
 build the prefix-suffix-middle prompt (healing at the prefix boundary) and decode
-exactly what transformers decodes on the prompt this test builds itself.
+exactly what transformers decodes on the prompt this test builds itself: the
+documented FIM format written as text (`<fim_prefix>` the text before the cursor less
+the healed text `<fim_suffix>` the text after it `<fim_middle>`, StarCoder's PSM form)
+and tokenized by the model's tokenizer (tests/conftest.py `oracle_prompt`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import greedy_continuation
+from tests.conftest import greedy_continuation, oracle_prompt
 
 pytestmark = pytest.mark.model
 
@@ -47,6 +50,8 @@ def single_line(text: str) -> str:
 
 
 def test_fim_prompt_and_greedy_middle_match_transformers(fim_model_dir):
+    """Mutation check (2026-12-07): prefix and suffix swapped in completion/engine.py build_context
+    (`[fim["prefix"], *suffix_ids, fim["suffix"], *prefix ids, ...]`) fails it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rotary.cache.store import KVStore
@@ -67,12 +72,13 @@ def test_fim_prompt_and_greedy_middle_match_transformers(fim_model_dir):
     after = "\n    return result\n\n\nprint(area(2, 3))\n"
     prompt = engine.build_context(before + after, len(before), 16)
     assert prompt.fim and prompt.ids[0] == fim["prefix"] and prompt.ids[-1] == fim["middle"]
-    assert fim["suffix"] in prompt.ids and prompt.heal == "\n    "
+    assert (prompt.ids, prompt.heal) == oracle_prompt(before, after, tokenizer, fim=True)
+    assert prompt.heal == "\n    "
 
     options = CompletionOptions(max_tokens=16, mode="single_line", cache_mode="none")
     got = "".join(c.text for c in engine.complete("file:///fim.py", before + after, len(before), options))
     raw = greedy_continuation(
-        before, 16, text_after=after, model_and_tokenizer=(model, tokenizer), fim=fim,
+        before, 16, text_after=after, model_and_tokenizer=(model, tokenizer), fim=True,
         eos=set(loaded.info.eos_token_ids),
     )
     assert single_line(raw).strip(), f"the oracle produced nothing on the line ({raw!r}); the test would be vacuous"

@@ -1,8 +1,8 @@
 """Token healing on the real model: suggestions fit the cursor character for character.
 
 The engine's suggestions are compared with an independent oracle (tests/conftest.py:
-transformers `generate` with the documented healing rule applied by brute force),
-and a property test cuts real files at random points and checks that the text
+transformers `generate` on the context the documented healing rule leaves, constrained by brute
+force to write the typed text again first), its context with the oracle's, and a property test cuts real files at random points and checks that the text
 before the cursor plus the suggestion neither repeats nor drops a character.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import first_line, greedy_continuation, rotary_engine
+from tests.conftest import first_line, greedy_continuation, healed_split, rotary_engine
 
 pytestmark = pytest.mark.model
 
@@ -34,19 +34,32 @@ def suggest(before: str, after: str = "", mode: str = "single_line", max_tokens:
 BELOW = "\n\n\ndef main():\n    print(add(1, 2))\n"
 
 
-@pytest.mark.parametrize(
-    "before, after",
-    [
-        ("def add(a, b):\n    ", BELOW),  # after Enter and auto-indent, code below
-        ("import os\n\n\ndef read(path):\n    with open(path) as f:\n        ", "\n"),  # deeper indent
-        ("class Stack:\n\tdef push(self, item):\n\t\t", "\n"),  # tabs
-        ("def add(a, b):\r\n    ", "\r\n"),  # CRLF
-        ("def total(xs):\n    result = 0\n    for x in xs:\n        result += x\n    retu", "\n"),  # mid-identifier
-        ("import os\n\npath = os.", "\n"),  # after a dot
-        ("def positive(n):\n    return n >", "\n"),  # after an operator
-        ("def square(x):\n    return x * x\n\n\ndef cube(x):\n", "\n\nprint(cube(3))\n"),  # column 0, code below
-    ],
-)
+HEALING_CASES = [
+    ("def add(a, b):\n    ", BELOW),  # after Enter and auto-indent, code below
+    ("import os\n\n\ndef read(path):\n    with open(path) as f:\n        ", "\n"),  # deeper indent
+    ("class Stack:\n\tdef push(self, item):\n\t\t", "\n"),  # tabs
+    ("def add(a, b):\r\n    ", "\r\n"),  # CRLF
+    ("def total(xs):\n    result = 0\n    for x in xs:\n        result += x\n    retu", "\n"),  # mid-identifier
+    ("import os\n\npath = os.", "\n"),  # after a dot
+    ("def positive(n):\n    return n >", "\n"),  # after an operator
+    ("def square(x):\n    return x * x\n\n\ndef cube(x):\n", "\n\nprint(cube(3))\n"),  # column 0, code below
+]
+
+
+@pytest.mark.parametrize("before, after", HEALING_CASES)
+def test_the_model_sees_the_text_before_the_trailing_run(before, after):
+    """The documented split (tests/conftest.py `healed_split`): the model sees the tokenizer's own tokens up to
+    the trailing run of whitespace, word or operator characters, and the rest is written again.
+
+    Mutation checks (2026-12-07): completion/prompt.py `heal_length` returning `min(taken, 1)` fails the
+    "retu" case (" ret" + "u": the context keeps " ret"); returning one token more than the run needs
+    fails the first case (the context loses "):")."""
+    prompt = engine().build_context(before + after, len(before), 32)
+    ids, heal = healed_split(before)
+    assert (prompt.ids, prompt.heal) == (ids, heal)
+
+
+@pytest.mark.parametrize("before, after", HEALING_CASES)
 def test_suggestion_equals_independent_oracle(before, after):
     got = suggest(before, after)
     expected = greedy_continuation(before, 32, text_after=after)

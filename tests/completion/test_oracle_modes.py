@@ -10,7 +10,10 @@ test states here as a function of its own, written from the documentation
   line at top level;
 - text after the cursor on the same line: the suggestion never repeats it;
 - a context longer than the window: the model sees the last tokens only, the window
-  starting on a 256-token hop.
+  starting on a 256-token hop (docs/ARCHITECTURE.md step 4; tests/conftest.py `oracle_prompt`).
+
+Whether the cursor's line opens a block is decided by Python's own grammar (`ast`), not by
+a list of opener strings, so the cases are real Python whose block structure is known.
 
 Every comparison also asserts that the oracle's answer is not empty, so a reply of nothing
 can never pass for an oracle of nothing.
@@ -18,11 +21,12 @@ can never pass for an oracle of nothing.
 
 from __future__ import annotations
 
+import ast
 import functools
 
 import pytest
 
-from tests.conftest import greedy_continuation, reference_model, rotary_engine, rotary_runner
+from tests.conftest import greedy_continuation, oracle_prompt, reference_model, rotary_engine, rotary_runner
 
 pytestmark = pytest.mark.model
 
@@ -48,7 +52,21 @@ def suggest(before: str, after: str, mode: str, max_tokens: int, max_context_tok
 
 # -- the documented rules, stated here ----------------------------------------------------
 
-OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")  # "a block opener such as def f():"
+def parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except SyntaxError:
+        return False
+    return True
+
+
+def opens_block(before: str) -> bool:
+    """The cursor ends a block opener ("such as def f():"): its line has code, and Python's grammar
+    wants an indented block after it: the text before the cursor does not parse as it is, and does
+    with a more indented statement on the next line."""
+    cursor_line = before.split("\n")[-1]
+    deeper = cursor_line[: len(cursor_line) - len(cursor_line.lstrip())] + "    pass"
+    return bool(cursor_line.strip()) and not parses(before) and parses(before + "\n" + deeper)
 
 
 def width(line: str) -> int:
@@ -70,7 +88,7 @@ def end_of_block(raw: str, before: str) -> str | None:
     when the raw text never ends the block (the budget or end of sequence decides instead).
     """
     cursor_line = before.split("\n")[-1]
-    opener = bool(cursor_line.strip()) and cursor_line.rstrip().endswith(OPENERS)
+    opener = opens_block(before)
     base = width(cursor_line)
     lines = raw.split("\n")
     for i in range(1, len(lines)):
@@ -106,8 +124,9 @@ def one_line(raw: str) -> str:
 # -- multi-line ---------------------------------------------------------------------------
 
 MULTI_LINE_CASES = [
-    # A block opener ends the text, nothing after: auto mode goes multi-line; the body ends at the next def.
-    ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):", "", "auto", 24),
+    # A block opener ends the text, nothing after: auto mode goes multi-line; the two-line body ends at
+    # the next def (auto mode taking this line for no opener would end after its first line).
+    ("def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):", "", "auto", 24),
     # After the editor's auto-indent inside a method: the block ends at the dedent.
     ("class Point:\n    def __init__(self, x, y):\n        ", "\n", "multi_line", 32),
     # Column 0 at top level: auto goes multi-line and a blank line ends the suggestion.
@@ -117,6 +136,8 @@ MULTI_LINE_CASES = [
 
 @pytest.mark.parametrize("before, after, mode, max_tokens", MULTI_LINE_CASES)
 def test_multi_line_suggestion_equals_the_oracle_cut_at_the_end_of_the_block(before, after, mode, max_tokens):
+    """Mutation check (2026-12-07): ":" taken out of completion/stops.py BLOCK_OPENERS fails the first case
+    (auto mode then ends the suggestion after "self.x = x")."""
     raw = greedy_continuation(before, max_tokens, text_after=after)
     expected = end_of_block(raw, before)
     assert expected is not None, f"the oracle's block does not end within {max_tokens} tokens: {raw!r}; pick another case"
@@ -168,7 +189,10 @@ LEDGER = (
     ],
 )
 def test_a_context_longer_than_the_window_completes_from_the_window(tail, outside_matters):
-    """max_context_tokens 300 and 16 new tokens: at most 284 context tokens, the window on a 256 hop."""
+    """max_context_tokens 300 and 16 new tokens: at most 284 context tokens, the window on a 256 hop.
+
+    Mutation check (2026-12-07): completion/prompt.py WINDOW_HOP = 255 fails it (the window starts a
+    token early)."""
     before = LEDGER + tail
     max_context, max_tokens = 300, 16
     window = max_context - max_tokens
@@ -176,6 +200,7 @@ def test_a_context_longer_than_the_window_completes_from_the_window(tail, outsid
     assert len(tokenizer.encode(before, add_special_tokens=False)) > window + 128, "the text must not fit the window"
     prompt = engine(max_context).build_context(before, len(before), max_tokens)
     assert prompt.truncated and 0 < len(prompt.ids) <= window
+    assert (prompt.ids, prompt.heal) == oracle_prompt(before, window=window)
 
     expected = one_line(greedy_continuation(before, max_tokens, window=window))
     assert expected, "the oracle produced nothing on the line; the test would be vacuous"

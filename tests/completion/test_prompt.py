@@ -78,6 +78,11 @@ def test_trailing_run_classes():
         ("x = foo", "\n", ""),  # mid-line: anything may follow
         ("    ", "x = 1\n", ""),  # text after the cursor on the line: it is not an empty line
         ("", "", ""),  # empty document
+        # A lone \r ends a line too (LSP), after the cursor as before it. Both failed before the fix
+        # (2026-12-07): the text after the cursor was cut at "\n" only, so the next lines counted as
+        # code on the cursor's line.
+        ("def f():\r    ", "\r    return 1\r", NO_WHITESPACE),
+        ("x = 1\r", "\ry = 2\r", NO_LINE_BREAK),
     ],
 )
 def test_what_may_follow_the_healed_text(before, after, forbidden):

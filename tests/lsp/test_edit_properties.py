@@ -238,21 +238,28 @@ def loaded_service():
 @given(TEXT, ENCODING, OPS)
 def test_cached_token_ids_after_random_edits_equal_the_tokenizers(loaded_service, initial, encoding, ops):
     """The document is completed at its end after every flush, so its KV cache follows the edits
-    (edit-aware plans); each time, the ids the cache holds for the context equal the tokenizer's ids
-    of the worker's text, less the tokens taken back for healing."""
-    from rotary.completion.engine import CompletionOptions
-    from tests.conftest import healing_split, reference_model
+    (edit-aware plans); each time, the ids the cache holds for the context are the tokenizer's ids
+    of the worker's text, less the tokens taken back for healing (however many: healing has tests
+    of its own, tests/completion/test_healing.py), and those read as the text less the healed text.
 
-    _, tokenizer = reference_model()
+    Mutation check (2026-12-07): completion/engine.py build_context decoding the healed text from one
+    token later (a character dropped) fails it ('aa' against 'aaa')."""
+    from rotary.completion.engine import CompletionOptions
+    from tests.conftest import reference_tokenizer
+
+    tokenizer = reference_tokenizer()
     engine = loaded_service.engine
 
     def complete_and_check(worker: InProcessWorker) -> None:
         text = worker.text(SOAK_URI)
         for _ in engine.complete(SOAK_URI, text, len(text), CompletionOptions(max_tokens=1)):
             pass
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        ids = ids[: len(ids) - healing_split(ids, text)] or [min(engine.eos_ids)]
-        assert list(engine.kv_store.get(SOAK_URI).tokens.token_ids[: len(ids)]) == ids
+        prompt = engine.build_context(text, len(text), 1)
+        assert list(engine.kv_store.get(SOAK_URI).tokens.token_ids[: len(prompt.ids)]) == prompt.ids
+        if text:  # (an empty document's context is the separator alone)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert prompt.ids == ids[: len(prompt.ids)]
+            assert tokenizer.decode(prompt.ids, clean_up_tokenization_spaces=False) + prompt.heal == text
 
     try:
         reference, daemon, worker = asyncio.run(run_sequence(initial, encoding, ops, on_flush=complete_and_check))
