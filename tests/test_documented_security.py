@@ -56,13 +56,19 @@ def token_file(folder: Path, mode: int) -> Path:
     return path
 
 
+def resolves(name: str) -> bool:
+    try:
+        socket.getaddrinfo(name, None, socket.AF_INET)
+    except OSError:
+        return False
+    return True
+
+
 def host_name_or_skip() -> str:
     """This machine's host name: not a loopback address to the access rule, so the daemon takes its
     remote path (TLS and a token) to reach it; a worker on 0.0.0.0 serves it."""
     name = socket.gethostname()
-    try:
-        socket.getaddrinfo(name, None, socket.AF_INET)
-    except OSError:
+    if not resolves(name):
         pytest.skip(f"the host name {name!r} does not resolve here")
     return name
 
@@ -286,7 +292,7 @@ def test_lsp_over_tcp_reads_at_most_16_messages_and_10_s_before_initialize(tcp_d
         over_client.send({"jsonrpc": "2.0", "id": i, "method": "textDocument/hover", "params": {}})
         assert over_client.read()["error"]["code"] == -32002  # ServerNotInitialized
     initialize_request(over_client)
-    with pytest.raises(EOFError):
+    with pytest.raises((EOFError, ConnectionResetError)):  # a reset where the daemon closed with bytes unread
         over_client.read()  # the 17th message: closed, no answer
     over.close()
 

@@ -162,6 +162,9 @@ KNOWN: dict[tuple[str, str], tuple[str, Callable[[], bool] | None]] = {
     ("tests/editors/test_vscode.py", "not server"): ("install", _rotary_missing),
     ("tests/editors/conftest.py", "not exe"): ("install", _rotary_missing),
     ("tests/test_security.py", "not socket.has_ipv6"): ("machine", lambda: not socket.has_ipv6),
+    # the host name resolves to an address of this machine (/etc/hosts): the daemon's remote path to a worker
+    ("tests/test_documented_security.py", "not resolves(name)"):
+        ("machine", lambda: importlib.import_module("tests.test_documented_security").resolves(socket.gethostname()) is False),
     # user, network, mount and PID namespaces (util-linux unshare, Linux >= 5.12): the project's machines have them
     ("tests/completion/test_sandbox.py", "not sandbox.isolation().available"): ("machine", _sandbox_missing),
     # this file's own: the check below, where the editors' set-up has not run
