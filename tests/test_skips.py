@@ -138,7 +138,7 @@ def _vscode_e2e_missing() -> bool:
 
 
 def _sandbox_missing() -> bool:
-    from rotary.completion import sandbox
+    from rotary.testgen import sandbox
 
     return not sandbox.isolation().available
 
@@ -163,7 +163,7 @@ KNOWN: dict[tuple[str, str], tuple[str, Callable[[], bool] | None]] = {
     ("tests/editors/conftest.py", "not exe"): ("install", _rotary_missing),
     ("tests/test_security.py", "not socket.has_ipv6"): ("machine", lambda: not socket.has_ipv6),
     # user, network, mount and PID namespaces (util-linux unshare, Linux >= 5.12): the project's machines have them
-    ("tests/completion/test_sandbox.py", "not sandbox.isolation().available"): ("machine", _sandbox_missing),
+    ("tests/testgen/test_sandbox.py", "not sandbox.isolation().available"): ("machine", _sandbox_missing),
     # this file's own: the check below, where the editors' set-up has not run
     ("tests/test_skips.py", "step == 'editors-setup' and (not editors_setup_ran())"):
         ("editors-setup", lambda: not editors_setup_ran()),

@@ -24,7 +24,8 @@ engine = rotary_engine  # the session's one engine (tests/conftest.py)
 
 
 def generate(drafter: str, **kwargs):
-    from rotary.completion.testgen import find_focal, generate_tests
+    from rotary.testgen.focal import find_focal
+    from rotary.testgen.generate import generate_tests
 
     focal = find_focal("solution.py", SOURCE, "Solution.addDigits")
     return list(generate_tests(engine(), focal, count=3, max_tokens=40, drafter=drafter, **kwargs))
@@ -58,7 +59,8 @@ CPP = '''int add(int a, int b) {
 
 
 def test_cpp_tests_take_the_same_path():
-    from rotary.completion.testgen import find_focal, generate_tests
+    from rotary.testgen.focal import find_focal
+    from rotary.testgen.generate import generate_tests
 
     focal = find_focal("calc.cpp", CPP, "add")
     plain = list(generate_tests(engine(), focal, count=2, max_tokens=32, drafter="plain"))
