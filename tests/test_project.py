@@ -105,6 +105,18 @@ def test_testgen_uses_only_the_completion_front():
     assert not bad, bad
 
 
+def test_finding_a_focal_function_loads_no_torch():
+    """`rotary tests` finds the focal function and checks its arguments before it starts a worker,
+    with rotary.testgen's focal, layout and languages modules: none of them loads torch (it was so
+    in completion/testgen.py too; this keeps the split from losing it)."""
+    code = (
+        "import sys, rotary.testgen.focal, rotary.testgen.layout, rotary.testgen.languages; "
+        "print(sorted(m for m in sys.modules if m in ('torch', 'rotary.completion.engine', 'rotary.models')))"
+    )
+    out = subprocess.run(python_command("-c", code), capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
 def test_grpc_stubs_are_current():
     result = subprocess.run(python_command("-m", "rotary.completion.gen_stubs", "--check"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
