@@ -51,7 +51,7 @@ def load_programs(path: Path) -> list[dict]:
 
 def quality(program: dict, tests, sandbox_timeout: float = 30.0, allow_network: bool = False) -> dict:
     """Syntax, pass/fail against the reference solution, and coverage of it (TestEval's rules)."""
-    from rotary.completion.sandbox import run_tests
+    from rotary.testgen.sandbox import run_tests
 
     name = program["func_name"]
     valid = [t for t in tests if t.syntax_ok]
@@ -120,8 +120,10 @@ def main(args) -> int:
 
     from rotary.cache.store import KVStore
     from rotary.completion.engine import CompletionEngine
-    from rotary.completion.sandbox import UNISOLATED_NOTE, isolation, refusal, running_anyway
-    from rotary.completion.testgen import DRAFT_TOKENS, find_focal, generate_tests
+    from rotary.testgen.sandbox import UNISOLATED_NOTE, isolation, refusal, running_anyway
+    from rotary.testgen.drafting import DRAFT_TOKENS
+    from rotary.testgen.focal import find_focal
+    from rotary.testgen.generate import generate_tests
     from rotary.models.loader import load_model
     from rotary.models.runner import ModelRunner, configure_threads
 

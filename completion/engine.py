@@ -33,6 +33,7 @@ from .documents import key_session
 from .drafters import Drafter, NgramDrafter, NoDrafter, SpeculationPolicy, StepCosts, TokenSources
 from .prompt import WINDOW_HOP, Prompt, Vocabulary, forbidden_after, heal_length
 from .rpc.wire import AUTO, EDIT_AWARE, NO_CACHE, PREFIX
+from .sampling import Sampler
 from .scheduler import RUN_RECORDED, Job, Scheduler
 from .stops import StopRules
 from .verdict import Gate
@@ -214,6 +215,10 @@ class CompletionEngine:
         is_cancelled: Callable[[], bool] = lambda: False,
         drafter: Drafter | None = None,
         session: str = "",
+        *,
+        sampler: Sampler | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        remember: bool = True,
     ) -> Iterator[Chunk]:
         """Stream the completion of a prompt already built (benchmarks and test generation build their own).
 
@@ -221,29 +226,36 @@ class CompletionEngine:
         (documents.store_key). `drafter`: who guesses tokens ahead for this request (default:
         options.drafter's kind); a caller that generates several related texts may keep one drafter
         across them. `session`: whose n-gram sources and speculation statistics the request uses.
+        `sampler`: draw tokens instead of greedy decoding (None: greedy). `draft_tokens`: at most
+        this many guessed tokens per verify. `remember`: the session's n-gram sources learn the
+        completion (test generation's drafters keep their own state, so its tests are not added).
         """
         max_tokens = max(1, min(options.max_tokens or DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT))
         key = uri if options.cache_mode != NO_CACHE else None
         if key is not None:
             self.kv_store.get(key)  # a spilled cache comes back from disk here, not on the model thread
+        generation = self.new_generation(
+            prompt, options, max_tokens, drafter, uri=key, session=session, sampler=sampler, draft_tokens=draft_tokens
+        )
         job = Job(
             key=key,
             prefill=functools.partial(self._prefill, prompt=prompt, options=options),
-            generation=self.new_generation(prompt, options, max_tokens, drafter, uri=key, session=session),
+            generation=generation,
             finish=self._finish,
             is_cancelled=is_cancelled,
             stats=CompletionStats(context_tokens=len(prompt.ids)),
             options=options,
-            sources=self.drafting(session)[0],
+            sources=self.drafting(session)[0] if remember else None,
         )
         yield from self.scheduler.submit(job).chunks()
 
     def new_generation(
         self, prompt: Prompt, options: CompletionOptions, max_tokens: int, drafter: Drafter | None = None,
-        uri: str | None = None, session: str = "",
+        uri: str | None = None, session: str = "", sampler: Sampler | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> Generation:
         """`uri`: the request's document (its n-gram drafter looks in the session's other documents,
-        not again in it)."""
+        not again in it). `sampler`, `draft_tokens`: see complete_prompt."""
         assert drafter is not None or options.drafter in DRAFTERS, f"drafter must be one of {DRAFTERS}"
         ngram = drafter is None and options.drafter == "ngram"
         sources, speculation = self.drafting(session)
@@ -255,7 +267,8 @@ class CompletionEngine:
             decode_ids=self.runner.decode_ids,
             healing_mask=self.healing_mask,
             drafter=drafter or (NgramDrafter(min_n=COMPLETION_NGRAM_MIN, sources=sources, exclude=uri) if ngram else NoDrafter()),
-            draft_tokens=DEFAULT_DRAFT_TOKENS,
+            draft_tokens=draft_tokens,
+            sampler=sampler,
             # A caller's own drafter (test generation) keeps its own draft length.
             speculation=speculation if ngram else None,
             gate=self.gate.score if self.gate is not None else None,

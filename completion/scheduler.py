@@ -76,7 +76,7 @@ class Job:
     decode_started: float | None = None
     recorded: Any = None  # its prefill's small encoding steps not run yet (a DeferredForward), or None
     # The n-gram sources (its session's, drafters.TokenSources) that remember its completion; None:
-    # none do (test generation's jobs, made by testgen.py, draft from their own state).
+    # none do (test generation's jobs, rotary.testgen, draft from their own state).
     sources: Any = None
 
     def chunks(self) -> Iterator[Any]:

@@ -331,7 +331,9 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def GenerateTests(self, request, context):
         """Tests for one function, streamed as each is finished (limits in worker.proto)."""
-        from .testgen import FocalNotFound, TestGenError, UnsupportedLanguage, check_request, find_focal
+        from rotary.testgen.focal import FocalNotFound, find_focal
+        from rotary.testgen.generate import check_request
+        from rotary.testgen.languages import TestGenError, UnsupportedLanguage
 
         try:
             check_request(request)
@@ -348,7 +350,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         )
 
     def _run_test_generation(self, focal, request, cancelled: threading.Event, replies: queue.Queue) -> None:
-        from .testgen import DEFAULT_DRAFTER, DEFAULT_TEST_TOKENS, DEFAULT_TESTS, file_text, generate_tests, layout
+        from rotary.testgen.generate import generate_tests
+        from rotary.testgen.layout import file_text, layout
+
+        from .rpc.wire import DEFAULT_TEST_DRAFTER, DEFAULT_TEST_TOKENS, DEFAULT_TESTS
 
         count = request.count or DEFAULT_TESTS
         rid = request.request_id
@@ -360,7 +365,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             tests = []
             for test in generate_tests(
                 self.engine, focal, count=count, max_tokens=request.max_tokens or DEFAULT_TEST_TOKENS,
-                drafter=request.drafter or DEFAULT_DRAFTER, temperature=request.temperature, top_p=request.top_p or 1.0,
+                drafter=request.drafter or DEFAULT_TEST_DRAFTER, temperature=request.temperature, top_p=request.top_p or 1.0,
                 seed=request.seed, is_cancelled=cancelled.is_set,
             ):
                 tests.append(test)

@@ -195,7 +195,10 @@ def cmd_tests(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from pathlib import Path
 
-    from rotary.completion.testgen import TestGenError, UnsupportedLanguage, find_focal, layout
+    from rotary.completion.rpc.wire import MAX_TESTS
+    from rotary.testgen.focal import find_focal
+    from rotary.testgen.languages import TestGenError, UnsupportedLanguage
+    from rotary.testgen.layout import layout
 
     def fail(message: str) -> int:
         print(f"rotary tests: {message}", file=sys.stderr)
@@ -213,8 +216,8 @@ def cmd_tests(args: argparse.Namespace) -> int:
         focal = find_focal(str(path), text, qualname, args.language or "")
     except (TestGenError, UnsupportedLanguage) as exc:
         return fail(str(exc))
-    if not 1 <= args.count <= 20:
-        return fail(f"-n {args.count}: between 1 and 20 tests")
+    if not 1 <= args.count <= MAX_TESTS:
+        return fail(f"-n {args.count}: between 1 and {MAX_TESTS} tests")
     if args.check and focal.language != "python":
         return fail(f"--check runs Python tests only ({path} is {focal.language}); drop --check to generate them")
     out = Path(args.out) if args.out else path.parent / layout(focal).file_name
@@ -223,7 +226,7 @@ def cmd_tests(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         return fail(f"{out} exists; pass --force to overwrite it or --out PATH")
     if args.check:  # said before anything is generated, not after
-        from rotary.completion.sandbox import isolation, refusal, running_anyway
+        from rotary.testgen.sandbox import isolation, refusal, running_anyway
 
         iso = isolation()
         if not iso.available and not args.allow_network:
@@ -312,8 +315,8 @@ def _print_explain(tests) -> None:
 
 
 def _check_tests(source: Path, text: str, out: Path, test_text: str, allow_network: bool) -> None:
-    """Run the written tests in the sandbox (completion/sandbox.py), or, with --allow-network where there is none, without."""
-    from rotary.completion.sandbox import run_tests
+    """Run the written tests in the sandbox (testgen/sandbox.py), or, with --allow-network where there is none, without."""
+    from rotary.testgen.sandbox import run_tests
 
     result = run_tests(
         source.stem, text, test_text, test_module=out.stem, extra_path=[str(source.resolve().parent)], allow_network=allow_network

@@ -29,6 +29,7 @@ PACKAGES = {
     "rotary.models": "models",
     "rotary.kernels": "kernels",
     "rotary.bench": "bench",
+    "rotary.testgen": "testgen",
 }
 
 

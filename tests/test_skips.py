@@ -138,7 +138,7 @@ def _vscode_e2e_missing() -> bool:
 
 
 def _sandbox_missing() -> bool:
-    from rotary.completion import sandbox
+    from rotary.testgen import sandbox
 
     return not sandbox.isolation().available
 
@@ -166,7 +166,7 @@ KNOWN: dict[tuple[str, str], tuple[str, Callable[[], bool] | None]] = {
     ("tests/test_documented_security.py", "not resolves(name)"):
         ("machine", lambda: importlib.import_module("tests.test_documented_security").resolves(socket.gethostname()) is False),
     # user, network, mount and PID namespaces (util-linux unshare, Linux >= 5.12): the project's machines have them
-    ("tests/completion/test_sandbox.py", "not sandbox.isolation().available"): ("machine", _sandbox_missing),
+    ("tests/testgen/test_sandbox.py", "not sandbox.isolation().available"): ("machine", _sandbox_missing),
     # this file's own: the check below, where the editors' set-up has not run
     ("tests/test_skips.py", "step == 'editors-setup' and (not editors_setup_ran())"):
         ("editors-setup", lambda: not editors_setup_ran()),

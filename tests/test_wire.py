@@ -16,7 +16,8 @@ from rotary.completion.documents import Change, DocumentStore, DocumentTooLarge
 from rotary.completion.rpc import wire
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.service import verdict_options
-from rotary.completion.testgen import TestGenError, check_request
+from rotary.testgen.generate import check_request
+from rotary.testgen.languages import TestGenError
 from rotary.completion.text_request import InvalidArgument, check_complete_text
 from rotary.lsp import sync
 from rotary.lsp.settings import COMPLETION_MODES, DECODING_MODES, Settings, parse_settings

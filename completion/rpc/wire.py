@@ -27,6 +27,19 @@ MAX_DOCUMENT_CHARS = 2_000_000
 # the whole document instead), so these only stop a client that sends too much in one edit.
 MAX_CHANGES_PER_EDIT = 10_000
 MAX_EDIT_WORK_CHARS = 256_000_000  # about 0.1 s of copying
+# One GenerateTests request (worker.proto): tests per request and tokens per test (0 in either
+# field: the default), the drafters it may name (greedy output is the same with each; "" is the
+# default), and the sampling knobs' ranges. `rotary tests` checks its -n against MAX_TESTS before
+# it asks; the worker refuses anything outside these (rotary.testgen.generate.check_request).
+DEFAULT_TESTS = 5
+MAX_TESTS = 20
+DEFAULT_TEST_TOKENS = 128
+MAX_TEST_TOKENS = 512
+# ast: line patterns, their literals guessed from the group's lines; ast-strict: DiffTester's rule
+# (stop at each literal); ast+ngram: patterns, and n-gram lookup where none matches (the default).
+TEST_DRAFTERS = ("plain", "ngram", "ast", "ast+ngram", "ast-strict")
+DEFAULT_TEST_DRAFTER = "ast+ngram"
+MAX_TEMPERATURE = 5  # temperature 0 (greedy) to this; top_p 0 to 1
 
 
 # -- the checksum of a document's text ------------------------------------------------------

@@ -24,7 +24,8 @@ engine = rotary_engine  # the session's one engine (tests/conftest.py)
 
 
 def generate(drafter: str, **kwargs):
-    from rotary.completion.testgen import find_focal, generate_tests
+    from rotary.testgen.focal import find_focal
+    from rotary.testgen.generate import generate_tests
 
     focal = find_focal("solution.py", SOURCE, "Solution.addDigits")
     return list(generate_tests(engine(), focal, count=3, max_tokens=40, drafter=drafter, **kwargs))
@@ -58,7 +59,8 @@ CPP = '''int add(int a, int b) {
 
 
 def test_cpp_tests_take_the_same_path():
-    from rotary.completion.testgen import find_focal, generate_tests
+    from rotary.testgen.focal import find_focal
+    from rotary.testgen.generate import generate_tests
 
     focal = find_focal("calc.cpp", CPP, "add")
     plain = list(generate_tests(engine(), focal, count=2, max_tokens=32, drafter="plain"))
@@ -66,3 +68,13 @@ def test_cpp_tests_take_the_same_path():
     assert plain[0].code.startswith("TEST(calcTest, add_1) {\n    // a typical input\n    EXPECT_EQ"), plain[0].code
     assert [t.code for t in drafted] == [t.code for t in plain]
     assert sum(t.stats.forwards for t in drafted) < sum(t.stats.forwards for t in plain)
+
+
+def test_generated_tests_are_not_remembered_as_completions():
+    """Test generation's drafters keep their own state: its tests never enter the engine's n-gram
+    sources (it calls complete_prompt with remember=False), as when it built its own Job without
+    sources. Fails with remember=True (checked by flipping it in testgen/generate.py)."""
+    recent = engine().sources._recent  # the session's recent completions (drafters.TokenSources)
+    before = list(recent)
+    generate("ast+ngram")
+    assert list(recent) == before

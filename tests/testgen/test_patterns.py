@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from rotary.completion.ast_patterns import (
-    AstPatternDrafter,
-    PatternMiner,
-    UnsupportedLanguage,
-    language_of,
-    match_template,
-    shape_of,
-)
 from rotary.completion.prompt import Prompt
+from rotary.testgen.drafting import AstPatternDrafter
+from rotary.testgen.languages import UnsupportedLanguage, language_of
+from rotary.testgen.patterns import PatternMiner, match_template, shape_of
 
 
 def encode(text: str) -> list[int]:
@@ -260,9 +255,7 @@ def test_java_and_cpp_drafts(language, prompt, target, first):
 def test_fallback_drafts_where_no_pattern_does():
     from rotary.completion.drafters import NgramDrafter
 
-    fallback = NgramDrafter()
-    fallback.name = "ngram"
-    drafter = AstPatternDrafter("python", encode, decode, fallback=fallback, max_draft=64)
+    drafter = AstPatternDrafter("python", encode, decode, fallback=NgramDrafter(), fallback_name="ngram", max_draft=64)
     # The literals repeat the first test's: n-gram lookup copies them where the patterns have holes.
     target = "solution = Solution()\n    assert solution.add(1, 2) == 3\n"
     simulate(drafter, PY_PROMPT, target, PY_PROMPT.index("# Unit tests"))

@@ -5,19 +5,10 @@ from __future__ import annotations
 import pytest
 
 from rotary.completion.rpc import worker_pb2 as pb
-from rotary.completion.testgen import (
-    FocalNotFound,
-    GeneratedTest,
-    SourceError,
-    TestGenError,
-    UnsupportedLanguage,
-    check_request,
-    complete_lines,
-    file_text,
-    find_focal,
-    layout,
-    syntax_error,
-)
+from rotary.testgen.focal import FocalNotFound, find_focal
+from rotary.testgen.generate import GeneratedTest, check_request
+from rotary.testgen.languages import SourceError, TestGenError, UnsupportedLanguage, syntax_error
+from rotary.testgen.layout import complete_lines, file_text, layout
 
 PYTHON = '''import math
 from typing import List

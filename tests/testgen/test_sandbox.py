@@ -17,8 +17,8 @@ import tempfile
 
 import pytest
 
-from rotary.completion import sandbox
-from rotary.completion.sandbox import run_tests
+from rotary.testgen import sandbox
+from rotary.testgen.sandbox import run_tests
 from rotary.completion.rpc.launch import python_command, rotary_command
 
 MODULE = "def sign(x):\n    if x > 0:\n        return 1\n    return 0\n"
@@ -311,7 +311,7 @@ def test_an_interpreter_inside_an_emptied_folder_still_runs_the_tests():
                                  capture_output=True, text=True, check=True).stdout.strip()
         with open(os.path.join(purelib, "outer.pth"), "w") as f:  # this venv's packages (rotary, coverage) as well
             f.write("".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages()))
-        code = ("from rotary.completion.sandbox import run_tests\n"
+        code = ("from rotary.testgen.sandbox import run_tests\n"
                 "r = run_tests('m', 'def sign(x):\\n    return (x > 0) - (x < 0)\\n',"
                 " 'from m import sign\\n\\ndef test_sign():\\n    assert sign(-3) == -1\\n')\n"
                 "print(r.results, r.load_error, r.output[-500:])")
