@@ -10,9 +10,13 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from rotary.completion.rpc.launch import DEFAULT_LISTEN, private_socket, spawn_worker
 from rotary.completion.rpc.wire import AUTO, COMPLETION_MODE_BY_NAME
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _setup_logging(level: str, stream=None) -> None:
