@@ -93,9 +93,8 @@ def kill_delay_range(text: str) -> tuple[float, float]:
     return low, high
 
 
-async def _soak(args) -> dict:
+async def _soak(args, kill_delay: tuple[float, float]) -> dict:
     kills = args.kills
-    kill_delay = kill_delay_range(getattr(args, "kill_delay", "0.05,0.6"))
     rng = random.Random(args.seed)
     reference_complete = _reference_engine(args.model)
     file_uri, text, rest = _document(args.seed)
@@ -222,8 +221,8 @@ async def _soak(args) -> dict:
 
 
 def main(args) -> int:
-    kill_delay_range(getattr(args, "kill_delay", "0.05,0.6"))  # a bad range is refused before anything starts
-    report = asyncio.run(_soak(args))
+    kill_delay = kill_delay_range(args.kill_delay)  # a bad range is refused before anything starts
+    report = asyncio.run(_soak(args, kill_delay))
     summary = {k: v for k, v in report.items() if k != "failures"}
     print(json.dumps(summary, indent=2))
     if report["failures"]:
