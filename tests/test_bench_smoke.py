@@ -255,7 +255,8 @@ def test_a_report_that_breaks_what_must_hold_fails():
 
 @pytest.mark.model
 def test_calibrate_writes_an_artifact_the_worker_can_load(tmp_path):
-    """`rotary calibrate`, tiny: one exit layer, a few hundred tokens, a handful of completion points."""
+    """`rotary calibrate`, tiny: one exit layer, a few hundred tokens, a handful of completion points.
+    The embedded model, not the tiny one: the abstention gate needs right completions among its points."""
     from rotary.models.exits import ExitHeads
 
     path = tmp_path / "exits.safetensors"
