@@ -43,6 +43,11 @@ def add_bench_parser(sub, func) -> None:
     )
     b.add_argument("--cursor", choices=("indent", "col0"), default="indent", help="quality: cursor after the auto-indentation (the editor's case) or at column 0")
     b.add_argument("--sizes", default=None, help="load: the numbers of editors to run, comma-separated (default: 1,5,20)")
+    b.add_argument(
+        "--keystrokes", type=int, default=None, metavar="K",
+        help="load: each editor types only the first K keystrokes of its stretch, then asks once more "
+        "(default: all of it, about 300 characters, --quick 90; a few, e.g. 10, make a smoke run of seconds)",
+    )
     b.add_argument("--decoding-mode", default=None, choices=("lossless", "plain", "earlyExit"), help="load: the daemons' decodingMode setting (default: theirs, lossless)")
     b.add_argument("--thresholds", default=None, help="exit: exit-controller thresholds besides the calibrated one, e.g. 0.8,0.95")
     b.set_defaults(func=func)
@@ -58,6 +63,11 @@ def add_soak_parser(sub, func) -> None:
     s.add_argument("--sequences", type=int, default=10_000, help="edits: how many sequences")
     s.add_argument("--kills", type=int, default=100, help="kills: how many times to kill the worker")
     s.add_argument("--max-seconds", type=float, default=None, help="kills: stop after this long (reported)")
+    s.add_argument(
+        "--kill-delay", default="0.05,0.6", metavar="MIN,MAX",
+        help="kills: the SIGKILL comes a random MIN to MAX seconds after the completion request (default 0.05,0.6: "
+        "mostly mid-completion with the embedded model; a tiny model answers sooner, e.g. 0,0.05)",
+    )
     s.add_argument("--model", default=None, help="kills: the model of the daemon's worker (default: the embedded one)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, metavar="PATH", help="write machine-readable results here")

@@ -6,7 +6,7 @@ typed into at its end. Each round:
 
 1. type a few characters of the file's real code (incremental didChange);
 2. ask textDocument/inlineCompletion (multi-line, up to 48 tokens) and SIGKILL the worker after
-   a random delay (seeded), while the request is in flight; the answer is no suggestion;
+   a random delay (seeded; --kill-delay), while the request is in flight; the answer is no suggestion;
 3. type a few more characters while the worker is down or loading;
 4. wait until the daemon reports a new worker process ready (its own restart; the kill-to-ready
    time is the recovery time);
@@ -36,7 +36,7 @@ import sys
 import time
 
 from .corpus import sample_files
-from .load import Editor, crc32
+from .harness import Editor, crc32
 
 MAX_TOKENS = 48
 ANSWER_TIMEOUT_S = 120.0  # the daemon's own deadline for a completion is 60 s
@@ -82,7 +82,18 @@ def _document(seed: int) -> tuple[str, str, str]:
     raise SystemExit("no stdlib file of 400 lines found")
 
 
-async def _soak(args) -> dict:
+def kill_delay_range(text: str) -> tuple[float, float]:
+    """--kill-delay MIN,MAX (seconds)."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--kill-delay takes MIN,MAX in seconds, e.g. 0.05,0.6, not {text!r}") from None
+    if not 0 <= low <= high:
+        raise SystemExit(f"--kill-delay: need 0 <= MIN <= MAX, not {text!r}")
+    return low, high
+
+
+async def _soak(args, kill_delay: tuple[float, float]) -> dict:
     kills = args.kills
     rng = random.Random(args.seed)
     reference_complete = _reference_engine(args.model)
@@ -119,7 +130,7 @@ async def _soak(args) -> dict:
             faulthandler.dump_traceback_later(ROUND_STACK_DUMP_S, exit=False)
             text, rest = type_some(text, rest)
             request = asyncio.ensure_future(editor.complete(uri, text, len(text)))
-            await asyncio.sleep(rng.uniform(0.05, 0.6))
+            await asyncio.sleep(rng.uniform(*kill_delay))
             in_flight = not request.done()
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
@@ -203,13 +214,15 @@ async def _soak(args) -> dict:
         "seed": args.seed,
         "model": args.model or "embedded SmolLM2-135M",
         "settings": SETTINGS,
+        "kill_delay_s": list(kill_delay),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "failures": [r for r in rounds if not (r["right"] and r["document_intact"])][:10],
     }
 
 
 def main(args) -> int:
-    report = asyncio.run(_soak(args))
+    kill_delay = kill_delay_range(args.kill_delay)  # a bad range is refused before anything starts
+    report = asyncio.run(_soak(args, kill_delay))
     summary = {k: v for k, v in report.items() if k != "failures"}
     print(json.dumps(summary, indent=2))
     if report["failures"]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,17 +26,7 @@ from rotary.completion.rpc.launch import rotary_command
 
 from . import write_report
 from .corpus import sample_files
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .harness import free_port, percentile
 
 
 def make_cases(corpus: str | None, limit: int, seed: int) -> list[dict]:
@@ -164,7 +153,7 @@ def main(args) -> int:
     print(f"latency: {len(cases)} cases from {args.corpus or 'the standard library'} (seed {args.seed})", file=sys.stderr)
 
     direct = _direct_path(args.model, max_tokens)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     cmd = rotary_command("--log-level", "warning", "worker", "--listen", address)
     if args.model:
         cmd += ["--model", args.model]
@@ -183,10 +172,11 @@ def main(args) -> int:
     overheads = [a["ms"] - b["ms"] for a, b in zip(lsp, direct)]
     same = sum(a["text"] == b["text"] for a, b in zip(lsp, direct))
     results = {
-        "lsp": {"p50_ms": round(statistics.median(a["ms"] for a in lsp), 2), "p95_ms": round(_percentile([a["ms"] for a in lsp], 0.95), 2)},
-        "direct": {"p50_ms": round(statistics.median(b["ms"] for b in direct), 2), "p95_ms": round(_percentile([b["ms"] for b in direct], 0.95), 2)},
-        "overhead": {"p50_ms": round(statistics.median(overheads), 2), "p95_ms": round(_percentile(overheads, 0.95), 2)},
+        "lsp": {"p50_ms": round(statistics.median(a["ms"] for a in lsp), 2), "p95_ms": round(percentile([a["ms"] for a in lsp], 0.95), 2)},
+        "direct": {"p50_ms": round(statistics.median(b["ms"] for b in direct), 2), "p95_ms": round(percentile([b["ms"] for b in direct], 0.95), 2)},
+        "overhead": {"p50_ms": round(statistics.median(overheads), 2), "p95_ms": round(percentile(overheads, 0.95), 2)},
         "same_suggestion": same,
+        "nonempty_suggestions": sum(bool(a["text"]) for a in lsp),  # the agreement is not of empty texts alone
         "cases": len(cases),
     }
     report = {

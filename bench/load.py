@@ -9,7 +9,8 @@ second overall), a pause after each burst, a typo now and then that is backspace
 editor's auto-indentation after a line break. Every keystroke is an incremental didChange; at the
 start of each pause the editor asks textDocument/inlineCompletion, and its next keystroke waits for
 the answer (the user reads the suggestion), so a slow service slows the typing rather than piling
-requests up without end. The schedule comes from --seed.
+requests up without end. The schedule comes from --seed. `--keystrokes K` types only the first K
+keystrokes of each stretch (then asks once more): a smoke run of a few seconds per N, not a load.
 
 Measured per N:
 - completion latency, p50/p95/p99: from sending the inlineCompletion request to its answer, as the
@@ -36,49 +37,23 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import zlib
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rotary.completion.rpc.launch import rotary_command
-
 from . import write_report
 from .corpus import sample_files
+from .harness import Editor, check_texts, percentile, start_worker
 
 SIZES = (1, 5, 20)
-STDERR_LINES_KEPT = 200  # of each daemon's log (errors only), for a report on a failure
 # The editors' daemons run at a lower priority than the worker: in a shared-worker deployment each
 # daemon runs on its user's machine, and here twenty of them (pygls, asyncio, a gRPC channel each,
 # ~5% of a core apiece while typing) would otherwise take CPU from the worker they measure. Their
 # work is still in every latency: a request waits for its daemon as before.
 EDITOR_NICENESS = 10
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def crc32(text: str) -> int:
-    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
-
-
-def utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -158,11 +133,17 @@ def make_session(path: Path, uri: str, rng: random.Random, keystrokes: int) -> S
     return session
 
 
-def make_sessions(corpus: str | None, count: int, seed: int, keystrokes: int, tag: str) -> list[Session]:
+def make_sessions(
+    corpus: str | None, count: int, seed: int, keystrokes: int, tag: str, max_keys: int | None = None
+) -> list[Session]:
+    """`max_keys`: each session types only the first this many keystrokes of its stretch (and ends with a completion)."""
     rng = random.Random(seed)
     sessions: list[Session] = []
     for path in sample_files(corpus, count * 4, seed):
         session = make_session(path, f"{path.resolve().as_uri()}#{tag}-e{len(sessions)}", rng, keystrokes)
+        if session is not None and max_keys is not None and len(session.keys) > max_keys:
+            del session.keys[max_keys:]
+            session.keys[-1].complete_after = True
         if session is not None:
             sessions.append(session)
         if len(sessions) == count:
@@ -171,173 +152,6 @@ def make_sessions(corpus: str | None, count: int, seed: int, keystrokes: int, ta
 
 
 # -- one editor -------------------------------------------------------------------------------------------
-
-
-class Editor:
-    """A pygls LanguageClient driving one `rotary lsp` daemon over stdio, and the reference text it built."""
-
-    def __init__(self, name: str, daemon_args: list[str], settings: dict | None = None, niceness: int = 0):
-        self.name = name
-        self.niceness = niceness  # the daemon's scheduling priority (nice -n), 0: as this process
-        self.daemon_args = daemon_args
-        self.settings = settings or {}
-        self.client = None
-        self.version = 0
-
-    async def start(self) -> None:
-        from lsprotocol import types
-        from pygls.lsp.client import LanguageClient
-
-        self.client = LanguageClient(f"rotary-{self.name}", "1")
-
-        @self.client.feature("rotary/status")
-        def status(params):  # noqa: ARG001  shown in an editor's status bar; nothing to do here
-            return None
-
-        command = rotary_command("--log-level", "error", "lsp", *self.daemon_args)
-        if self.niceness:  # through nice(1): a preexec hook would fork a process that has gRPC threads
-            command = ["nice", "-n", str(self.niceness), *command]
-        await self.client.start_io(*command)
-        # pygls pipes the daemon's stderr and never reads it. An editor does (its output panel, its log):
-        # a pipe nobody reads fills after ~64 KB, and the daemon's next log line then blocks its event
-        # loop for good (a kill soak's error lines filled it after ~80 kills). Read it; keep the tail.
-        self.stderr_tail: deque[str] = deque(maxlen=STDERR_LINES_KEPT)
-        self._stderr_reader = asyncio.ensure_future(self._read_stderr())
-        await self.client.initialize_async(
-            types.InitializeParams(capabilities=types.ClientCapabilities(), initialization_options=self.settings)
-        )
-        self.client.initialized(types.InitializedParams())
-
-    @property
-    def pid(self) -> int | None:
-        server = getattr(self.client, "_server", None)
-        return getattr(server, "pid", None)
-
-    async def stats(self) -> dict:
-        from lsprotocol import types
-
-        return await asyncio.wait_for(
-            self.client.workspace_execute_command_async(types.ExecuteCommandParams(command="rotary.stats")), timeout=120
-        )
-
-    async def wait_ready(self, timeout: float = 600.0, ok=None) -> dict:
-        ok = ok or (lambda s: s["worker"]["state"] == "ready")
-        deadline = time.monotonic() + timeout
-        while not ok(current := await self.stats()):
-            worker = current["worker"]
-            if worker["state"] == "error" and "retrying" not in worker["message"]:
-                raise RuntimeError(f"{self.name}: the daemon stopped its worker: {worker['message']}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: the worker did not become ready: {current['worker']}")
-            await asyncio.sleep(0.2)
-        return current
-
-    def open(self, uri: str, text: str) -> None:
-        from lsprotocol import types
-
-        self.version = 1
-        self.client.text_document_did_open(
-            types.DidOpenTextDocumentParams(types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text))
-        )
-
-    def change(self, uri: str, text: str, start: int, end: int, new: str) -> str:
-        """Replace text[start:end] by `new` (code-point offsets) with an incremental didChange; return the
-        new text. Positions are UTF-16 (the default encoding when the client names none)."""
-        from lsprotocol import types
-
-        def position(offset: int) -> types.Position:  # the texts have no CR (make_session skips such files)
-            line_start = text.rfind("\n", 0, offset) + 1
-            return types.Position(text.count("\n", 0, line_start), utf16_len(text[line_start:offset]))
-
-        self.version += 1
-        self.client.text_document_did_change(
-            types.DidChangeTextDocumentParams(
-                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=self.version),
-                content_changes=[types.TextDocumentContentChangePartial(range=types.Range(position(start), position(end)), text=new)],
-            )
-        )
-        return text[:start] + new + text[end:]
-
-    async def complete(self, uri: str, text: str, offset: int) -> tuple[float, str | None]:
-        """inlineCompletion at `offset`; (milliseconds to the answer, the suggestion or None)."""
-        from lsprotocol import types
-
-        line_start = text.rfind("\n", 0, offset) + 1
-        position = types.Position(text.count("\n", 0, line_start), utf16_len(text[line_start:offset]))
-        started = time.perf_counter()
-        result = await self.client.text_document_inline_completion_async(
-            types.InlineCompletionParams(
-                text_document=types.TextDocumentIdentifier(uri=uri),
-                position=position,
-                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
-            )
-        )
-        elapsed = (time.perf_counter() - started) * 1000
-        return elapsed, (result.items[0].insert_text if result and result.items else None)
-
-    def close(self, uri: str) -> None:
-        from lsprotocol import types
-
-        self.client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri=uri)))
-
-    async def _read_stderr(self) -> None:
-        stream = getattr(getattr(self.client, "_server", None), "stderr", None)
-        if stream is None:
-            return
-        while line := await stream.readline():
-            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
-
-    async def stop(self) -> None:
-        if self.client is None:
-            return
-        try:
-            await asyncio.wait_for(self.client.shutdown_async(None), timeout=30)
-            self.client.exit(None)
-        except Exception:
-            pass
-        try:
-            await asyncio.wait_for(self.client.stop(), timeout=30)
-        except Exception:
-            server = getattr(self.client, "_server", None)
-            if server is not None and server.returncode is None:
-                server.kill()
-
-
-async def check_texts(editor: Editor, uri: str, reference: str, worker_stub) -> dict:
-    """The daemon's and the worker's copies of `uri` against the reference (length and CRC-32).
-
-    The worker is asked with an EditDocument of no changes at the version the daemon says it has
-    (base = new = that version), in the daemon's session: it changes nothing and its acknowledgement
-    carries the worker's length and CRC-32. Call it only while the daemon flushes nothing for `uri` (the editor idle)."""
-    from rotary.completion.rpc import worker_pb2 as pb
-    from rotary.completion.rpc.access import SESSION_METADATA
-    from rotary.lsp.sync import wire_text
-
-    stats = await editor.stats()
-    doc = stats["daemon"].get("documents", {}).get(uri)
-    wire = wire_text(reference)
-    out = {"daemon_ok": False, "worker_ok": False, "why": ""}
-    if doc is None:
-        out["why"] = "the daemon has no such document"
-        return out
-    out["daemon_ok"] = doc["length"] == len(reference) and doc["crc32"] == crc32(wire)
-    if not out["daemon_ok"]:
-        out["why"] = f"daemon length {doc['length']} vs {len(reference)}"
-    if doc["pending"] or doc["resend"] or doc["worker_version"] is None:
-        out["why"] += f" daemon has {doc['pending']} pending changes (resend {doc['resend']})"
-        return out
-    try:
-        ack = await worker_stub.EditDocument(
-            pb.EditDocumentRequest(uri=uri, base_version=doc["worker_version"], new_version=doc["worker_version"]), timeout=10,
-            metadata=[(SESSION_METADATA, stats["worker"].get("session", ""))],  # the daemon's copy, not another's
-        )
-    except Exception as exc:  # noqa: BLE001  any refusal is a failed check
-        out["why"] += f" worker refused the check: {exc}"
-        return out
-    out["worker_ok"] = ack.length == len(wire) and ack.crc32 == crc32(wire)
-    if not out["worker_ok"]:
-        out["why"] += f" worker length {ack.length} vs {len(wire)}"
-    return out
 
 
 @dataclass
@@ -405,22 +219,6 @@ async def run_editor(
 
 
 # -- one N ------------------------------------------------------------------------------------------------
-
-
-def start_worker(model: str | None) -> tuple[subprocess.Popen, str]:
-    address = f"127.0.0.1:{free_port()}"
-    cmd = rotary_command("--log-level", "warning", "worker", "--listen", address)
-    if model:
-        cmd += ["--model", model]
-    worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from rotary.completion.client import WorkerClient
-
-    probe = WorkerClient(address)
-    try:
-        probe.wait_ready(timeout=600)
-    finally:
-        probe.close()
-    return worker, address
 
 
 async def run_size(
@@ -543,6 +341,9 @@ def _round(x: float | None) -> float | None:
 def main(args) -> int:
     keystrokes = 90 if args.quick else 300  # characters typed per editor (about 20 s or 60 s of typing)
     seconds = 45.0 if args.quick else 120.0  # a bound on each N's typing time (slow answers slow typing)
+    max_keys = getattr(args, "keystrokes", None)  # only the first K keystrokes of each stretch (a smoke run)
+    if max_keys is not None and max_keys < 1:
+        raise SystemExit(f"--keystrokes must be at least 1, not {max_keys}")
     max_completions = args.limit or 10_000
     wanted = [int(n) for n in args.sizes.split(",")] if getattr(args, "sizes", None) else list(SIZES)
     sizes = [(n, min(n, args.limit) if args.limit else n) for n in wanted]
@@ -552,7 +353,7 @@ def main(args) -> int:
     load_avg = os.getloadavg()
     print(f"load: N = {[n for n, _ in sizes]} editors (seed {args.seed}, {'quick' if args.quick else 'full'}); load average {load_avg}", file=sys.stderr)
     for n, count in sizes:
-        sessions = make_sessions(args.corpus, count, args.seed + n, keystrokes, f"load-n{n}-{os.getpid()}")
+        sessions = make_sessions(args.corpus, count, args.seed + n, keystrokes, f"load-n{n}-{os.getpid()}", max_keys)
         if len(sessions) < count:
             raise SystemExit(f"only {len(sessions)} usable files in the corpus for {count} editors")
         worker, address = start_worker(args.model)
@@ -585,6 +386,7 @@ def main(args) -> int:
             "corpus": args.corpus or "stdlib",
             "model": args.model or "embedded SmolLM2-135M",
             "keystrokes_per_editor": keystrokes,
+            "max_keystrokes_per_editor": max_keys,  # --keystrokes: only the first K of them typed
             "max_seconds_per_n": seconds,
             "max_completions_per_editor": args.limit,
             "daemon_settings": "defaults (debounceMs 50, completionMode auto, maxTokens 64, decodingMode lossless)"
