@@ -1,6 +1,6 @@
 """What the LSP benchmarks and soaks share: editors driving real `rotary lsp` daemons over stdio
 (pygls's LanguageClient), the reference-text check against the daemon's and the worker's copies,
-and a worker started on a free port.
+and a worker started on a private unix socket.
 
 Used by `rotary bench load` (bench/load.py), `rotary bench latency` and `rotary soak kills` (bench/kills.py).
 """
@@ -8,13 +8,15 @@ Used by `rotary bench load` (bench/load.py), `rotary bench latency` and `rotary 
 from __future__ import annotations
 
 import asyncio
-import socket
+import contextlib
+import shutil
 import subprocess
 import time
-import zlib
 from collections import deque
+from collections.abc import Iterator
 
-from rotary.completion.rpc.launch import rotary_command
+from rotary.completion.rpc.launch import private_socket, rotary_command, worker_command
+from rotary.completion.rpc.wire import text_crc32 as crc32
 
 STDERR_LINES_KEPT = 200  # of each daemon's log (errors only), for a report on a failure
 
@@ -26,34 +28,34 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def crc32(text: str) -> int:
-    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
-
-
 def utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
-def start_worker(model: str | None) -> tuple[subprocess.Popen, str]:
-    address = f"127.0.0.1:{free_port()}"
-    cmd = rotary_command("--log-level", "warning", "worker", "--listen", address)
-    if model:
-        cmd += ["--model", model]
-    worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@contextlib.contextmanager
+def running_worker(model: str | None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A ready `rotary worker` (the embedded model, or `model`) on a unix socket in a folder of its own
+    (0700; no port to race for), as (process, address); stopped and its folder removed afterwards."""
     from rotary.completion.client import WorkerClient
 
-    probe = WorkerClient(address)
+    folder, address = private_socket()
+    worker = subprocess.Popen(worker_command(address, model, "warning"), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        probe.wait_ready(timeout=600)
+        probe = WorkerClient(address)
+        try:
+            probe.wait_ready(timeout=600)
+        finally:
+            probe.close()
+        yield worker, address
     finally:
-        probe.close()
-    return worker, address
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Editor:

@@ -17,7 +17,6 @@ import asyncio
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from rotary.completion.rpc.launch import rotary_command
 
 from . import write_report
 from .corpus import sample_files
-from .harness import free_port, percentile
+from .harness import percentile, running_worker
 
 
 def make_cases(corpus: str | None, limit: int, seed: int) -> list[dict]:
@@ -153,21 +152,10 @@ def main(args) -> int:
     print(f"latency: {len(cases)} cases from {args.corpus or 'the standard library'} (seed {args.seed})", file=sys.stderr)
 
     direct = _direct_path(args.model, max_tokens)
-    address = f"127.0.0.1:{free_port()}"
-    cmd = rotary_command("--log-level", "warning", "worker", "--listen", address)
-    if args.model:
-        cmd += ["--model", args.model]
-    worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        from rotary.completion.client import WorkerClient
-
-        WorkerClient(address).wait_ready(timeout=600)
+    with running_worker(args.model) as (_worker, address):
         bar = tqdm(total=len(cases), desc="latency", unit="case", file=sys.stderr)
         lsp, direct = asyncio.run(_measure(address, cases, max_tokens, direct, lambda: bar.update(1)))
         bar.close()
-    finally:
-        worker.terminate()
-        worker.wait(timeout=10)
 
     overheads = [a["ms"] - b["ms"] for a, b in zip(lsp, direct)]
     same = sum(a["text"] == b["text"] for a, b in zip(lsp, direct))

@@ -38,7 +38,6 @@ import asyncio
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,9 @@ from pathlib import Path
 
 from . import write_report
 from .corpus import sample_files
-from .harness import Editor, check_texts, percentile, start_worker
+from rotary.cache.pids import pid_alive
+
+from .harness import Editor, check_texts, percentile, running_worker
 
 SIZES = (1, 5, 20)
 # The editors' daemons run at a lower priority than the worker: in a shared-worker deployment each
@@ -256,7 +257,7 @@ async def run_size(
     with_suggestion = [ms for r in results for ms, shown in zip(r.latencies_ms, r.shown) if shown]
     without = [ms for r in results for ms, shown in zip(r.latencies_ms, r.shown) if not shown]
     opens = [r.open_ms for r in results if r.open_ms is not None]
-    alive = _alive(worker_pid)
+    alive = pid_alive(worker_pid)
     edits = sum(r.edits for r in results)
     return {
         "editors": n,
@@ -326,14 +327,6 @@ async def worker_side(stub, before: dict | None = None) -> dict:
     return view
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
 
@@ -356,17 +349,9 @@ def main(args) -> int:
         sessions = make_sessions(args.corpus, count, args.seed + n, keystrokes, f"load-n{n}-{os.getpid()}", max_keys)
         if len(sessions) < count:
             raise SystemExit(f"only {len(sessions)} usable files in the corpus for {count} editors")
-        worker, address = start_worker(args.model)
-        try:
+        with running_worker(args.model) as (worker, address):
             result = asyncio.run(run_size(count, sessions, address, worker.pid, max_completions, seconds, args.seed, settings))
             result["peak_rss_mb"] = peak_rss_mb(worker.pid)
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
         results[f"n={n}"] = result
         print(
             f"  n={n}: {result['completions']} completions, p50 {result['p50_ms']} p95 {result['p95_ms']} p99 {result['p99_ms']} ms, "

@@ -155,7 +155,7 @@ def test_a_silent_session_loses_its_documents_after_the_lease(worker):
 
 def test_two_daemons_sharing_a_worker_keep_their_own_text(worker):
     """Two real daemons (`rotary lsp --worker ADDR`) open one URI with different texts and type into it."""
-    from rotary.bench.load import Editor, check_texts
+    from rotary.bench.harness import Editor, check_texts
 
     _, address = worker
 

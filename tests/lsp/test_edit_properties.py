@@ -22,7 +22,6 @@ from rotary.bench.soak import (
     run_sequence,
     strategies,
 )
-from rotary.completion.rpc import worker_pb2 as pb
 from rotary.lsp import sync as sync_module
 from rotary.lsp.positions import offset_at, position_at
 from rotary.lsp.sync import MAX_PENDING_CHANGES, DocumentSync
