@@ -7,24 +7,6 @@ import argparse
 BENCHMARKS = ("quality", "latency", "edits", "decode", "tests", "exit", "load")
 
 
-def write_report(path: str | None, report: dict) -> None:
-    """Write a benchmark's machine-readable results (`--json PATH`), if asked for."""
-    if not path:
-        return
-    import json
-    from pathlib import Path
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2))
-
-
-def edit_similarity(a: str, b: str) -> float:
-    """1 - Levenshtein distance / longer length: the ES of the PIE paper and of code-completion papers."""
-    from rapidfuzz.distance import Levenshtein
-
-    return Levenshtein.normalized_similarity(a, b)
-
-
 def add_bench_parser(sub, func) -> None:
     b = sub.add_parser("bench", help="benchmarks (baseline and new path side by side, with ratios)")
     b.add_argument("name", choices=BENCHMARKS)

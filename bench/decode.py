@@ -30,7 +30,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from . import write_report
+from .report import write_report
 from .corpus import python_files
 
 

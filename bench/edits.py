@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
-from . import edit_similarity, write_report
+from .report import edit_similarity, write_report
 from .corpus import python_files
 
 METHODS = ("full", "prefix", "conflict", "pie", "pie_refresh")

@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from . import write_report
+from .report import write_report
 
 MAX_TOKENS = 24
 

@@ -228,7 +228,7 @@ def main(args) -> int:
     if report["failures"]:
         print("failures:", json.dumps(report["failures"], indent=2))
     if args.json:
-        from . import write_report
+        from .report import write_report
 
         write_report(args.json, {"soak": "kills", **report})
     return 0 if report["kills"] and report["recovered"] == report["kills"] else 1

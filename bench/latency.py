@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rotary.completion.rpc.launch import rotary_command
 
-from . import write_report
+from .report import write_report
 from .corpus import sample_files
 from .harness import percentile, running_worker
 

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import write_report
+from .report import write_report
 from .corpus import sample_files
 from rotary.cache.pids import pid_alive
 

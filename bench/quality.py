@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import edit_similarity, write_report
+from .report import edit_similarity, write_report
 
 TASK_KINDS = ("single_line", "multi_line")
 METHODS = ("service", "plain")

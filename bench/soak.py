@@ -358,7 +358,7 @@ def main(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=2))
     if args.json:
-        from . import write_report
+        from .report import write_report
 
         write_report(args.json, report)
     return 1 if stats.mismatches else 0

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import write_report
+from .report import write_report
 
 METHODS = ("plain", "ngram", "ast-strict", "ast", "ast+ngram")
 # TestEval's Python programs ship with Rotary (MIT, bench/data/testeval/LICENSE): a fresh machine has them.

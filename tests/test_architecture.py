@@ -113,15 +113,7 @@ def test_a_cycle_is_found_and_named():
     assert cycle_through("d", graph) is None
 
 
-# bench/ is another change's (issue 24): bench/__init__.py dispatches to its commands, which
-# import write_report from it. Strict: once that cycle is gone this fails, and the mark goes.
-BENCH_CYCLE = pytest.mark.xfail(strict=True, reason="rotary.bench <-> its commands: bench/ is reworked elsewhere")
-
-
-@pytest.mark.parametrize(
-    "package",
-    [p if p != "rotary.bench" else pytest.param(p, marks=BENCH_CYCLE) for p in PACKAGES],
-)
+@pytest.mark.parametrize("package", list(PACKAGES))
 def test_no_import_cycles(package):
     """No module directly in `package` is on a cycle (one across packages fails for each of them)."""
     graph, known = import_graph(), modules()
