@@ -18,7 +18,7 @@ before the call, and the forward asserts it (`Batch.check_capacity`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol, Sequence
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
