@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rotary.cache.buffer import DeferredForward, KVBuffer, extend_batch
+from rotary.models.batch import Batch
 from rotary.models.transformer import Transformer, attention_span, supports
 
 TOL = 1e-4  # fp32 logits
@@ -141,6 +142,42 @@ def test_sliding_windows_per_layer():
     assert qwen.config.sliding_windows == (None, 6, 6)
     assert Transformer.from_hf(tiny("qwen2"), share_weights=False).config.sliding_windows == (None, None, None)
     assert Transformer.from_hf(tiny("mistral", sliding_window=7), share_weights=False).config.sliding_windows == (7, 7, 7)
+
+
+@pytest.mark.parametrize("fields, error", [
+    (dict(caches=[], starts=[]), "at least one row"),
+    (dict(caches=["a"], starts=[0, 1], ids=torch.zeros(1, 2, dtype=torch.long)), "one non-negative position per row"),
+    (dict(caches=["a"], starts=[-1], ids=torch.zeros(1, 2, dtype=torch.long)), "non-negative"),
+    (dict(caches=["a", "b"], starts=[0, 0], ids=torch.zeros(1, 2, dtype=torch.long)), r"\[rows, width\]"),
+    (dict(caches=["a"], starts=[0]), "needs its rows' lengths"),
+    (dict(caches=["a", "b"], starts=[0, 0], lengths=[2, 1], ids=torch.zeros(2, 3, dtype=torch.long)), "the longest row is the width"),
+    (dict(caches=["a"], starts=[0], lengths=[0]), "length >= 1"),
+    (dict(caches=["a"], starts=[0], lengths=[1], logits="every"), "must be 'last', 'all' or None"),
+    (dict(caches=["a"], starts=[0], lengths=[1], logits="last", logit_rows=[0]), "logit_rows picks rows of logits='all'"),
+    (dict(caches=["a"], starts=[0], lengths=[1], logits="all", logit_rows=[1]), "outside the 1 rows"),
+])
+def test_a_batch_is_valid_by_construction(fields, error):
+    """A forward's description is checked once, where it is built, with an error naming the field
+    (before models/batch.py the forward took ten keywords whose combinations only asserts checked)."""
+    with pytest.raises(ValueError, match=error):
+        Batch(**fields)
+
+
+def test_a_batch_normalises_its_rows():
+    batch = Batch(caches=["a"], starts=[3], ids=torch.tensor([5, 6, 7]))  # one row may come as [S]
+    assert batch.ids.shape == (1, 3) and batch.lengths == (3,) and batch.width == 3 and not batch.ragged
+    ragged = Batch(caches=["a", "b"], starts=[0, 4], lengths=[1, 2], logits="all", logit_rows=range(1, 2))
+    assert ragged.ragged and ragged.width == 2 and ragged.logit_rows == (1,) and ragged.ids is None
+
+
+def test_the_forward_asserts_capacity_it_does_not_grow_the_cache():
+    """The cache's owner makes room (KVBuffer.reserve, which extend calls); the forward only asserts it.
+    Before, the forward grew the cache itself: this call then passed and resized a cache it does not own."""
+    tf = Transformer.from_hf(tiny("llama"), share_weights=False)
+    buffer = new_buffer(tf)
+    with pytest.raises(AssertionError, match="reserve"):
+        tf(caches=[buffer], starts=[0], ids=torch.tensor([random_ids(4)]))
+    assert buffer.capacity == 0
 
 
 def test_attention_span():
