@@ -122,7 +122,7 @@ class Methods:
         buffer.reserve(len(ids) + 64)
         with _threads(self.prefill_threads):
             started = time.perf_counter()
-            logits = buffer.extend(ids, self.own.forward).logits[0]
+            logits = buffer.extend(ids, self.own).logits[0]
             return buffer, logits, time.perf_counter() - started
 
     def hf_step(self, cache, token: int, threads: int | None = None):
@@ -134,7 +134,7 @@ class Methods:
     def own_step(self, buffer, tokens: list[int], threads: int | None = None, logits: str = "last"):
         with _threads(threads or self.decode_threads):
             started = time.perf_counter()
-            out = buffer.extend(tokens, self.own.forward, logits=logits).logits[0]
+            out = buffer.extend(tokens, self.own, logits=logits).logits[0]
             return out, time.perf_counter() - started
 
 
@@ -291,7 +291,7 @@ def main(args) -> int:
             for size, group in groups.items():
                 buffers, next_ids, times = group
                 t0 = time.perf_counter()
-                out = extend_batch(buffers, next_ids, methods.own.forward)
+                out = extend_batch(buffers, next_ids, methods.own)
                 times.append(time.perf_counter() - t0)
                 group[1] = [[int(i)] for i in out.logits.argmax(-1).tolist()]
     batched_forward = {str(size): round(size / statistics.median(group[2]), 2) for size, group in groups.items()}

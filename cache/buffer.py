@@ -9,8 +9,9 @@ layer k is recorded (its id is held) with layers k.. left unfilled until `fill` 
 The invariant "these ids and these tensors describe the same text" is kept here and
 nowhere else: every change goes through a method that moves both (`extend`, `fill`,
 `rollback`, `apply`, `refresh`, and `extend_batch` for several documents at once). The
-model is reached only through a `Forward` callable (models/transformer.py's
-Transformer.forward), so cache/ never imports models/.
+model is reached only through a `Forward` callable (models/batch.py's Batch, as keywords), so
+cache/ never imports models/. The buffer owns its capacity: it reserves room before every
+forward, which only writes slots.
 
 Costs. Appending writes the new slots only (no copy of the cache per token). Capacity grows
 by half again, in whole chunks, so growth is amortised O(1) per token. `rollback` is O(1) on
@@ -36,24 +37,22 @@ DEFAULT_CHUNK = 256  # capacity grows in whole chunks of this many positions
 
 
 class Forward(Protocol):
-    """The model's forward as the buffer calls it (models/transformer.py's Transformer.forward).
+    """The model's forward as the buffer calls it: models/batch.py's Batch, its fields as keywords
+    (Transformer, HFForward and ModelRunner.forward build the Batch; cache/ may not import models/).
 
-    Writes the K/V of the new tokens of row b into caches[b].kv at slots [starts[b], starts[b] + S)
-    for every layer in `layers`, attending to slots [0, position]; never moves `filled`.
+    Writes the K/V of row b's new tokens into caches[b].kv at slots [starts[b], starts[b] + lengths[b])
+    for the layers it runs, attending to slots [0, position]; never resizes a cache, never moves `filled`.
     """
 
     def __call__(
         self,
-        ids: torch.Tensor | None,
-        caches: Sequence[KVBuffer],
         *,
+        caches: Sequence[KVBuffer],
         starts: Sequence[int],
         lengths: Sequence[int] | None = None,
-        layers: range | None = None,
-        hidden: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
         logits: str | None = "last",
         logit_rows: Sequence[int] | None = None,
-        return_hidden: bool = False,
     ) -> Any: ...
 
 
@@ -174,17 +173,14 @@ class KVBuffer:
         *,
         layers: range | None = None,
         logits: str | None = "last",
-        return_hidden: bool = False,
         chunk: int | None = None,
-        early_exit: Any = None,
     ) -> Any:
         """Run `ids` after the tokens held, append their K/V and their ids; return the forward's output.
 
-        early_exit: exit heads the forward may stop at, for one token (the layers it skips still get
-        the token's K/V from the exiting state, so every layer counts as filled).
-
-        layers: range(0, k) stops after layer k - 1 (early exit): layers k.. stay unfilled for these
-        tokens until `fill` runs them, and no later token can run those layers before that.
+        layers: the layers `forward` runs (default: all, which an early-exit forward fills too, the
+        layers it skips by state copying). range(0, k) is a forward that stops after layer k - 1 (a
+        layer slice, Transformer.slice): layers k.. stay unfilled for these tokens until `fill` runs
+        them, and no later token can run those layers before that.
         chunk: at most this many tokens per forward (prefill in pieces); the output is the last piece's.
         """
         ids = [int(i) for i in ids]
@@ -197,28 +193,25 @@ class KVBuffer:
             piece = ids[first : first + step]
             start = self.length
             self._check_depth(layers, start)
+            self.reserve(start + len(piece))
             out = forward(
-                torch.tensor([piece], device=self.device), [self], starts=[start], layers=layers,
-                logits=logits if first + step >= len(ids) else None, return_hidden=return_hidden,
-                **({"early_exit": early_exit} if early_exit is not None else {}),
+                ids=torch.tensor([piece], device=self.device), caches=[self], starts=[start],
+                logits=logits if first + step >= len(ids) else None,
             )
             self.tokens.append(piece)
             self._mark_filled(layers, start + len(piece))
         return out
 
-    def fill(
-        self, hidden: torch.Tensor, forward: Forward, layers: range, *, logits: str | None = None, return_hidden: bool = False
-    ) -> Any:
-        """Complete `layers` for held tokens that an early exit left unfilled there.
-
-        hidden [1, n, dim]: the hidden state entering layers.start for the n positions starting at
-        filled[layers.start] (what the exited forward returned with return_hidden=True).
+    def fill(self, count: int, forward: Forward, layers: range, *, logits: str | None = None) -> Any:
+        """Complete `layers` for the `count` held tokens from filled[layers.start] that a layer slice
+        left unfilled there. `forward` runs those layers from their hidden state (what the slice
+        returned: Transformer.slice(layers, hidden)); it gets no ids.
         """
         layers = self._layers(layers)
-        start, count = self.filled[layers.start], hidden.shape[1]
+        start = self.filled[layers.start]
         assert start + count <= self.length, f"fill of {count} positions from {start} runs past {self.length} tokens"
         self._check_depth(layers, start)
-        out = forward(None, [self], starts=[start], layers=layers, hidden=hidden, logits=logits, return_hidden=return_hidden)
+        out = forward(caches=[self], starts=[start], lengths=[count], logits=logits)
         self._mark_filled(layers, start + count)
         return out
 
@@ -242,7 +235,7 @@ class KVBuffer:
         step = chunk or end - start
         for first in range(start, end, step):
             last = min(first + step, end)
-            forward(torch.tensor([ids[first:last]], device=self.device), [self], starts=[first], logits=None)
+            forward(ids=torch.tensor([ids[first:last]], device=self.device), caches=[self], starts=[first], logits=None)
         self.tokens.mark_refreshed(start, end)
         return end - start
 
@@ -285,7 +278,7 @@ class KVBuffer:
                     last = min(first + step, end)
                     wants_logits = last == plan.new_length
                     out = forward(
-                        torch.tensor([new_ids[first:last]], device=self.device), [self], starts=[first],
+                        ids=torch.tensor([new_ids[first:last]], device=self.device), caches=[self], starts=[first],
                         logits="last" if wants_logits else None,
                     )
             if not encodes or encodes[-1][1] != plan.new_length:
@@ -355,7 +348,6 @@ def extend_batch(
     *,
     layers: range | None = None,
     logits: str | None = "last",
-    return_hidden: bool = False,
     riders: Sequence[DeferredForward] = (),
 ) -> Any:
     """`extend` for several documents in one batched forward: row b appends ids[b] to buffers[b].
@@ -379,15 +371,18 @@ def extend_batch(
     for buffer, start in zip(buffers, starts):
         buffer._check_depth(layers, start)
     calls = [call for rider in riders for call in rider.calls]
-    assert not calls or (layers == range(buffers[0].num_layers) and logits == "all" and not return_hidden)
+    assert not calls or (layers == range(buffers[0].num_layers) and logits == "all")
     for rider in riders:
         assert can_ride(rider), "recorded calls that overlap or go backwards must run in their own forwards"
         buffer, start, row = rider.calls[-1]
         assert start + len(row) <= buffer.length, "recorded calls are inside the buffer's ids"
     padded, lengths = _padded([row for _, _, row in calls] + rows, buffers[0].device)
+    caches = [buffer for buffer, _, _ in calls] + list(buffers)
+    all_starts = [start for _, start, _ in calls] + starts
+    for cache, start in zip(caches, all_starts):
+        cache.reserve(start + padded.shape[1])
     out = forward(
-        padded, [buffer for buffer, _, _ in calls] + list(buffers), starts=[start for _, start, _ in calls] + starts,
-        lengths=lengths, layers=layers, logits=logits, return_hidden=return_hidden,
+        ids=padded, caches=caches, starts=all_starts, lengths=lengths, logits=logits,
         **({"logit_rows": range(len(calls), len(calls) + len(rows))} if calls else {}),
     )
     for rider in riders:
@@ -410,8 +405,8 @@ class DeferredForward:
     def __init__(self) -> None:
         self.calls: list[tuple[KVBuffer, int, list[int]]] = []  # (buffer, first slot, ids), in call order
 
-    def __call__(self, ids, caches, *, starts, lengths=None, layers=None, hidden=None, logits=None, return_hidden=False):
-        assert hidden is None and layers is None and not return_hidden and lengths is None and len(caches) == 1
+    def __call__(self, *, caches, starts, lengths=None, ids=None, logits=None, logit_rows=None):
+        assert ids is not None and lengths is None and logit_rows is None and len(caches) == 1
         self.calls.append((caches[0], int(starts[0]), [int(i) for i in ids.reshape(-1)]))
         return None
 
@@ -446,7 +441,10 @@ def run_deferred(recorded: Sequence[DeferredForward], forward: Forward) -> None:
     for k in range(max((len(r.calls) for r in recorded), default=0)):
         calls = [r.calls[k] for r in recorded if len(r.calls) > k]
         padded, lengths = _padded([ids for _, _, ids in calls], calls[0][0].device)
-        forward(padded, [buffer for buffer, _, _ in calls], starts=[start for _, start, _ in calls], lengths=lengths, logits=None)
+        caches, starts = [buffer for buffer, _, _ in calls], [start for _, start, _ in calls]
+        for cache, start in zip(caches, starts):
+            cache.reserve(start + padded.shape[1])
+        forward(ids=padded, caches=caches, starts=starts, lengths=lengths, logits=None)
     for r in recorded:
         r.calls.clear()
 

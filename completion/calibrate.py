@@ -65,6 +65,8 @@ class HiddenStates:
 @torch.inference_mode()
 def collect_hidden_states(runner, new_buffer, files: list[Path], exit_layers, tokens: int, chunk: int, seed: int, progress=None) -> HiddenStates:
     """Run chunks of `files` through the model one layer slice at a time, keeping the exits' hidden states."""
+    from rotary.models.batch import Batch
+
     model = runner._forward  # the own forward: layer slices and hidden states (its head, below)
     rng = random.Random(seed)
     layers = sorted(exit_layers)
@@ -86,13 +88,10 @@ def collect_hidden_states(runner, new_buffer, files: list[Path], exit_layers, to
         piece = ids[start : start + chunk + 1]
         buffer = new_buffer()
         buffer.reserve(chunk)
-        x, first = None, 0
+        batch = Batch(caches=[buffer], starts=[0], ids=torch.tensor([piece[:-1]]), logits=None)
+        x, first = model.embedded(batch), 0
         for layer in layers + [runner.info.num_layers - 1]:
-            out = runner.forward(
-                torch.tensor([piece[:-1]]) if x is None else None, [buffer], starts=[0],
-                layers=range(first, layer + 1), hidden=x, logits=None, return_hidden=True,
-            )
-            x, first = out.hidden, layer + 1
+            x, first = model.run_layers(x, range(first, layer + 1), batch), layer + 1
             if layer in keep:
                 keep[layer].append(x[0].clone())
         finals.append(x[0].clone())

@@ -472,7 +472,7 @@ class CompletionEngine:
         if threshold != exits.threshold:
             exits = dataclasses.replace(exits, threshold=threshold)
         fed = generation.to_feed(buffer.token_ids)
-        out = buffer.extend(fed, self.runner.forward, logits="all", early_exit=exits)
+        out = buffer.extend(fed, self.runner.exit_forward(exits), logits="all")  # the exit: models/exits.py
         generation.verify(fed, out.logits[0])
         generation.layers_run += (out.exited + 1) if out.exited is not None else self.runner.info.num_layers
 

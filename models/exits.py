@@ -9,8 +9,9 @@ the layer's hidden state to what the model computes from it by the end.
 Deciding is cheaper than predicting: the LM head costs as much as about 8 of this model's
 30 layers, so the head runs only at the exit chosen. The decision comes from a linear
 controller on the hidden state (dim weights per exit layer): the probability that this
-layer's head already agrees with the full model. The forward's loop calls `exit_here`
-after each exit layer and breaks out of the loop when it says so (models/transformer.py).
+layer's head already agrees with the full model. `forward_with_exits` is the forward with
+that decision in it: a plain loop over the model's layers that calls `exit_here` after each
+and breaks out when it says so (the layers it skipped then get K/V by state copying).
 
 The artifact (`save`/`load`) is a safetensors file plus a JSON header: exit layers, rank,
 thresholds measured at calibration, and the identity of the model it was fitted on.
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .batch import Batch, ForwardOutput
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,36 @@ class ExitHeads:
             down, up, gate_w = get("down"), get("up"), get("gate_w")
             gate_b = {layer: t.reshape(()) for layer, t in get("gate_b").items()}
         return cls(layers, down, up, gate_w, gate_b, float(header["threshold"]), json.loads(header.get("meta", "{}")))
+
+
+@torch.inference_mode()
+def forward_with_exits(model: Any, heads: ExitHeads, batch: Batch) -> ForwardOutput:
+    """The own forward (transformer.py's Transformer) for one token of one document, stopping after
+    the first exit layer whose controller says its head already has the token.
+
+    The layers skipped still get the token's K/V, computed from the exiting hidden state (norm, K/V
+    projection, RoPE; no attention, no MLP: Transformer.copy_state), so every layer counts as filled.
+    The logits come from that layer's exit head; `exited` says where it stopped (None: every layer ran).
+    """
+    assert batch.rows == 1 and batch.width == 1, "early exit decides for one token at a time"
+    n_layers = model.config.n_layers
+    x = model.embedded(batch)  # [1, 1, dim]
+    for i in range(n_layers):
+        x = model.run_layers(x, range(i, i + 1), batch)
+        if i < n_layers - 1 and heads.exit_here(i, x):
+            model.copy_state(x, batch, range(i + 1, n_layers))
+            return ForwardOutput(model.head(heads.adapt(i, x), batch), exited=i)
+    return ForwardOutput(model.head(x, batch))
+
+
+class ExitingForward:
+    """`forward_with_exits` as cache/buffer.py calls a forward (the Batch's fields as keywords)."""
+
+    def __init__(self, model: Any, heads: ExitHeads):
+        self.model, self.heads = model, heads
+
+    def __call__(self, **fields: Any) -> ForwardOutput:
+        return forward_with_exits(self.model, self.heads, Batch(**fields))
 
 
 # What of a model's config fixes its computation. Not the whole config: each transformers release adds,

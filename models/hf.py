@@ -1,5 +1,6 @@
-"""The fallback forward: any Hugging Face causal LM with RoPE, behind the same calling convention as
-models/transformer.py's Transformer.forward, so the rest of Rotary has one KV cache type.
+"""The fallback forward: any Hugging Face causal LM with RoPE, behind the same small interface as
+models/transformer.py's Transformer.forward (a models/batch.py Batch in, ForwardOutput out), so the
+rest of Rotary has one KV cache type.
 
 Models the own forward does not support (see transformer.supports) run here. They keep
 everything that needs no layer access (completion, edit-aware caches, drafts verified in
@@ -13,15 +14,21 @@ is the price of the fallback.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .transformer import ForwardOutput, KVCache, Logits, unpacked_rows
+from .batch import Batch, ForwardOutput
+from .transformer import unpacked_rows
 
 
 class HFForward:
-    """Transformer.forward's contract on top of a Hugging Face model (all layers, no hidden states)."""
+    """The small forward interface (models/batch.py's Forward) on top of a Hugging Face model.
+
+    It runs every layer on ids: whatever a Batch describes. What needs layer access (a slice of
+    layers, hidden states in or out, early exit: Transformer's run_layers, head, copy_state) it
+    does not have; ModelRunner.layer_access says so, and ModelRunner.exit_forward refuses there.
+    """
 
     def __init__(self, model: Any):
         import inspect
@@ -31,35 +38,22 @@ class HFForward:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
+    def __call__(self, **fields: Any) -> ForwardOutput:
+        """The forward as cache/buffer.py calls it: the Batch's fields as keywords."""
+        return self.forward(Batch(**fields))
+
     @torch.inference_mode()
-    def __call__(
-        self,
-        ids: torch.Tensor | None,
-        caches: KVCache | Sequence[KVCache],
-        *,
-        starts: Sequence[int] | None = None,
-        lengths: Sequence[int] | None = None,
-        layers: range | None = None,
-        hidden: torch.Tensor | None = None,
-        logits: Logits = "last",
-        logit_rows: Sequence[int] | None = None,
-        return_hidden: bool = False,
-        early_exit: Any = None,
-    ) -> ForwardOutput:
+    def forward(self, batch: Batch) -> ForwardOutput:
         from transformers import DynamicCache
 
-        caches = [caches] if not isinstance(caches, (list, tuple)) else list(caches)
-        n_layers = caches[0].kv.shape[0]
-        if (layers is not None and layers != range(n_layers)) or hidden is not None or return_hidden or early_exit:
-            raise NotImplementedError("this model runs through transformers: no layer slices, hidden states or exits")
-        ids = ids.view(1, -1) if ids.dim() == 1 else ids  # [B, S]
-        seq = ids.shape[1]
-        starts = [cache.filled[0] for cache in caches] if starts is None else [int(s) for s in starts]
+        if batch.ids is None:
+            raise ValueError("this model runs through transformers: it takes ids, not hidden states (no layer access)")
+        batch.check_capacity()
+        ids, seq, logits, logit_rows = batch.ids, batch.width, batch.logits, batch.logit_rows
+        n_layers = batch.caches[0].kv.shape[0]
         rows_last, rows_all = [], []
-        wanted = set(range(len(caches)) if logit_rows is None else logit_rows)  # rows whose logits "all" returns
-        for b, (cache, start) in enumerate(zip(caches, starts)):
-            real = seq if lengths is None else int(lengths[b])
-            cache.reserve(start + seq)
+        wanted = set(range(batch.rows) if logit_rows is None else logit_rows)  # rows whose logits "all" returns
+        for b, (cache, start, real) in enumerate(zip(batch.caches, batch.starts, batch.lengths)):
             lent = DynamicCache(config=self.model.config)
             if start:
                 for layer in range(n_layers):

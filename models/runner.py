@@ -12,13 +12,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Callable
 
 import torch
 
 from .hf import HFForward
-from .exits import find_exit_heads, model_fingerprint
+from .batch import Batch, ForwardOutput
+from .exits import ExitHeads, find_exit_heads, forward_with_exits, model_fingerprint
 from .loader import LoadedModel
-from .transformer import ForwardOutput, Transformer, supports
+from .transformer import Transformer, supports
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +95,33 @@ class ModelRunner:
             else:
                 log.info("no exit heads for this model (run `rotary calibrate`): no early exit, no abstention")
 
-    def forward(self, ids: torch.Tensor | None, caches, **kwargs) -> ForwardOutput:
-        """The model's forward (models/transformer.py's contract); the thread count follows the work:
-        decoding steps (a few tokens) on decode_threads(), bigger steps (prefill, wide batches) on every core."""
+    def forward(self, **fields) -> ForwardOutput:
+        """The model's forward on a models/batch.py Batch, called as cache/buffer.py calls one (the Batch's
+        fields as keywords). The thread count follows the work: decoding steps (a few tokens) on
+        decode_threads(), bigger steps (prefill, wide batches) on every core."""
+        batch = Batch(**fields)
+        self._set_threads(batch)
+        return self._forward.forward(batch)
+
+    def exit_forward(self, heads: ExitHeads | None = None) -> Callable[..., ForwardOutput]:
+        """`forward` with early exit at `heads` (default: the calibrated exit heads): models/exits.py's
+        forward_with_exits, called as `forward` is. Refused, here and only here, where the model has no
+        layer access (the transformers fallback) or no exit heads."""
+        heads = heads if heads is not None else self.exits
+        if not self.layer_access or heads is None:
+            why = "it runs through transformers (no layer access)" if not self.layer_access else "it has no exit heads"
+            raise ValueError(f"{self.info.name} cannot exit early: {why}")
+
+        def forward(**fields) -> ForwardOutput:
+            batch = Batch(**fields)
+            self._set_threads(batch)
+            return forward_with_exits(self._forward, heads, batch)
+
+        return forward
+
+    def _set_threads(self, batch: Batch) -> None:
         if self.device.type == "cpu":
-            tokens = (ids.numel() if ids is not None else kwargs["hidden"].shape[0] * kwargs["hidden"].shape[1])
-            rows = ids.shape[0] if ids is not None and ids.dim() == 2 else 1
-            torch.set_num_threads(self.threads_for(tokens, rows))
-        return self._forward(ids, caches, **kwargs)
+            torch.set_num_threads(self.threads_for(batch.rows * batch.width, batch.rows))
 
     def threads_for(self, tokens: int, rows: int) -> int:
         """The threads a CPU forward of `tokens` tokens in `rows` rows runs on (see forward)."""

@@ -1,17 +1,19 @@
 """Rotary's own forward for the Llama family (Llama, SmolLM2, Qwen2 with its QKV bias, Mistral).
 
-One plain loop over layers, in the style of gpt-fast's model.py, so that a caller can
-run a slice of layers (early exit), get logits for every new position (verifying a
-draft), take the hidden state after any layer (exit classifiers), and decode several
-documents in one batched forward. It takes the weights of a loaded Hugging Face model
+One plain loop over layers, in the style of gpt-fast's model.py: `forward(batch)` takes a
+models/batch.py Batch (rows, their start positions and real lengths, which logits) and
+runs every layer. The pieces are methods of their own, `embedded`, `run_layers(hidden, layers,
+batch)` and `head(hidden, batch)`, so that a caller can run a slice of layers and stop
+early (models/exits.py's forward_with_exits, a visible loop), take the hidden state after any
+layer (exit classifiers), and fill later layers afterwards. It takes the weights of a loaded Hugging Face model
 (`Transformer.from_hf`), which stays the test oracle and the fallback for other
 architectures (`supports` says which path a model can take, and why).
 
 The KV cache is not owned here: `forward` writes each new token's K/V into the slot
-equal to its position of any object with the `KVCache` attribute protocol below
+equal to its position of any object with batch.py's `KVCache` attribute protocol
 (cache/buffer.py's KVBuffer is the one Rotary uses), and attends to slots [0, position].
-It does not move the cache's fill pointers; the cache does that around the call
-(KVBuffer.extend), so token ids and tensors always change together.
+It neither resizes the cache (its owner reserves room before the call; the forward asserts
+it) nor moves its fill pointers (KVBuffer.extend does, so ids and tensors change together).
 
 Speed on a CPU (measured, see bench/decode.py): one token's decode step reads every
 weight once, so it is bound by memory bandwidth plus per-op overhead. Hence fused
@@ -28,30 +30,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .batch import Batch, ForwardOutput, KVCache, Logits  # noqa: F401 (KVCache, Logits: re-exported)
 from .loader import COMPOSABLE_ROPE_TYPES
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-
-Logits = Literal["last", "all"] | None
-
-
-class KVCache(Protocol):
-    """What `Transformer.forward` needs from a cache (cache/buffer.py's KVBuffer has it).
-
-    kv: [layers, 2, kv_heads, capacity, head_dim]; kv[l, 0] keys, kv[l, 1] values. Slot p holds position p.
-    filled: per layer, how many leading positions hold valid K/V.
-    reserve(n): make capacity >= n (may replace `kv`).
-    """
-
-    kv: torch.Tensor
-    filled: list[int]
-
-    def reserve(self, length: int) -> None: ...
 
 
 class Segment(NamedTuple):
@@ -64,10 +51,13 @@ class Segment(NamedTuple):
     length: int
 
 
-class ForwardOutput(NamedTuple):
-    logits: torch.Tensor | None  # [B, vocab] ("last"), [B, S, vocab] ("all"), None
-    hidden: torch.Tensor | None  # [B, S, dim] after the last layer run, before the final norm (return_hidden)
-    exited: int | None = None  # the layer after which an early exit stopped the loop (None: every layer ran)
+class Step(NamedTuple):
+    """What every layer of one forward shares, built once per call (Transformer._step)."""
+
+    segments: list[Segment]
+    cos: torch.Tensor  # [1, N, 1, head_dim]
+    sin: torch.Tensor  # [1, N, 1, head_dim]
+    masks: dict  # per sliding window (None: full), per segment: (first slot attended, mask, is_causal)
 
 
 @dataclass(frozen=True)
@@ -292,115 +282,121 @@ class Transformer:
     # The forward pass
 
     @torch.inference_mode()
-    def forward(
-        self,
-        ids: torch.Tensor | None,
-        caches: KVCache | Sequence[KVCache],
-        *,
-        starts: Sequence[int] | None = None,
-        lengths: Sequence[int] | None = None,
-        layers: range | None = None,
-        hidden: torch.Tensor | None = None,
-        logits: Logits = "last",
-        logit_rows: Sequence[int] | None = None,
-        return_hidden: bool = False,
-        early_exit: Any = None,
-    ) -> ForwardOutput:
-        """Run new tokens through `layers`, writing their K/V into `caches`; return logits and/or hidden.
+    def forward(self, batch: Batch) -> ForwardOutput:
+        """Every layer on the batch's ids, writing their K/V into its caches; the logits it asks for.
 
-        ids: [B, S] token ids, row b for caches[b] (one cache: B = 1; a 1-D [S] is taken as one row);
-            or None with `hidden`.
-        starts: per row, the position of its first new token; its K/V go to slots [start, start + S)
-            and it attends to slots [0, position]. Default: each cache's fill depth at the first layer run.
-        lengths: per row, how many of the S tokens are real (rows right-padded to S: the padding's
-            K/V are not written, so a short row may encode tokens in the middle of a document, before
-            cached ones, and real tokens never attend to padding). Default: S for every row.
-        layers: which layers to run, a range with step 1 (default: all). Not starting at 0, the input
-            is `hidden` [B, S, dim] (the hidden state after layer layers.start - 1), not ids.
-        logits: "last" (each row's last real token: [B, vocab]), "all" ([B, S, vocab]) or None.
-            A slice that stops early still gets logits: the final norm and LM head on its last hidden state.
-        logit_rows: with logits="all", only these rows get logits: [len(logit_rows), S', vocab], S' the
-            longest of them (the other rows only write K/V: the LM head costs as much as ~8 layers a token).
-        return_hidden: also return the hidden state after the last layer run, [B, S, dim].
-        early_exit: exit heads (models/exits.py) for one token of one document: after each exit layer
-            the controller may stop the loop; the layers skipped still get this token's K/V, computed
-            from the exiting hidden state (norm, K/V projection, RoPE; no attention, no MLP), and the
-            logits come from that layer's exit head. `exited` in the output says where it stopped.
+        Past the last layer only each row's last token is needed (logits "last") or nothing (None):
+        that layer writes K/V for every token but runs attention and MLP on those rows only.
         """
+        assert batch.ids is not None, "forward embeds ids; hidden states go through run_layers"
+        step = self._step(batch)
+        x = self._pack(self._embed(batch.ids), batch)  # [1, N, dim]
+        trim = batch.logits != "all" and batch.width > 1
+        last = self.config.n_layers - 1
+        for i in range(self.config.n_layers):
+            x = self._layer(i, x, step, keep_last=bool(batch.logits) if trim and i == last else None)
+        return ForwardOutput(self._logits(x, step.segments, batch, trimmed=trim))
+
+    def __call__(self, **fields: Any) -> ForwardOutput:
+        """The forward as cache/buffer.py calls it: the Batch's fields as keywords (see models/batch.py)."""
+        return self.forward(Batch(**fields))
+
+    def embedded(self, batch: Batch) -> torch.Tensor:
+        """The batch's ids as hidden states entering layer 0, [B, S, dim]."""
+        assert batch.ids is not None, "embedded needs the batch's ids"
+        return self._embed(batch.ids)
+
+    @torch.inference_mode()
+    def run_layers(self, hidden: torch.Tensor, layers: range, batch: Batch) -> torch.Tensor:
+        """Run `layers` on hidden [B, S, dim] (the state entering layers.start), writing their K/V into
+        the batch's caches; the hidden state after the last of them, [B, S, dim] (padding zero)."""
         config = self.config
-        layers = range(config.n_layers) if layers is None else layers
         assert layers.step == 1 and 0 <= layers.start < layers.stop <= config.n_layers, f"bad layer range {layers}"
-        caches = [caches] if not isinstance(caches, (list, tuple)) else list(caches)
-        if hidden is None:
-            assert layers.start == 0, "a slice that does not start at layer 0 takes `hidden`"
-            ids = ids.view(1, -1) if ids.dim() == 1 else ids  # [B, S]
-            x = self._embed(ids)  # [B, S, dim]
-        else:
-            x = hidden  # [B, S, dim]
-        batch, seq = x.shape[0], x.shape[1]
-        assert batch == len(caches), f"{batch} rows for {len(caches)} caches"
-        starts = [cache.filled[layers.start] for cache in caches] if starts is None else [int(s) for s in starts]
-        counts = [seq] * batch if lengths is None else [int(n) for n in lengths]
-        assert all(1 <= n <= seq for n in counts), f"lengths {counts} for {seq} positions"
-        for cache, start in zip(caches, starts):
-            cache.reserve(start + seq)
-        # Rows are packed into one sequence of their real tokens, [1, N, dim]: the matrix products run
-        # on N rows, not on B x S with padding (ragged rows: a decoding round's rows differ in guesses).
-        ragged = min(counts) < seq
-        real = torch.arange(seq, device=x.device)[None, :] < torch.tensor(counts, device=x.device)[:, None] if ragged else None
-        x = x[real].unsqueeze(0) if ragged else x.reshape(1, batch * seq, -1)  # [1, N, dim]
-        offsets = [0, *itertools.accumulate(counts)][:-1]  # where each row's tokens start in the packed sequence
-        segments = [Segment(cache, start, offset, n) for cache, start, offset, n in zip(caches, starts, offsets, counts)]
-        cos, sin = self._rope(segments)  # [1, N, 1, head_dim] each
-        masks = self._masks(segments, {config.sliding_windows[i] for i in layers})
-
-        # Past the last layer run, only each row's last token is needed ("last"), or nothing (None):
-        # that layer writes K/V for every token but runs attention and MLP on those rows only.
-        trim = not return_hidden and logits != "all" and seq > 1
-        assert early_exit is None or (batch == 1 and seq == 1), "early exit decides for one token at a time"
-        assert logit_rows is None or (logits == "all" and logit_rows), "logit_rows picks rows of logits='all'"
-        exited = None
+        assert hidden.shape[:2] == (batch.rows, batch.width), f"hidden {list(hidden.shape)} for {batch.rows} x {batch.width}"
+        step = self._step(batch)
+        x = self._pack(hidden, batch)  # [1, N, dim]
         for i in layers:
-            window = config.sliding_windows[i]
-            if trim and i == layers.stop - 1:
-                x = self._layer(i, x, segments, cos, sin, masks[window], keep_last=bool(logits))
-            else:
-                x = self._layer(i, x, segments, cos, sin, masks[window])
-            if early_exit is not None and i < layers.stop - 1 and early_exit.exit_here(i, x):
-                exited = i
-                break  # the early exit: the controller says this layer's head already has the token
-        if exited is not None:
-            self._copy_state(x, caches, starts, range(exited + 1, layers.stop), cos, sin)
-            x = early_exit.adapt(exited, x)  # what the tied head reads at this exit
+            x = self._layer(i, x, step)
+        return unpacked_rows(x[0], batch.lengths, batch.width)  # [B, S, dim]
 
-        out_logits = None
-        if logits == "last":
-            if trim:
-                last = x[0]  # [B, dim]: the last layer kept only these rows
-            else:
-                last = x[0, [segment.offset + segment.length - 1 for segment in segments]]  # [B, dim]
-            out_logits = self._head(last)  # [B, vocab]
-        elif logits == "all" and logit_rows is not None:
-            picked = [segments[r] for r in logit_rows]
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """Final norm and LM head on hidden [B, S, dim], for the rows and positions the batch asks logits of."""
+        return self._logits(self._pack(hidden, batch), self._segments(batch), batch, trimmed=False)
+
+    def slice(self, layers: range, hidden: torch.Tensor | None = None) -> LayerSlice:
+        """A forward for cache/buffer.py that runs `layers` only (from `hidden`, or from the ids when
+        layers start at 0) and returns the hidden state after them too (early exit, fill, calibration)."""
+        return LayerSlice(self, layers, hidden)
+
+    @torch.inference_mode()
+    def copy_state(self, hidden: torch.Tensor, batch: Batch, skipped: range) -> None:
+        """K/V of the layers an early exit skipped, from the exiting hidden state [1, 1, dim] (SEC's state copying).
+
+        Each skipped layer projects the state (after its own input norm) to keys and values and rotates
+        the keys: later tokens then find K/V in every layer. Approximate: the layer never saw the
+        attention and MLP outputs of the layers before it (bench exit measures what that costs).
+        """
+        assert batch.rows == 1 and batch.width == 1, "state copying is for one token of one document"
+        config = self.config
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        cos, sin = self._rope(self._segments(batch))
+        cache, start = batch.caches[0], batch.starts[0]
+        x = hidden.reshape(1, 1, -1)
+        for j in skipped:
+            w = self.layers[j]
+            h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)[0]  # [1, dim]
+            kv = torch.mm(h, w.wqkv[:, heads * head_dim :])  # [1, 2 * KV * Dh]
+            if w.bqkv is not None:
+                kv = kv + w.bqkv[heads * head_dim :]
+            kv = kv.view(1, 1, 2 * kv_heads, head_dim)  # [B, S, 2KV, Dh]
+            rope_(kv[:, :, :kv_heads], cos, sin)
+            new_kv = kv[0].view(1, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2, KV, 1, Dh]
+            cache.kv[j, :, :, start : start + 1].copy_(new_kv)
+
+    # -- packing: rows into one sequence of their real tokens ----------------
+
+    def _segments(self, batch: Batch) -> list[Segment]:
+        offsets = [0, *itertools.accumulate(batch.lengths)][:-1]  # where each row's tokens start in the packed sequence
+        return [Segment(c, s, o, n) for c, s, o, n in zip(batch.caches, batch.starts, offsets, batch.lengths)]
+
+    def _pack(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """[B, S, dim] -> [1, N, dim], the real tokens only: the matrix products run on N rows, not on
+        B x S with padding (ragged rows: a decoding round's rows differ in guesses)."""
+        if not batch.ragged:
+            return x.reshape(1, batch.rows * batch.width, -1)
+        lengths = torch.tensor(batch.lengths, device=x.device)
+        real = torch.arange(batch.width, device=x.device)[None, :] < lengths[:, None]  # [B, S]
+        return x[real].unsqueeze(0)
+
+    def _step(self, batch: Batch) -> Step:
+        """What every layer of this batch shares: its segments, RoPE tables and attention masks."""
+        batch.check_capacity()
+        segments = self._segments(batch)
+        cos, sin = self._rope(segments)  # [1, N, 1, head_dim] each
+        return Step(segments, cos, sin, self._masks(segments, set(self.config.sliding_windows)))
+
+    def _logits(self, x: torch.Tensor, segments: list[Segment], batch: Batch, trimmed: bool) -> torch.Tensor | None:
+        """The logits `batch` asks for, from packed x [1, N, dim] ([1, B, dim] when the last layer was trimmed)."""
+        if batch.logits == "last":
+            last = x[0] if trimmed else x[0, [seg.offset + seg.length - 1 for seg in segments]]  # [B, dim]
+            return self._head(last)  # [B, vocab]
+        if batch.logits == "all" and batch.logit_rows is not None:
+            picked = [segments[r] for r in batch.logit_rows]
             index = torch.cat([torch.arange(seg.offset, seg.offset + seg.length, device=x.device) for seg in picked])
-            lengths_picked = [seg.length for seg in picked]
-            out_logits = unpacked_rows(self._head(x[0, index]), lengths_picked, max(lengths_picked))  # [R, S', vocab]
-        elif logits == "all":
-            out_logits = unpacked_rows(self._head(x[0]), counts, seq)  # [B, S, vocab]
-        else:
-            assert logits is None, f"logits must be 'last', 'all' or None, not {logits!r}"
-        return ForwardOutput(out_logits, unpacked_rows(x[0], counts, seq) if return_hidden else None, exited)
+            lengths = [seg.length for seg in picked]
+            return unpacked_rows(self._head(x[0, index]), lengths, max(lengths))  # [R, S', vocab]
+        if batch.logits == "all":
+            return unpacked_rows(self._head(x[0]), batch.lengths, batch.width)  # [B, S, vocab]
+        return None
 
-    __call__ = forward
-
-    def _layer(
-        self, i: int, x: torch.Tensor, segments: list[Segment], cos, sin, masks: list, keep_last: bool | None = None
-    ) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, step: Step, keep_last: bool | None = None) -> torch.Tensor:
         """One decoder layer on packed rows x [1, N, dim] (segments say whose tokens are where).
 
         keep_last: run attention and MLP only for each segment's last token (K/V are written for all),
         returning [1, B, dim]; False: write K/V only (nothing reads this layer's output)."""
         config, w = self.config, self.layers[i]
+        segments, cos, sin, masks = step.segments, step.cos, step.sin, step.masks[config.sliding_windows[i]]
         tokens = x.shape[1]
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
 
@@ -438,26 +434,6 @@ class Transformer:
         gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # [1, N, I] each
         return x + linear(F.silu(gate) * up, w.w_down)  # [1, N, dim]
 
-    def _copy_state(self, x: torch.Tensor, caches: list, starts: list[int], skipped: range, cos, sin) -> None:
-        """K/V of the layers an early exit skipped, from the exiting hidden state x [1, 1, dim] (SEC's state copying).
-
-        Each skipped layer projects x (after its own input norm) to keys and values and rotates the
-        keys: later tokens then find K/V in every layer. Approximate: the layer never saw the
-        attention and MLP outputs of the layers before it (bench exit measures what that costs).
-        """
-        config = self.config
-        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        for j in skipped:
-            w = self.layers[j]
-            h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)[0]  # [1, dim]
-            kv = torch.mm(h, w.wqkv[:, heads * head_dim :])  # [1, 2 * KV * Dh]
-            if w.bqkv is not None:
-                kv = kv + w.bqkv[heads * head_dim :]
-            kv = kv.view(1, 1, 2 * kv_heads, head_dim)  # [B, S, 2KV, Dh]
-            rope_(kv[:, :, :kv_heads], cos, sin)
-            new_kv = kv[0].view(1, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2, KV, 1, Dh]
-            caches[0].kv[j, :, :, starts[0] : starts[0] + 1].copy_(new_kv)
-
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed.is_contiguous():
             return F.embedding(ids, self.embed)  # [B, S, dim]
@@ -492,6 +468,22 @@ class Transformer:
     def _masks(self, segments: list[Segment], windows: set[int | None]) -> dict:
         """Per window, per segment: (first slot attended, bool mask [n, T] or None, is_causal)."""
         return {window: [attention_span(seg.start, seg.length, window, self.device) for seg in segments] for window in windows}
+
+
+class LayerSlice:
+    """`Transformer.slice`: a forward for cache/buffer.py that runs some layers only, from the ids
+    (layers from 0) or from a given hidden state, and returns that state too (ForwardOutput.hidden).
+    Logits, if asked for, are the final norm and LM head on the slice's last hidden state."""
+
+    def __init__(self, model: Transformer, layers: range, hidden: torch.Tensor | None = None):
+        assert (hidden is None) == (layers.start == 0), "a slice from layer 0 embeds ids; a later one takes `hidden`"
+        self.model, self.layers, self.hidden = model, layers, hidden
+
+    def __call__(self, **fields: Any) -> ForwardOutput:
+        batch = Batch(**fields)
+        x = self.model.embedded(batch) if self.hidden is None else self.hidden  # [B, S, dim]
+        x = self.model.run_layers(x, self.layers, batch)
+        return ForwardOutput(self.model.head(x, batch), x)
 
 
 def unpacked_rows(packed: torch.Tensor, lengths: Sequence[int], width: int) -> torch.Tensor:

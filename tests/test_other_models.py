@@ -120,6 +120,9 @@ def test_a_second_local_model_completes_exactly_as_transformers_greedy(tmp_path,
     assert ok == (path == "own"), reason
     runner = ModelRunner(loaded)
     assert runner.path == path
+    if path == "hf":  # no layer access: early exit is refused where it is asked for, with the reason
+        with pytest.raises(ValueError, match="cannot exit early: it runs through transformers"):
+            runner.exit_forward()
     engine = CompletionEngine(runner, KVStore())
     # The oracle's own copy: the own forward takes the loaded model's weights (and may lay them out anew).
     oracle = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True).eval()

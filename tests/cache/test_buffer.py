@@ -21,31 +21,36 @@ def code(token, position, layer) -> float:
 
 
 class FakeForward:
-    """Writes the Forward protocol's slots and records each call; hidden inputs carry the token in [..., 0]."""
+    """Writes the Forward protocol's slots and records each call. `slice` gives the same fake running
+    some layers only (sharing the record), from hidden inputs that carry the token in [..., 0]. It
+    never grows a cache: the buffer must have reserved the slots (the forward only asserts it)."""
 
-    def __init__(self, fail_after: int | None = None):
-        self.calls = []
-        self.fail_after = fail_after
+    def __init__(self, fail_after: int | None = None, layers: range | None = None, hidden=None, calls=None):
+        self.calls = [] if calls is None else calls
+        self.fail_after, self.layers, self.hidden = fail_after, layers, hidden
+
+    def slice(self, layers: range, hidden: torch.Tensor | None = None) -> FakeForward:
+        return FakeForward(self.fail_after, layers, hidden, self.calls)
 
     @torch.inference_mode()
-    def __call__(self, ids, caches, *, starts, lengths=None, layers=None, hidden=None, logits="last", logit_rows=None, return_hidden=False):
+    def __call__(self, *, caches, starts, lengths=None, ids=None, logits="last", logit_rows=None):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise RuntimeError("model failed")
         self.calls.append(SimpleNamespace(
-            ids=None if ids is None else ids.tolist(), starts=list(starts), lengths=lengths, layers=layers, logits=logits,
+            ids=None if ids is None else ids.tolist(), starts=list(starts), lengths=lengths, layers=self.layers, logits=logits,
             logit_rows=None if logit_rows is None else list(logit_rows),
         ))
-        tokens = ids if ids is not None else hidden[..., 0].long()  # [B, S]
-        layers = range(caches[0].num_layers) if layers is None else layers
+        tokens = ids if ids is not None else self.hidden[..., 0].long()  # [B, S]
+        layers = range(caches[0].num_layers) if self.layers is None else self.layers
         for b, cache in enumerate(caches):
-            cache.reserve(starts[b] + tokens.shape[1])
+            assert cache.capacity >= starts[b] + tokens.shape[1], "the buffer reserves its slots before the forward"
             for s in range(tokens.shape[1] if lengths is None else lengths[b]):  # padding writes no K/V
                 position = starts[b] + s
                 for layer in layers:
                     value = code(tokens[b, s], position, layer)
                     cache.kv[layer, 0, :, position] = value
                     cache.kv[layer, 1, :, position] = -value
-        return SimpleNamespace(logits=logits, hidden=hidden)
+        return SimpleNamespace(logits=logits, hidden=self.hidden)
 
 
 def buffer(capacity: int = 0, chunk: int = 4) -> KVBuffer:
@@ -124,22 +129,22 @@ def test_rollback_keeps_staleness_before_the_cut():
 def test_per_layer_depth_after_an_early_exit():
     buf, forward = buffer(), FakeForward()
     buf.extend([1, 2, 3], forward)
-    buf.extend([4], forward, layers=range(0, 2))  # exits after layer 1
+    buf.extend([4], forward.slice(range(0, 2)), layers=range(0, 2))  # exits after layer 1
     assert buf.filled == [4, 4, 3, 3] and buf.length == 4 and not buf.is_complete()
     assert buf.unfilled(2) == (3, 4) and buf.unfilled(0) == (4, 4)
     with pytest.raises(AssertionError, match="fill"):
         buf.extend([5], forward)  # layers 2.. would attend to a hole
-    buf.extend([5], forward, layers=range(0, 1))  # exiting earlier still works
+    buf.extend([5], forward.slice(range(0, 1)), layers=range(0, 1))  # exiting earlier still works
     assert buf.filled == [5, 4, 3, 3]
     hidden = torch.tensor([[[4.0], [5.0]]])  # the hidden states carry the tokens in this fake
     with pytest.raises(AssertionError):
-        buf.fill(hidden, forward, range(1, 4))  # layer 1 holds 4 positions, layer 2 holds 3: not one start
-    buf.fill(hidden[:, 1:], forward, range(1, 2))
-    buf.fill(hidden, forward, range(2, 4))
+        buf.fill(2, forward.slice(range(1, 4), hidden), range(1, 4))  # layer 1 holds 4 positions, layer 2 holds 3: not one start
+    buf.fill(1, forward.slice(range(1, 2), hidden[:, 1:]), range(1, 2))
+    buf.fill(2, forward.slice(range(2, 4), hidden), range(2, 4))
     assert buf.is_complete()
     assert_holds(buf, [1, 2, 3, 4, 5])
     with pytest.raises(AssertionError, match="past"):
-        buf.fill(hidden, forward, range(2, 4))  # nothing left to fill
+        buf.fill(2, forward.slice(range(2, 4), hidden), range(2, 4))  # nothing left to fill
     buf.rollback(4)
     assert buf.filled == [4] * LAYERS
 
@@ -322,7 +327,7 @@ def test_extend_batch_with_an_early_exit_then_fill():
     forward = FakeForward()
     for b in buffers:
         b.extend([1, 2], forward)
-    extend_batch(buffers, [[3], [4]], forward, layers=range(0, 2))
+    extend_batch(buffers, [[3], [4]], forward.slice(range(0, 2)), layers=range(0, 2))
     assert [b.filled for b in buffers] == [[3, 3, 2, 2]] * 2
     with pytest.raises(AssertionError, match="fill"):
         extend_batch(buffers, [[5], [6]], forward)
@@ -357,6 +362,6 @@ def test_from_kv_round_trip():
     assert_holds(copy, list(range(9)))
     copy.extend([4], forward)
     assert_holds(copy, list(range(9)) + [4])
-    buf.extend([1], forward, layers=range(0, 1))
+    buf.extend([1], forward.slice(range(0, 1)), layers=range(0, 1))
     with pytest.raises(AssertionError, match="unfilled"):
         buf.used()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rotary.models.exits import ExitingForward
 from tests.conftest import reference_model, reference_tokenizer, rotary_transformer
 
 pytestmark = pytest.mark.model
@@ -37,7 +38,7 @@ def prefilled(ids):
 
     c = transformer().config
     buffer = KVBuffer(c.n_layers, c.n_kv_heads, c.head_dim)
-    buffer.extend(ids, transformer().forward, logits=None)
+    buffer.extend(ids, transformer(), logits=None)
     return buffer
 
 
@@ -49,8 +50,8 @@ def test_a_controller_that_never_exits_changes_nothing():
     ids = prompt_ids()
     plain = prefilled(ids[:-1])
     with_heads = prefilled(ids[:-1])
-    a = plain.extend(ids[-1:], transformer().forward, logits="all")
-    b = with_heads.extend(ids[-1:], transformer().forward, logits="all", early_exit=heads(always=False))
+    a = plain.extend(ids[-1:], transformer(), logits="all")
+    b = with_heads.extend(ids[-1:], ExitingForward(transformer(), heads(always=False)), logits="all")
     assert b.exited is None and torch.equal(a.logits, b.logits)
     assert torch.equal(plain.used(), with_heads.used())
 
@@ -63,7 +64,7 @@ def test_exit_logits_and_copied_state_match_transformers_modules():
     exits = heads(always=True)
     buffer = prefilled(ids[:-1])
     position = len(ids) - 1
-    out = buffer.extend(ids[-1:], transformer().forward, logits="all", early_exit=exits)
+    out = buffer.extend(ids[-1:], ExitingForward(transformer(), exits), logits="all")
     assert out.exited == EXIT_AT
     assert buffer.is_complete() and buffer.length == len(ids)  # every layer holds the token's K/V
 

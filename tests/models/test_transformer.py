@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rotary.cache.buffer import DeferredForward, KVBuffer, extend_batch
+from rotary.models.batch import Batch
 from rotary.models.transformer import Transformer, attention_span, supports
 
 TOL = 1e-4  # fp32 logits
@@ -57,10 +58,10 @@ def own_logits_in_pieces(tf: Transformer, ids: list[int], pieces: list[int]) -> 
     """Logits for every position, the ids fed in pieces of the given sizes (then one token at a time)."""
     buffer, out, position = new_buffer(tf), [], 0
     for size in pieces:
-        out.append(buffer.extend(ids[position : position + size], tf.forward, logits="all").logits[0])
+        out.append(buffer.extend(ids[position : position + size], tf, logits="all").logits[0])
         position += size
     while position < len(ids):
-        out.append(buffer.extend([ids[position]], tf.forward, logits="last").logits)
+        out.append(buffer.extend([ids[position]], tf, logits="last").logits)
         position += 1
     return torch.cat(out)
 
@@ -118,13 +119,13 @@ def test_last_logits_and_no_logits_run_the_last_layer_on_fewer_rows(family):
     ids = random_ids(30)
     expected = hf_logits(model, ids)
     every, last, none = new_buffer(tf), new_buffer(tf), new_buffer(tf)
-    every.extend(ids[:20], tf.forward, logits="all")
-    got = last.extend(ids[:20], tf.forward, logits="last").logits
-    assert none.extend(ids[:20], tf.forward, logits=None).logits is None
+    every.extend(ids[:20], tf, logits="all")
+    got = last.extend(ids[:20], tf, logits="last").logits
+    assert none.extend(ids[:20], tf, logits=None).logits is None
     assert (got[0] - expected[19]).abs().max().item() < TOL
-    got = last.extend(ids[20:], tf.forward, logits="last").logits  # a chunk after a prefix
-    none.extend(ids[20:], tf.forward, logits=None)
-    every.extend(ids[20:], tf.forward, logits="all")
+    got = last.extend(ids[20:], tf, logits="last").logits  # a chunk after a prefix
+    none.extend(ids[20:], tf, logits=None)
+    every.extend(ids[20:], tf, logits="all")
     assert (got[0] - expected[29]).abs().max().item() < TOL
     assert torch.allclose(last.kv[:, :, :, :30], every.kv[:, :, :, :30], atol=1e-6)
     assert torch.allclose(none.kv[:, :, :, :30], every.kv[:, :, :, :30], atol=1e-6)
@@ -141,6 +142,42 @@ def test_sliding_windows_per_layer():
     assert qwen.config.sliding_windows == (None, 6, 6)
     assert Transformer.from_hf(tiny("qwen2"), share_weights=False).config.sliding_windows == (None, None, None)
     assert Transformer.from_hf(tiny("mistral", sliding_window=7), share_weights=False).config.sliding_windows == (7, 7, 7)
+
+
+@pytest.mark.parametrize("fields, error", [
+    (dict(caches=[], starts=[]), "at least one row"),
+    (dict(caches=["a"], starts=[0, 1], ids=torch.zeros(1, 2, dtype=torch.long)), "one non-negative position per row"),
+    (dict(caches=["a"], starts=[-1], ids=torch.zeros(1, 2, dtype=torch.long)), "non-negative"),
+    (dict(caches=["a", "b"], starts=[0, 0], ids=torch.zeros(1, 2, dtype=torch.long)), r"\[rows, width\]"),
+    (dict(caches=["a"], starts=[0]), "needs its rows' lengths"),
+    (dict(caches=["a", "b"], starts=[0, 0], lengths=[2, 1], ids=torch.zeros(2, 3, dtype=torch.long)), "the longest row is the width"),
+    (dict(caches=["a"], starts=[0], lengths=[0]), "length >= 1"),
+    (dict(caches=["a"], starts=[0], lengths=[1], logits="every"), "must be 'last', 'all' or None"),
+    (dict(caches=["a"], starts=[0], lengths=[1], logits="last", logit_rows=[0]), "logit_rows picks rows of logits='all'"),
+    (dict(caches=["a"], starts=[0], lengths=[1], logits="all", logit_rows=[1]), "outside the 1 rows"),
+])
+def test_a_batch_is_valid_by_construction(fields, error):
+    """A forward's description is checked once, where it is built, with an error naming the field
+    (before models/batch.py the forward took ten keywords whose combinations only asserts checked)."""
+    with pytest.raises(ValueError, match=error):
+        Batch(**fields)
+
+
+def test_a_batch_normalises_its_rows():
+    batch = Batch(caches=["a"], starts=[3], ids=torch.tensor([5, 6, 7]))  # one row may come as [S]
+    assert batch.ids.shape == (1, 3) and batch.lengths == (3,) and batch.width == 3 and not batch.ragged
+    ragged = Batch(caches=["a", "b"], starts=[0, 4], lengths=[1, 2], logits="all", logit_rows=range(1, 2))
+    assert ragged.ragged and ragged.width == 2 and ragged.logit_rows == (1,) and ragged.ids is None
+
+
+def test_the_forward_asserts_capacity_it_does_not_grow_the_cache():
+    """The cache's owner makes room (KVBuffer.reserve, which extend calls); the forward only asserts it.
+    Before, the forward grew the cache itself: this call then passed and resized a cache it does not own."""
+    tf = Transformer.from_hf(tiny("llama"), share_weights=False)
+    buffer = new_buffer(tf)
+    with pytest.raises(AssertionError, match="reserve"):
+        tf(caches=[buffer], starts=[0], ids=torch.tensor([random_ids(4)]))
+    assert buffer.capacity == 0
 
 
 def test_attention_span():
@@ -208,7 +245,7 @@ def cached_documents(model, tf: Transformer, sizes, held_back: int, forward=None
     alone = [hf_logits(model, d) for d in docs]
     buffers = [new_buffer(tf) for _ in docs]
     for buffer, ids in zip(buffers, docs):
-        buffer.extend(ids[:-held_back], forward or tf.forward)
+        buffer.extend(ids[:-held_back], forward or tf)
     return docs, alone, buffers
 
 
@@ -220,13 +257,13 @@ def test_batch_of_documents_equals_each_alone():
     # batched steps of one token each, then rows of 2, 1 and 3 tokens (right-padded), logits for all
     for counts in ([1, 1, 1], [1, 1, 1], [2, 1, 3]):
         rows = [d[t : t + n] for d, t, n in zip(docs, taken, counts)]
-        out = extend_batch(buffers, rows, tf.forward, logits="all")
+        out = extend_batch(buffers, rows, tf, logits="all")
         for b, n in enumerate(counts):
             assert (out.logits[b, :n] - alone[b][taken[b] : taken[b] + n]).abs().max().item() < TOL
         taken = [t + n for t, n in zip(taken, counts)]
     assert [b.length for b in buffers] == taken and all(b.is_complete() for b in buffers)
     # logits="last" picks each row's last real token
-    out = extend_batch(buffers, [d[t:] for d, t in zip(docs, taken)], tf.forward, logits="last")
+    out = extend_batch(buffers, [d[t:] for d, t in zip(docs, taken)], tf, logits="last")
     for b in range(3):
         assert (out.logits[b] - alone[b][-1]).abs().max().item() < TOL
     assert [b.token_ids for b in buffers] == [tuple(d) for d in docs]
@@ -242,7 +279,7 @@ def test_recorded_encoding_riding_with_decoding_rows_gives_each_document_its_own
 
     model = tiny("llama")  # no window: every decoding row attends to the re-encoded slots
     tf = Transformer.from_hf(model, share_weights=False)
-    forward = tf.forward if path == "own" else HFForward(model)
+    forward = tf if path == "own" else HFForward(model)
     docs, alone, buffers = cached_documents(model, tf, (12, 25, 31), held_back=3, forward=forward)
     with torch.inference_mode():
         buffers[1].kv[:, :, :, 5:14] = 7.0  # wrong K/V, which the recorded re-encoding must replace
@@ -264,10 +301,10 @@ def test_layer_slice_then_the_rest_equals_the_whole():
     tf = Transformer.from_hf(model, share_weights=False)
     ids = random_ids(12)
     whole_buffer, split_buffer = new_buffer(tf), new_buffer(tf)
-    whole = whole_buffer.extend(ids, tf.forward, logits="all", return_hidden=True)
-    first = split_buffer.extend(ids, tf.forward, layers=range(0, 2), logits=None, return_hidden=True)
+    whole = whole_buffer.extend(ids, tf.slice(range(0, 4)), logits="all")
+    first = split_buffer.extend(ids, tf.slice(range(0, 2)), layers=range(0, 2), logits=None)
     assert split_buffer.filled == [12, 12, 0, 0] and split_buffer.length == 12
-    rest = split_buffer.fill(first.hidden, tf.forward, range(2, 4), logits="all", return_hidden=True)
+    rest = split_buffer.fill(12, tf.slice(range(2, 4), first.hidden), range(2, 4), logits="all")
     assert split_buffer.is_complete()
     assert torch.allclose(rest.logits, whole.logits, atol=1e-6) and torch.allclose(rest.hidden, whole.hidden, atol=1e-6)
     assert torch.allclose(split_buffer.kv[:, :, :, :12], whole_buffer.kv[:, :, :, :12], atol=1e-6)
@@ -279,15 +316,15 @@ def test_early_exit_leaves_later_layers_to_fill():
     ids = random_ids(10)
     expected = hf_logits(model, ids)
     buffer = new_buffer(tf)
-    buffer.extend(ids[:8], tf.forward)
-    exited = buffer.extend([ids[8]], tf.forward, layers=range(0, 1), logits="last", return_hidden=True)
+    buffer.extend(ids[:8], tf)
+    exited = buffer.extend([ids[8]], tf.slice(range(0, 1)), layers=range(0, 1), logits="last")
     assert exited.logits.shape == (1, 97)  # the exit's own guess: final norm + head after layer 0
     assert buffer.filled == [9, 8, 8, 8] and buffer.unfilled(1) == (8, 9) and not buffer.is_complete()
     with pytest.raises(AssertionError, match="fill"):
-        buffer.extend([ids[9]], tf.forward)
-    buffer.fill(exited.hidden, tf.forward, range(1, 4))
+        buffer.extend([ids[9]], tf)
+    buffer.fill(1, tf.slice(range(1, 4), exited.hidden), range(1, 4))
     assert buffer.is_complete()
-    out = buffer.extend([ids[9]], tf.forward)
+    out = buffer.extend([ids[9]], tf)
     assert (out.logits[0] - expected[9]).abs().max().item() < TOL
 
 
@@ -298,11 +335,11 @@ def test_rollback_then_extend_equals_never_extending():
     draft = random_ids(6, seed=7)
     expected = hf_logits(model, ids)
     buffer = new_buffer(tf)
-    buffer.extend(ids[:20], tf.forward)
-    buffer.extend(draft, tf.forward, logits="all")  # a rejected draft
+    buffer.extend(ids[:20], tf)
+    buffer.extend(draft, tf, logits="all")  # a rejected draft
     buffer.rollback(20)
     assert buffer.token_ids == tuple(ids[:20]) and buffer.filled == [20] * 3
-    got = buffer.extend(ids[20:], tf.forward, logits="all").logits[0]
+    got = buffer.extend(ids[20:], tf, logits="all").logits[0]
     assert (got - expected[20:]).abs().max().item() < TOL
 
 
@@ -315,17 +352,17 @@ def test_apply_plan_moves_and_rerotates_then_refresh_is_exact():
     old = random_ids(40, seed=3)
     new = old[:10] + [5, 6, 7] + old[10:30] + old[33:]  # insert 3, delete 3
     buffer = new_buffer(tf)
-    buffer.extend(old, tf.forward)
+    buffer.extend(old, tf)
     plan = plan_update(old, new)
     assert plan.tokens_rerotated > 0
-    buffer.apply(plan, new, tf.forward, inv_freq=tf.inv_freq)
+    buffer.apply(plan, new, tf, inv_freq=tf.inv_freq)
     assert buffer.token_ids == tuple(new) and buffer.is_complete() and buffer.tokens.stale_count > 0
     scratch = new_buffer(tf)
-    scratch.extend(new, tf.forward)
+    scratch.extend(new, tf)
     n = len(new)
     assert torch.allclose(buffer.kv[0, :, :, :n], scratch.kv[0, :, :, :n], atol=1e-5)
     assert not torch.allclose(buffer.kv[2, :, :, :n], scratch.kv[2, :, :, :n], atol=1e-3)  # stale above layer 0
-    buffer.refresh(plan.stale_from, None, tf.forward)
+    buffer.refresh(plan.stale_from, None, tf)
     assert buffer.tokens.stale_count == 0
     assert torch.allclose(buffer.kv[:, :, :, :n], scratch.kv[:, :, :, :n], atol=1e-5)
 
@@ -393,11 +430,11 @@ def test_real_model_greedy_equals_transformers_generate(one_thread):
                 torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id
             )[0, len(ids) :].tolist()
         buffer = new_buffer(tf)
-        out = buffer.extend(ids, tf.forward)
+        out = buffer.extend(ids, tf)
         got = []
         for _ in range(len(expected)):
             got.append(int(out.logits[0].argmax()))
-            out = buffer.extend([got[-1]], tf.forward)
+            out = buffer.extend([got[-1]], tf)
         assert got == expected, tokenizer.decode(ids[-30:])
 
 
@@ -408,17 +445,17 @@ def test_real_model_batched_decode_equals_each_alone(one_thread):
     alone = []
     for ids in prompts:
         buffer = new_buffer(tf)
-        out, steps = buffer.extend(ids, tf.forward), []
+        out, steps = buffer.extend(ids, tf), []
         for _ in range(6):
             steps.append(out.logits[0])
-            out = buffer.extend([int(out.logits[0].argmax())], tf.forward)
+            out = buffer.extend([int(out.logits[0].argmax())], tf)
         alone.append(steps)
     buffers = [new_buffer(tf) for _ in prompts]
-    logits = [b.extend(ids, tf.forward).logits[0] for b, ids in zip(buffers, prompts)]
+    logits = [b.extend(ids, tf).logits[0] for b, ids in zip(buffers, prompts)]
     for step in range(6):
         for b in range(len(prompts)):
             assert (logits[b] - alone[b][step]).abs().max().item() < TOL
-        out = extend_batch(buffers, [[int(row.argmax())] for row in logits], tf.forward)
+        out = extend_batch(buffers, [[int(row.argmax())] for row in logits], tf)
         logits = list(out.logits)
 
 
