@@ -1,0 +1,67 @@
+"""A document closed while its completion is pending ends that request quietly: no suggestion, no error.
+
+The real daemon over stdio (`rotary lsp --worker ADDR`), the real worker service over gRPC in this
+process with the engine of tests/fakes.py, which holds each call until the test lets it go. The
+editor closes the document while the worker still decodes; once the worker answers, the request
+gets an empty answer (never the closed document's suggestion, never an error), and the daemon goes
+on serving the next document. Each step waits for a counter or a reply, never for time.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fakes import FAKE_COMPLETION, start_worker
+from tests.lsp.test_isolation import initialize, wait_until
+from tests.lsp.test_lsp_protocol import RawClient, inline, open_doc, start_daemon, stats, stop_daemon
+from tests.lsp.test_supersede import replies
+
+URI = "file:///closed_meanwhile.py"
+
+
+def send(client: RawClient, method: str, params: dict) -> int:
+    """A request sent without waiting for its reply: its id."""
+    client.next_id += 1
+    client.send({"jsonrpc": "2.0", "id": client.next_id, "method": method, "params": params})
+    return client.next_id
+
+
+@pytest.mark.parametrize("method", ["textDocument/inlineCompletion", "textDocument/completion"])
+def test_a_document_closed_while_its_completion_is_pending_gets_no_suggestion(method):
+    """Fails on the code before the fix (lsp/server.py's `complete` returned the worker's text
+    without checking that the document was still open): the inline request of the closed
+    document got the suggestion FAKE_COMPLETION."""
+    server, service, address = start_worker()
+    engine = service.engine
+    proc, client = start_daemon("--worker", address)
+    try:
+        initialize(client, options={"debounceMs": 0})
+        wait_until(lambda: stats(client)["worker"]["state"] == "ready", "the daemon never reached its worker")
+        open_doc(client, URI, "def f():\n    ")
+        before = stats(client)["daemon"]
+        engine.hang = True  # the call stays in the worker's engine until the test lets it go
+        params = {"textDocument": {"uri": URI}, "position": {"line": 1, "character": 4}}
+        if method == "textDocument/inlineCompletion":
+            params["context"] = {"triggerKind": 2}
+        pending = send(client, method, params)
+        wait_until(lambda: engine.requests == 1, "the completion's call never reached the worker")
+        client.notify("textDocument/didClose", {"textDocument": {"uri": URI}})
+        wait_until(lambda: stats(client)["daemon"]["open_documents"] == 0, "the daemon never saw the close")
+        engine.hang = False  # the worker answers, for a document that is no longer open
+        reply = replies(client, {pending})[pending]
+
+        assert "error" not in reply, reply
+        result = reply["result"]
+        items = result["items"] if isinstance(result, dict) else (result or [])
+        assert items == [], f"a suggestion for a closed document: {result}"
+        after = stats(client)["daemon"]
+        assert after["suggestions"] == before["suggestions"] and after["errors"] == before["errors"]
+
+        # The daemon goes on: the document opened again gets its suggestion.
+        open_doc(client, URI, "def f():\n    ", version=2)
+        again = inline(client, URI, 1, 4)
+        assert again["result"]["items"][0]["insertText"] == FAKE_COMPLETION
+    finally:
+        engine.hang = False
+        stop_daemon(proc, client)
+        server.stop(0)
