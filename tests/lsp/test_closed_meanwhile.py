@@ -28,9 +28,10 @@ def send(client: RawClient, method: str, params: dict) -> int:
 
 @pytest.mark.parametrize("method", ["textDocument/inlineCompletion", "textDocument/completion"])
 def test_a_document_closed_while_its_completion_is_pending_gets_no_suggestion(method):
-    """Fails on the code before the fix (lsp/server.py's `complete` returned the worker's text
-    without checking that the document was still open): the inline request of the closed
-    document got the suggestion FAKE_COMPLETION."""
+    """Fails on the code before the fix (commit 98d0698: lsp/server.py's `complete` returned the
+    worker's text without checking that the document was still open), checked by running it there:
+    the inline request of the closed document got the suggestion FAKE_COMPLETION, and the completion
+    request (whose handler did drop it) still counted a suggestion."""
     server, service, address = start_worker()
     engine = service.engine
     proc, client = start_daemon("--worker", address)
