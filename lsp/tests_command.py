@@ -62,23 +62,25 @@ class TestsCommand:
 
     async def generate(self, uri: str, qualname: str, count: int = 0) -> dict:
         """Ask the worker for tests of `qualname` in the document `uri`, with $/progress (cancellable);
-        open the result as a new test file beside it (workspace edit: CreateFile + insert)."""
+        open the result as a new test file beside it (workspace edit: CreateFile + insert). A document
+        closed while the model loads ends the command quietly ({"cancelled": True})."""
         copy = self.sync.opened_copy(uri, GENERATE_TESTS)
         if copy is None:
             return self.failed(f"Rotary: {uri} is not open")
         stub = self.worker.ready_stub() or await self.worker.wait_ready(INVOKED_WAIT_S)
+        copy = self.sync.docs.get(uri)  # the text now (edited, or reopened, while the model loaded)
+        if copy is None:  # closed meanwhile: the editor no longer has it
+            log.info("%s: %s was closed while waiting for the worker; no tests", GENERATE_TESTS, uri)
+            return {"cancelled": True}
         if stub is None:
             return self.failed(f"Rotary: the model worker is not ready ({self.worker.message})")
         path = to_fs_path(uri) or uri.rsplit("/", 1)[-1]
         token = f"rotary/tests/{uuid.uuid4().hex[:8]}"
+        request = pb.GenerateTestsRequest(
+            path=path, text=copy.text, qualname=qualname, count=count, language_id="python", request_id=token,
+        )  # the text as the wait for the worker ended, not after the next await
         progress = await self._begin_progress(token, f"Rotary: tests for {qualname}")
-        call = stub.GenerateTests(
-            pb.GenerateTestsRequest(
-                path=path, text=copy.text, qualname=qualname, count=count, language_id="python",
-                request_id=token,
-            ),
-            timeout=TESTS_TIMEOUT_S,
-        )
+        call = stub.GenerateTests(request, timeout=TESTS_TIMEOUT_S)
         if progress is not None:  # the user pressed cancel on the progress: cancel the call, down to the worker
             progress.add_done_callback(lambda f: call.cancel() if f.cancelled() else None)
         last = None

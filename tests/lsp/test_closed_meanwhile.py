@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from rotary.completion.service import WorkerService
 from tests.fakes import FAKE_COMPLETION, start_worker
 from tests.lsp.test_isolation import initialize, wait_until
 from tests.lsp.test_lsp_protocol import RawClient, inline, open_doc, start_daemon, stats, stop_daemon
@@ -64,5 +65,52 @@ def test_a_document_closed_while_its_completion_is_pending_gets_no_suggestion(me
         assert again["result"]["items"][0]["insertText"] == FAKE_COMPLETION
     finally:
         engine.hang = False
+        stop_daemon(proc, client)
+        server.stop(0)
+
+
+class CountingWorker(WorkerService):
+    """The real worker service, counting the GenerateTests calls that reach it."""
+
+    generate_calls = 0
+
+    def GenerateTests(self, request, context):
+        type(self).generate_calls += 1
+        return super().GenerateTests(request, context)
+
+
+def test_a_document_closed_while_its_tests_wait_for_the_model_ends_the_command_quietly():
+    """rotary.generateTests waits for a loading model; the editor closes the document meanwhile. The
+    command ends quietly ({"cancelled": true}, no error message), and the closed document's text never
+    goes to the worker. Fails on the code before the fix (commit 98d0698, checked by running it there):
+    the daemon sent the closed document's text to the worker (GenerateTests reached it)."""
+    CountingWorker.generate_calls = 0
+    server, service, address = start_worker(service_cls=CountingWorker)
+    service.ready.clear()  # the model "loads" until the test says it is ready
+    proc, client = start_daemon("--worker", address)
+    try:
+        initialize(client, options={"debounceMs": 0})
+        wait_until(lambda: stats(client)["worker"]["state"] == "loading", "the daemon never saw the loading worker")
+        uri = "file:///closed_tests.py"
+        open_doc(client, uri, "def clamp(x, lo, hi):\n    return max(lo, min(x, hi))\n")
+        pending = send(client, "workspace/executeCommand", {
+            "command": "rotary.generateTests", "arguments": [{"uri": uri, "qualname": "clamp"}],
+        })
+        client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+        wait_until(lambda: stats(client)["daemon"]["open_documents"] == 0, "the daemon never saw the close")
+        service.ready.set()
+        shown = []
+        while True:  # the command's reply, and any message shown meanwhile
+            message = client.read()
+            if message.get("method") == "window/showMessage":
+                shown.append(message["params"]["message"])
+            elif "method" in message and "id" in message:
+                client.send({"jsonrpc": "2.0", "id": message["id"], "result": None})
+            elif message.get("id") == pending:
+                break
+        assert message.get("result") == {"cancelled": True}, message
+        assert not shown, shown
+        assert CountingWorker.generate_calls == 0, "the closed document's text went to the worker"
+    finally:
         stop_daemon(proc, client)
         server.stop(0)
