@@ -180,6 +180,14 @@ class DocumentSync:
             self.collapses += 1
             copy.collapse()
 
+    def opened_copy(self, uri: str, what: str) -> WorkerCopy | None:
+        """The copy of a document the editor opened, or None (`what` is refused and logged): the daemon
+        knows only the text the editor sent, and never reads a URI itself."""
+        copy = self.docs.get(uri)
+        if copy is None:
+            log.warning("%s for %s refused: the editor never opened it (nothing is read from disk)", what, uri)
+        return copy
+
     def closed(self, uri: str) -> WorkerCopy | None:
         return self.docs.pop(uri, None)
 

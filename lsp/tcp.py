@@ -200,7 +200,7 @@ class TcpDaemon:
 
     async def _end(self, server: RotaryServer) -> None:
         """The editor is gone: stop its requests and its questions, close its documents in the worker, free the slot."""
-        for call in list(server.calls.values()):
+        for call in list(server.completions.calls.values()):
             call.cancel()
         server.start_when_confirmed = False  # a question left unanswered changes nothing, starts nothing
         for question in list(server.confirming.values()):

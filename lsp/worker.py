@@ -20,6 +20,7 @@ it is unreachable, so the daemon recovers by itself when it comes back.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -47,6 +48,8 @@ STABLE_S = 60.0  # a worker ready this long has really started: its failures cou
 # one that has run this long is hung, and the worker is restarted. A busy worker is never: its Health
 # is answered off the model thread and its steps keep finishing.
 HUNG_STEP_S = 120.0
+# An explicitly invoked request (a key press, a command) made while the model loads waits this long for it.
+INVOKED_WAIT_S = 30
 
 
 def worker_log_path() -> Path:
@@ -309,3 +312,28 @@ class WorkerConnection:
             self.last_failure = None
         if changed:
             self.on_state(state, message)
+
+
+def own_task_cancelled() -> bool:
+    """Whether the running request's own task is being cancelled ($/cancelRequest, shutdown).
+
+    grpc.aio also raises asyncio.CancelledError out of a call that was cancelled under it, as when
+    a worker restart closes the channel mid-call; that one must be answered, not propagated (pygls
+    would leave the request unanswered, and the editor waiting)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def worker_stats(stub) -> dict:
+    """The worker's own stats, or {"stats_error": why} (unreachable, restarted mid-call)."""
+    try:
+        reply = await stub.Stats(pb.StatsRequest(), timeout=5)
+        return json.loads(reply.json)
+    except grpc.aio.AioRpcError as exc:
+        return {"stats_error": exc.details()}
+    except grpc.aio.UsageError as exc:
+        return {"stats_error": str(exc)}
+    except asyncio.CancelledError:
+        if own_task_cancelled():
+            raise
+        return {"stats_error": "the worker's connection closed during the call (a restart)"}

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from lsprotocol import types
 
-import rotary.lsp.server as server_module
+import rotary.lsp.completion as completion_module
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 from rotary.completion.rpc.launch import python_command
@@ -120,7 +120,7 @@ def test_every_grpc_call_of_the_daemon_has_a_deadline():
 def test_a_hung_worker_gives_no_suggestion_within_the_deadline_then_serves_again(monkeypatch):
     import rotary.completion.engine  # noqa: F401  the worker imports it on its first Complete: not within the deadline
 
-    monkeypatch.setattr(server_module, "COMPLETION_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(completion_module, "COMPLETION_TIMEOUT_S", 0.5)
     worker_server, service, address = start_worker()
 
     async def run():

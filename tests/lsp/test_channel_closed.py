@@ -17,7 +17,7 @@ import pytest
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 from rotary.completion.rpc.access import worker_channel
-from rotary.lsp.server import worker_stats
+from rotary.lsp.worker import worker_stats
 
 
 class SlowStats(pb_grpc.WorkerServicer):
