@@ -1,13 +1,13 @@
 """`rotary bench tests`: unit-test generation on TestEval, plain decoding and the drafters side by side.
 
 For each program (a LeetCode solution, its focal method `Solution.<func_name>`), n = 5 tests are
-generated one after another (completion/testgen.py: the earlier tests in the context), greedily,
+generated one after another (testgen/generate.py: the earlier tests in the context), greedily,
 once per method, the methods taking turns program by program so that drift of a shared machine
 hits them alike:
 
 - plain: one token per forward;
 - ngram: prompt lookup (drafters.NgramDrafter) over the prompt and the tokens generated so far;
-- ast-strict: the tree-sitter line patterns of the tests so far (ast_patterns.py), DiffTester's
+- ast-strict: the tree-sitter line patterns of the tests so far (testgen/patterns.py, testgen/drafting.py), DiffTester's
   rule: the shared text up to the next literal;
 - ast: the patterns, each literal guessed from the group's lines (verification is lossless, so a
   guess costs only a wider verify);
@@ -21,7 +21,7 @@ outputs must be byte-identical to plain's. Quality, computed on plain's tests (a
 differ): the fraction that parses, the fraction that passes against the reference solution, and
 line and branch coverage of the solution (coverage.py, import lines excluded as TestEval does) by
 the tests that run without an error other than a failed assertion and call the focal method
-(TestEval's rule), averaged over programs. Generated tests run in a sandbox (completion/sandbox.py).
+(TestEval's rule), averaged over programs. Generated tests run in a sandbox (testgen/sandbox.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ DocumentSync) in this process against the real worker service on a fake engine (
 The oracle is the documented table, written out here (DOCUMENTED_DEADLINES_S, DOCUMENTED_BACKOFF_S),
 not the constants of lsp/: a change of a value in the code fails these tests until the document says
 the same. Checked by mutation (by hand, then put back): with `MAX_BACKOFF_S = 60` in lsp/worker.py,
-Health's `timeout=5`, or the completion's `except Exception` narrowed in lsp/server.py, they fail.
+Health's `timeout=5`, or the completion's `except Exception` narrowed in lsp/completion.py, they fail.
 """
 
 from __future__ import annotations
