@@ -232,7 +232,15 @@ def _probe() -> Isolation:
     return Isolation((), "", "; ".join(failures))
 
 
-def _limits(cpu_seconds: int):
+def _limits(cpu_seconds: int) -> tuple[list[str], object]:
+    """(a command prefix, a preexec hook) that start the generated tests with their resource limits:
+    address space MEMORY_LIMIT, CPU time `cpu_seconds`, no core file. util-linux's prlimit where it is
+    installed: a preexec hook makes subprocess fork this process, and a fork of a process with gRPC's
+    threads (the CLI's client, the worker) can break in the child before it runs anything."""
+    prlimit = shutil.which("prlimit")
+    if prlimit:
+        return [prlimit, f"--as={MEMORY_LIMIT}", f"--cpu={cpu_seconds}:{cpu_seconds + 1}", "--core=0", "--"], None
+
     def apply() -> None:
         import resource
 
@@ -240,7 +248,7 @@ def _limits(cpu_seconds: int):
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-    return apply
+    return [], apply
 
 
 def run_tests(
@@ -281,10 +289,11 @@ def _run(iso: Isolation, module_name, module_source, test_source, test_module, t
                 "masked": _masked(), "setpriv": iso.setpriv, "drop": DROP_PRIVILEGES,
             }
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "PYTHONDONTWRITEBYTECODE": "1"}
+        limits, preexec = _limits(int(timeout) + 1)
         proc = subprocess.Popen(
-            [*iso.prefix, sys.executable, "-I", "_rotary_runner.py", json.dumps(config)],
+            [*limits, *iso.prefix, sys.executable, "-I", "_rotary_runner.py", json.dumps(config)],
             cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, pass_fds=(report.fileno(),),
-            start_new_session=True, preexec_fn=_limits(int(timeout) + 1),
+            start_new_session=True, preexec_fn=preexec,
         )
         result = RunResult(network=iso.note if iso.available else UNISOLATED_NOTE)
         try:

@@ -216,9 +216,10 @@ def test_demo_keeps_serving_then_stops_its_worker_on_a_signal(stop, tmp_path, un
     """
     # As from a terminal: Ctrl-C not ignored (a background job of a non-interactive shell, which a test
     # run may be, inherits SIGINT ignored, and Python then keeps ignoring it).
-    demo = subprocess.Popen(rotary_command("demo", "--listen", unix_socket_address), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    # coreutils' env resets it, not a preexec hook: that forks this process, which has gRPC's threads
+    # (the child could break before it runs anything).
+    demo = subprocess.Popen(["env", "--default-signal=INT", *rotary_command("demo", "--listen", unix_socket_address)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
                             env={**os.environ, "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(tmp_path))})
     seen, started = [], []
     try:

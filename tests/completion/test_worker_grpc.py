@@ -259,7 +259,7 @@ def test_health_is_answered_while_every_completion_waits_for_the_model(worker):
 
     def ask(uri):
         try:
-            worker.complete(uri, 1, len(text), max_tokens=32, mode="multi_line")
+            worker.complete(uri, 1, len(text), max_tokens=8, mode="multi_line")
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
