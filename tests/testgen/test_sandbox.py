@@ -70,6 +70,25 @@ def test_a_hanging_test_fails_alone():
     assert "TimeoutError" in result.messages["test_loop"]
 
 
+def test_a_test_gets_the_documented_resource_limits():
+    """Generated code runs with at most MEMORY_LIMIT of address space, no core file and a CPU-time
+    limit (its own limits, read from inside, and an allocation past the memory limit fails alone).
+    Fails with no limits applied (checked: the 2 GiB allocation passes)."""
+    tests = (
+        "import resource\n"
+        "def test_limits():\n"
+        "    print('LIMITS', resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CORE)[0],"
+        " resource.getrlimit(resource.RLIMIT_CPU)[0])\n"
+        f"def test_too_much_memory():\n    bytearray({sandbox.MEMORY_LIMIT})\n"
+        "def test_ok():\n    assert True\n"
+    )
+    result = run_tests("m", MODULE, tests, timeout=30)
+    assert result.results == {"test_limits": "passed", "test_too_much_memory": "error", "test_ok": "passed"}, result.messages
+    assert "MemoryError" in result.messages["test_too_much_memory"]
+    memory, core, cpu = (int(x) for x in result.output.split("LIMITS ")[1].split()[:3])
+    assert memory == sandbox.MEMORY_LIMIT and core == 0 and 0 < cpu <= 31
+
+
 def test_a_test_file_that_does_not_import_is_reported():
     result = run_tests("m", MODULE, "def test_x(:\n    pass\n")
     assert result.results == {} and "SyntaxError" in result.load_error
