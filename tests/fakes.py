@@ -8,7 +8,9 @@ so a daemon connects to it as to a loaded worker. No torch is loaded for any of 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -106,3 +108,14 @@ def start_worker(
     bound = server.add_secure_port(listen, server_credentials(*tls)) if tls else server.add_insecure_port(listen)
     server.start()
     return server, service, listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{bound}"
+
+
+async def until(predicate, timeout: float = 30.0) -> bool:
+    """Wait (asyncio) until `predicate()` holds; False if it still does not after `timeout` s (a guard against
+    a hang, never a timing check: callers assert the result)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

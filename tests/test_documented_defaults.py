@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import time
 
 import pytest
 from lsprotocol import types
@@ -26,7 +25,7 @@ from rotary.lsp.server import RotaryServer
 from rotary.lsp.worker import READY
 
 import rotary.cli
-from tests.fakes import FakeEngine, start_worker
+from tests.fakes import FakeEngine, start_worker, until
 from tests.lsp.test_lsp_protocol import RawClient, stop_daemon
 
 URI = "file:///documented_defaults.py"
@@ -84,15 +83,6 @@ class RecordingEngine(FakeEngine):
 class Discard:
     def write(self, data: bytes) -> None:
         pass
-
-
-async def until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def options_for(settings: dict):

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import pytest
 from lsprotocol import types
 from rotary.lsp.server import RotaryServer
 from rotary.lsp.worker import ERROR, READY, WorkerConnection
 
-from tests.fakes import FakeEngine, start_worker
+from tests.fakes import FakeEngine, start_worker, until
 
 URI = "file:///documented_fault.py"
 
@@ -65,15 +64,6 @@ class RecordingConnection(WorkerConnection):
     async def _open_channel(self, address: str) -> None:
         await super()._open_channel(address)
         self.stub = RecordingStub(self.stub, self.timeouts)
-
-
-async def until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def new_server(worker: WorkerConnection) -> tuple[RotaryServer, NullWriter]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import time
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ from rotary.completion.rpc import worker_pb2_grpc as pb_grpc
 from rotary.completion.rpc.launch import python_command
 from rotary.lsp.server import RotaryServer
 from rotary.lsp.worker import ERROR, MAX_START_FAILURES, READY, WorkerConnection
-from tests.fakes import FAKE_COMPLETION, start_worker
+from tests.fakes import FAKE_COMPLETION, start_worker, until
 from tests.listening import UNREACHABLE, unix_address
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,15 +40,6 @@ def new_server(address: str) -> RotaryServer:
     server.protocol.set_writer(NullWriter())
     server.settings = server.settings.__class__(workerAddress=address, debounceMs=0)
     return server
-
-
-async def until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def test_the_error_state_retries_with_backoff_and_recovers_by_itself():
