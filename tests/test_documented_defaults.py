@@ -137,20 +137,6 @@ def test_thresholds_set_by_the_client_are_sent():
 # -- --model on the command line wins ---------------------------------------------------------------------------
 
 
-class AnsweringClient(RawClient):
-    """A raw LSP client that records the server's requests (and answers them: Allow, where asked)."""
-
-    def __init__(self, reader, writer):
-        super().__init__(reader, writer)
-        self.server_requests: list[dict] = []
-
-    def read(self) -> dict:
-        message = super().read()
-        if "method" in message and "id" in message:
-            self.server_requests.append(message)
-        return message
-
-
 def test_the_model_flag_wins_over_the_clients_model_without_a_question(tmp_path):
     """README Settings: the editor's `model` "applies only after you answer Allow (`--model` needs none and
     wins)": with `rotary lsp --model M`, a client's model is neither asked about nor applied, from
@@ -160,7 +146,7 @@ def test_the_model_flag_wins_over_the_clients_model_without_a_question(tmp_path)
         rotary_command("lsp", "--worker", f"unix:{tmp_path}/no-worker.sock", "--model", flag_model),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
-    client = AnsweringClient(proc.stdout, proc.stdin)
+    client = RawClient(proc.stdout, proc.stdin)
 
     def model_setting() -> str:
         reply = client.request("workspace/executeCommand", {"command": "rotary.stats", "arguments": []})

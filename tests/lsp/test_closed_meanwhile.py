@@ -14,17 +14,10 @@ import pytest
 from rotary.completion.service import WorkerService
 from tests.fakes import FAKE_COMPLETION, start_worker
 from tests.lsp.test_isolation import initialize, wait_until
-from tests.lsp.test_lsp_protocol import RawClient, inline, open_doc, start_daemon, stats, stop_daemon
-from tests.lsp.test_supersede import replies
+from tests.lsp.test_lsp_protocol import inline, open_doc, start_daemon, stats, stop_daemon
+from tests.lsp.test_supersede import daemon_on_a_fake_worker, replies
 
 URI = "file:///closed_meanwhile.py"
-
-
-def send(client: RawClient, method: str, params: dict) -> int:
-    """A request sent without waiting for its reply: its id."""
-    client.next_id += 1
-    client.send({"jsonrpc": "2.0", "id": client.next_id, "method": method, "params": params})
-    return client.next_id
 
 
 @pytest.mark.parametrize("method", ["textDocument/inlineCompletion", "textDocument/completion"])
@@ -33,19 +26,14 @@ def test_a_document_closed_while_its_completion_is_pending_gets_no_suggestion(me
     worker's text without checking that the document was still open), checked by running it there:
     the inline request of the closed document got the suggestion FAKE_COMPLETION, and the completion
     request (whose handler did drop it) still counted a suggestion."""
-    server, service, address = start_worker()
-    engine = service.engine
-    proc, client = start_daemon("--worker", address)
-    try:
-        initialize(client, options={"debounceMs": 0})
-        wait_until(lambda: stats(client)["worker"]["state"] == "ready", "the daemon never reached its worker")
-        open_doc(client, URI, "def f():\n    ")
+    with daemon_on_a_fake_worker(URI) as (service, client):
+        engine = service.engine
         before = stats(client)["daemon"]
         engine.hang = True  # the call stays in the worker's engine until the test lets it go
         params = {"textDocument": {"uri": URI}, "position": {"line": 1, "character": 4}}
         if method == "textDocument/inlineCompletion":
             params["context"] = {"triggerKind": 2}
-        pending = send(client, method, params)
+        pending = client.start_request(method, params)
         wait_until(lambda: engine.requests == 1, "the completion's call never reached the worker")
         client.notify("textDocument/didClose", {"textDocument": {"uri": URI}})
         wait_until(lambda: stats(client)["daemon"]["open_documents"] == 0, "the daemon never saw the close")
@@ -63,10 +51,6 @@ def test_a_document_closed_while_its_completion_is_pending_gets_no_suggestion(me
         open_doc(client, URI, "def f():\n    ", version=2)
         again = inline(client, URI, 1, 4)
         assert again["result"]["items"][0]["insertText"] == FAKE_COMPLETION
-    finally:
-        engine.hang = False
-        stop_daemon(proc, client)
-        server.stop(0)
 
 
 class CountingWorker(WorkerService):
@@ -93,7 +77,7 @@ def test_a_document_closed_while_its_tests_wait_for_the_model_ends_the_command_q
         wait_until(lambda: stats(client)["worker"]["state"] == "loading", "the daemon never saw the loading worker")
         uri = "file:///closed_tests.py"
         open_doc(client, uri, "def clamp(x, lo, hi):\n    return max(lo, min(x, hi))\n")
-        pending = send(client, "workspace/executeCommand", {
+        pending = client.start_request("workspace/executeCommand", {
             "command": "rotary.generateTests", "arguments": [{"uri": uri, "qualname": "clamp"}],
         })
         client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})

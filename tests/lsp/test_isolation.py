@@ -463,27 +463,13 @@ def test_a_client_that_cannot_ask_cannot_set_them():
         stop_daemon(proc, client)
 
 
-class RecordingClient(RawClient):
-    """A raw client that also keeps the server's requests (RawClient answers them with null)."""
-
-    def __init__(self, reader, writer):
-        super().__init__(reader, writer)
-        self.server_requests: list[dict] = []
-
-    def read(self) -> dict:
-        message = super().read()
-        if "method" in message and "id" in message:
-            self.server_requests.append(message)
-        return message
-
-
 def test_command_line_flags_win_without_a_question():
     """--worker is the user's own choice: the client's workerAddress neither asks nor applies."""
     proc = subprocess.Popen(
         rotary_command("lsp", "--worker", UNREACHABLE),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
-    client = RecordingClient(proc.stdout, proc.stdin)
+    client = RawClient(proc.stdout, proc.stdin)
     try:
         initialize(client, capabilities={"window": {"showMessage": {}}}, options={"workerAddress": "127.0.0.1:1"})
         assert stats(client)["daemon"]["settings"]["workerAddress"] == UNREACHABLE

@@ -22,6 +22,7 @@ class RawClient:
         self.reader, self.writer = reader, writer
         self.next_id = 0
         self.notifications: list[dict] = []
+        self.server_requests: list[dict] = []  # every request the server sent (answered with null by `request`)
 
     def send(self, payload: dict | bytes) -> None:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -31,9 +32,14 @@ class RawClient:
     def notify(self, method: str, params: dict) -> None:
         self.send({"jsonrpc": "2.0", "method": method, "params": params})
 
-    def request(self, method: str, params: dict | None, timeout: float = 20) -> dict:
+    def start_request(self, method: str, params: dict | None) -> int:
+        """Send a request without waiting for its reply: its id."""
         self.next_id += 1
         self.send({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
+        return self.next_id
+
+    def request(self, method: str, params: dict | None, timeout: float = 20) -> dict:
+        self.start_request(method, params)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = self.read()
@@ -55,7 +61,10 @@ class RawClient:
                 break
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":")[1])
-        return json.loads(self.reader.read(length))
+        message = json.loads(self.reader.read(length))
+        if "method" in message and "id" in message:
+            self.server_requests.append(message)
+        return message
 
 
 def start_daemon(*args: str) -> tuple[subprocess.Popen, RawClient]:

@@ -10,6 +10,8 @@ reply, never for time.
 
 from __future__ import annotations
 
+import contextlib
+
 from tests.fakes import FAKE_COMPLETION, start_worker
 from tests.lsp.test_isolation import initialize, wait_until
 from tests.lsp.test_lsp_protocol import RawClient, open_doc, start_daemon, stats, stop_daemon
@@ -19,12 +21,26 @@ URI = "file:///supersede.py"
 
 def send_inline(client: RawClient, line: int, character: int) -> int:
     """An inline completion request, sent without waiting: its id."""
-    client.next_id += 1
-    client.send({
-        "jsonrpc": "2.0", "id": client.next_id, "method": "textDocument/inlineCompletion",
-        "params": {"textDocument": {"uri": URI}, "position": {"line": line, "character": character}, "context": {"triggerKind": 2}},
+    return client.start_request("textDocument/inlineCompletion", {
+        "textDocument": {"uri": URI}, "position": {"line": line, "character": character}, "context": {"triggerKind": 2},
     })
-    return client.next_id
+
+
+@contextlib.contextmanager
+def daemon_on_a_fake_worker(uri: str):
+    """The real daemon over stdio on the real worker service (in this process) with tests/fakes.py's
+    engine, ready, with `uri` open ("def f():\n    "): (service, client); stopped afterwards."""
+    server, service, address = start_worker()
+    proc, client = start_daemon("--worker", address)
+    try:
+        initialize(client, options={"debounceMs": 0})
+        wait_until(lambda: stats(client)["worker"]["state"] == "ready", "the daemon never reached its worker")
+        open_doc(client, uri, "def f():\n    ")
+        yield service, client
+    finally:
+        service.engine.hang = False
+        stop_daemon(proc, client)
+        server.stop(0)
 
 
 def replies(client: RawClient, ids: set[int]) -> dict[int, dict]:
@@ -43,13 +59,8 @@ def test_a_superseded_request_s_call_in_flight_is_cancelled_in_the_worker():
     """Fails if the daemon does not cancel the older call (lsp/server.py's `previous.cancel()` removed):
     the older call is never cancelled in the worker (its engine is never told), so the wait for
     `cancelled == 1` fails."""
-    server, service, address = start_worker()
-    engine = service.engine
-    proc, client = start_daemon("--worker", address)
-    try:
-        initialize(client, options={"debounceMs": 0})
-        wait_until(lambda: stats(client)["worker"]["state"] == "ready", "the daemon never reached its worker")
-        open_doc(client, URI, "def f():\n    ")
+    with daemon_on_a_fake_worker(URI) as (service, client):
+        engine = service.engine
         before, counted = stats(client)["daemon"], dict(service.counters)
         engine.hang = True  # each call stays in the worker's engine until it is cancelled
 
@@ -67,7 +78,3 @@ def test_a_superseded_request_s_call_in_flight_is_cancelled_in_the_worker():
         # The worker's own counters (its Stats, read here in its process): one call cancelled, one answered.
         assert service.counters["completions_cancelled"] == counted["completions_cancelled"] + 1
         assert service.counters["completions"] == counted["completions"] + 1
-    finally:
-        engine.hang = False
-        stop_daemon(proc, client)
-        server.stop(0)
