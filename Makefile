@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml lock/python.txt lock/torch.txt lock/model.txt | $(PY)
 	@$(PIP) install --no-deps --no-build-isolation --editable .
 	@touch $(STAMP)
 
-# Converts the GGUF once into ~/.cache/rotary (or $$XDG_CACHE_HOME/rotary); later runs find it there.
+# Prepares the GGUF once in ~/.cache/rotary (or $$XDG_CACHE_HOME/rotary: config, tokenizer, facts; no weights).
 model: $(STAMP)
 	@$(ROTARY) prepare-model
 

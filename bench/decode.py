@@ -95,15 +95,17 @@ class Methods:
         from rotary.cache.buffer import KVBuffer
         from rotary.models.loader import load_model
         from rotary.models.runner import decode_threads, prefill_threads
-        from rotary.models.transformer import Transformer, supports
+        from rotary.models.loader import ModelLoadError
+        from rotary.models.transformer import Transformer
 
-        self.loaded = load_model(model)
-        ok, reason = supports(self.loaded.model)
-        if not ok:
-            raise SystemExit(f"bench decode: this model cannot take the own forward: {reason}")
-        self.hf = HFBaseline(self.loaded.model)
-        # Its own copy of the weights: shared ones would change the layout the HF baseline reads.
-        self.own = Transformer.from_hf(self.loaded.model, share_weights=False)
+        try:
+            self.loaded = load_model(model, forward="own")
+        except ModelLoadError as exc:
+            raise SystemExit(f"bench decode: {exc}")
+        self.own = self.loaded.model
+        assert isinstance(self.own, Transformer)
+        # The same weights through transformers (a load of its own: it reads the GGUF with its own reader).
+        self.hf = HFBaseline(load_model(model, forward="hf").model)
         self.decode_threads, self.prefill_threads = decode_threads(), prefill_threads()
         c = self.own.config
         self.new_buffer = lambda: KVBuffer(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.own.dtype, device=self.own.device)

@@ -311,7 +311,7 @@ def main(args, files: list[Path]) -> int:
     from tqdm import tqdm
 
     from rotary.cache.store import KVStore
-    from rotary.models.exits import artifact_path, model_fingerprint
+    from rotary.models.exits import artifact_path
     from rotary.models.loader import load_model
     from rotary.models.runner import ModelRunner, configure_threads
 
@@ -348,7 +348,7 @@ def main(args, files: list[Path]) -> int:
     gate, gate_report = fit_gate(fit_points, held_points, args.min_shown)
     report["abstention"] = gate_report
 
-    fingerprint = model_fingerprint(runner.model, runner.tokenizer)
+    fingerprint = runner.fingerprint
     heads.meta = {"model_fingerprint": fingerprint, "gate": gate, "report": report}
     # --out: there only (to inspect, or to ship); otherwise where the worker finds it for this model.
     path = Path(args.out) if args.out else artifact_path(fingerprint)

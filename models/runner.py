@@ -4,7 +4,8 @@ One place owns how the model is called (which forward, device, dtype, thread cou
 the decoding loop in completion/ and the cache in cache/ never touch transformers'
 calling conventions. Llama-family models (SmolLM2, Llama, Qwen2, Mistral) run on
 Rotary's own forward (transformer.py); any other RoPE model runs through transformers
-(hf.py) behind the same contract. ROTARY_FORWARD=hf forces the fallback (benchmarks).
+(hf.py) behind the same contract. The loader decides which (loader.load_model; ROTARY_FORWARD=hf
+forces the fallback, for benchmarks).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .hf import HFForward
 from .batch import Batch, ForwardOutput
 from .exits import ExitHeads, find_exit_heads, forward_with_exits, model_fingerprint
 from .loader import LoadedModel
-from .transformer import Transformer, supports
+from .transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -59,35 +60,26 @@ class ModelRunner:
     """The loaded model as the worker calls it: one forward (Rotary's own, or the transformers
     fallback), the tokenizer's texts, and the model's RoPE facts."""
 
-    def __init__(self, loaded: LoadedModel, path: str | None = None):
+    def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.info = loaded.info
-        self.device = next(self.model.parameters()).device
-        self.dtype = next(self.model.parameters()).dtype
         self._prefill_threads, self._decode_threads = prefill_threads(), decode_threads()
-        ok, reason = supports(self.model)
-        wanted = path or os.environ.get("ROTARY_FORWARD", "auto")
-        if wanted not in ("auto", "own", "hf"):
-            raise ValueError(f"forward path must be auto, own or hf, not {wanted!r}")
-        if wanted == "own" and not ok:
-            raise ValueError(f"{self.info.name} cannot take Rotary's own forward: {reason}")
-        # Which path a model takes is logged: only the own forward gives layer access (early exit).
-        if ok and wanted != "hf":
-            self.path = "own"
-            self._forward = Transformer.from_hf(self.model)
-            log.info("%s runs on Rotary's own forward (%s)", self.info.name, reason)
+        # The loader chose the path (load_model: own forward, or transformers); only the own forward
+        # gives layer access (early exit).
+        if isinstance(self.model, Transformer):
+            self.path, self._forward = "own", self.model
+            self.device, self.dtype = self.model.device, self.model.dtype
         else:
-            self.path = "hf"
-            self._forward = HFForward(self.model)
-            why = "asked for" if wanted == "hf" else reason
-            log.warning("%s runs through transformers (%s): no early exit", self.info.name, why)
+            self.path, self._forward = "hf", HFForward(self.model)
+            parameter = next(self.model.parameters())
+            self.device, self.dtype = parameter.device, parameter.dtype
         self.layer_access = self.path == "own"
         # Exit heads (early exit, self-speculation) and the abstention gate, when calibrated for this model.
         self.exits, self.exits_from = None, ""
         if self.layer_access:
-            self.fingerprint = model_fingerprint(self.model, self.tokenizer)
+            self.fingerprint = model_fingerprint(loaded.config, self.tokenizer, self.model)
             exits, self.exits_from = find_exit_heads(self.fingerprint)
             if exits is not None:
                 self.exits = exits.to(self.device, self.dtype)
@@ -130,6 +122,8 @@ class ModelRunner:
 
     def rope_inv_freq(self) -> torch.Tensor | None:
         """The model's own RoPE inverse frequencies (scaling included), for re-rotating cached keys."""
+        if self.path == "own":
+            return self.model.inv_freq
         rotary = getattr(getattr(self.model, "model", None), "rotary_emb", None)
         inv_freq = getattr(rotary, "inv_freq", None)
         if inv_freq is None or getattr(rotary, "rope_type", "default") == "dynamic":

@@ -5,9 +5,10 @@ models/batch.py Batch (rows, their start positions and real lengths, which logit
 runs every layer. The pieces are methods of their own, `embedded`, `run_layers(hidden, layers,
 batch)` and `head(hidden, batch)`, so that a caller can run a slice of layers and stop
 early (models/exits.py's forward_with_exits, a visible loop), take the hidden state after any
-layer (exit classifiers), and fill later layers afterwards. It takes the weights of a loaded Hugging Face model
-(`Transformer.from_hf`), which stays the test oracle and the fallback for other
-architectures (`supports` says which path a model can take, and why).
+layer (exit classifiers), and fill later layers afterwards. It takes weights by their Hugging Face
+names (`Transformer.from_weights`: loader.py reads them from a GGUF or safetensors, no transformers
+involved; `from_hf` takes a loaded transformers model's). transformers stays the test oracle and the
+fallback for other architectures (`supports_config` says which path a model can take, and why).
 
 The KV cache is not owned here: `forward` writes each new token's K/V into the slot
 equal to its position of any object with batch.py's `KVCache` attribute protocol
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,34 +111,50 @@ def sliding_windows(config: Any) -> tuple[int | None, ...]:
     return (int(window),) * n_layers
 
 
-def supports(hf_model: Any) -> tuple[bool, str]:
-    """Whether `hf_model` can run on this forward; the reason names what decided it (for the loader's log)."""
-    config = getattr(hf_model, "config", None)
+def supports_config(config: Any, rope: dict | None) -> tuple[bool, str]:
+    """Whether a model of this config (transformers' attributes) and RoPE tables (loader.prepare_facts's
+    "rope": type, inv_freq, attention_scaling) can run on this forward; the reason names what decided it."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return False, f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    if getattr(config, "hidden_act", "silu") != "silu":
+    if (getattr(config, "hidden_act", None) or "silu") != "silu":
         return False, f"activation {config.hidden_act!r} is not silu"
     if getattr(config, "mlp_bias", False):
         return False, "MLP biases are not supported"
     if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
         return False, "pretraining_tp > 1 is not supported"
-    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
-    inv_freq = getattr(rotary, "inv_freq", None)
-    if inv_freq is None:
-        return False, "no rotary embedding with inv_freq found at model.rotary_emb"
-    rope_type = getattr(rotary, "rope_type", "default")
+    if not rope or not rope.get("inv_freq"):
+        return False, "no rotary embedding with inv_freq"
+    rope_type = rope.get("type", "default")
     if rope_type not in COMPOSABLE_ROPE_TYPES:  # "dynamic", "longrope": frequencies recomputed per forward
         return False, f"RoPE type {rope_type!r} recomputes its frequencies per sequence length"
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    if 2 * inv_freq.numel() != head_dim:
-        return False, f"partial rotary ({2 * inv_freq.numel()} of {head_dim} dims) is not supported"
+    if 2 * len(rope["inv_freq"]) != head_dim:
+        return False, f"partial rotary ({2 * len(rope['inv_freq'])} of {head_dim} dims) is not supported"
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and set(layer_types) - {"full_attention", "sliding_attention"}:
         return False, f"layer types {sorted(set(layer_types))} are not supported"
     windows = [w for w in sliding_windows(config) if w]
     detail = f", sliding window {windows[0]} on {len(windows)} layers" if windows else ""
     return True, f"{model_type}, RoPE {rope_type}{detail}"
+
+
+def rope_of(hf_model: Any) -> dict | None:
+    """A loaded transformers model's RoPE tables, in supports_config's form."""
+    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None:
+        return None
+    return {
+        "type": str(getattr(rotary, "rope_type", "default")),
+        "inv_freq": inv_freq.float().tolist(),
+        "attention_scaling": float(getattr(rotary, "attention_scaling", 1.0)),
+    }
+
+
+def supports(hf_model: Any) -> tuple[bool, str]:
+    """supports_config for a loaded transformers model."""
+    return supports_config(getattr(hf_model, "config", None), rope_of(hf_model))
 
 
 @dataclass
@@ -192,26 +209,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
-def _input_major(linears: Sequence[Any], share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One input-major weight [in, sum of outs] (and bias) for one or more nn.Linear side by side.
-
-    share=True points the original modules' parameters at (transposed) views of it, so the
-    Hugging Face model keeps working, on the same values, without a second copy of its weights.
-    """
-    weight = torch.cat([m.weight.detach().t() for m in linears], dim=1).contiguous()  # [in, out]
-    biases = [m.bias for m in linears]
-    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases], dim=0).contiguous()
-    if share:
-        column = 0
-        for m in linears:
-            width = m.weight.shape[0]
-            m.weight.data = weight[:, column : column + width].t()
-            if bias is not None:
-                m.bias.data = bias[column : column + width]
-            column += width
-    return weight, bias
-
-
 class Transformer:
     """The forward pass over weights taken from a Hugging Face Llama-family model."""
 
@@ -239,44 +236,75 @@ class Transformer:
 
     @classmethod
     @torch.no_grad()
-    def from_hf(cls, hf_model: Any, *, share_weights: bool = True) -> Transformer:
-        """Take the weights of a loaded transformers Llama/Qwen2/Mistral causal LM (see `supports`).
+    def from_weights(
+        cls,
+        config: Any,
+        rope: dict,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Transformer:
+        """The forward over a Llama-family model's weights, given by their Hugging Face names (see
+        `supports_config`), with its config (transformers' attributes) and RoPE tables (rope_of's form).
 
-        Matrices are stored input-major (see `linear`), q/k/v and gate/up fused into one each.
-        share_weights=True leaves the HF model's own parameters as views of these tensors (the
-        same values, no second copy; its matmuls then read the transposed layout too).
+        Matrices are stored input-major (see `linear`), q/k/v and gate/up fused into one each. Each
+        layer is fused as soon as the weights are all read, and the originals dropped, so loading
+        holds little more than the model.
         """
-        ok, reason = supports(hf_model)
+        ok, reason = supports_config(config, rope)
         if not ok:
             raise ValueError(f"this model cannot take Rotary's own forward: {reason}")
-        base = hf_model.model
-        config = TransformerConfig.from_hf(hf_model.config)
-        rotary = base.rotary_emb
-        config = TransformerConfig(**{**config.__dict__, "rope_scaling": float(getattr(rotary, "attention_scaling", 1.0))})
+        tconfig = TransformerConfig.from_hf(config)
+        tconfig = TransformerConfig(**{**tconfig.__dict__, "rope_scaling": float(rope.get("attention_scaling", 1.0))})
+        tensors = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights}
+
+        def take(name: str) -> torch.Tensor:
+            if name not in tensors:
+                raise ValueError(f"the weights have no {name}")
+            return tensors.pop(name)
+
+        def input_major(*names: str) -> torch.Tensor:  # [in, sum of outs]
+            return torch.cat([take(name).t() for name in names], dim=1).contiguous()
+
+        def bias(*names: str) -> torch.Tensor | None:
+            present = [name in tensors for name in names]
+            if not any(present):
+                return None
+            return torch.cat([take(name) for name in names], dim=0).contiguous()
+
         layers = []
-        for block in base.layers:
-            attn, mlp = block.self_attn, block.mlp
-            wqkv, bqkv = _input_major([attn.q_proj, attn.k_proj, attn.v_proj], share_weights)
-            wo, bo = _input_major([attn.o_proj], share_weights)
-            w_gate_up, _ = _input_major([mlp.gate_proj, mlp.up_proj], share_weights)
-            w_down, _ = _input_major([mlp.down_proj], share_weights)
+        for i in range(tconfig.n_layers):
+            p = f"model.layers.{i}."
+            qkv = [f"{p}self_attn.{x}_proj" for x in "qkv"]
             layers.append(
                 LayerWeights(
-                    attn_norm=block.input_layernorm.weight.detach(),
-                    wqkv=wqkv,
-                    bqkv=bqkv,
-                    wo=wo,
-                    bo=bo,
-                    mlp_norm=block.post_attention_layernorm.weight.detach(),
-                    w_gate_up=w_gate_up,
-                    w_down=w_down,
+                    attn_norm=take(p + "input_layernorm.weight"),
+                    wqkv=input_major(*(n + ".weight" for n in qkv)),
+                    bqkv=bias(*(n + ".bias" for n in qkv)),
+                    wo=input_major(p + "self_attn.o_proj.weight"),
+                    bo=bias(p + "self_attn.o_proj.bias"),
+                    mlp_norm=take(p + "post_attention_layernorm.weight"),
+                    w_gate_up=input_major(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    w_down=input_major(p + "mlp.down_proj.weight"),
                 )
             )
-        tied = hf_model.lm_head.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
-        lm_head, _ = _input_major([hf_model.lm_head], share_weights)  # [dim, vocab]; shares the embedding when tied
-        # Tied: the embedding is a transposed view of the LM head (one tensor for both; see _embed).
-        embed = lm_head.t() if tied else base.embed_tokens.weight.detach()  # [vocab, dim]
-        return cls(config, embed, layers, base.norm.weight.detach(), lm_head, rotary.inv_freq.detach())
+        embed = take("model.embed_tokens.weight")  # [vocab, dim]
+        head = tensors.pop("lm_head.weight", None)
+        if getattr(config, "tie_word_embeddings", False) or head is None:
+            # Tied: the embedding is a transposed view of the LM head (one tensor for both; see _embed).
+            lm_head = embed.t().contiguous()  # [dim, vocab]
+            embed = lm_head.t()
+        else:
+            lm_head = head.t().contiguous()
+        inv_freq = torch.tensor(rope["inv_freq"], dtype=torch.float32)
+        return cls(tconfig, embed, layers, take("model.norm.weight"), lm_head, inv_freq)
+
+    @classmethod
+    def from_hf(cls, hf_model: Any) -> Transformer:
+        """The forward over a loaded transformers model's weights (copies: the model stays as it was)."""
+        parameter = next(hf_model.parameters())
+        weights = ((name, tensor.detach().clone()) for name, tensor in hf_model.state_dict().items())
+        return cls.from_weights(hf_model.config, rope_of(hf_model), weights, parameter.dtype, parameter.device)
 
     # ------------------------------------------------------------------
     # The forward pass

@@ -349,7 +349,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    """Convert the embedded (or given) model once into the cache dir, so later loads take seconds."""
+    """Prepare the embedded (or given) model once in the cache dir (config, tokenizer, facts), so later loads need no transformers."""
     _setup_logging(args.log_level)
     from rotary.models.loader import ModelLoadError, resolve_model_dir
 
@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--listen", default=DEFAULT_LISTEN, help=f"where the demo's worker serves (default {DEFAULT_LISTEN})")
     d.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("prepare-model", help="convert the model once into the cache dir (done by make)")
+    p = sub.add_parser("prepare-model", help="prepare the model once in the cache dir (done by make)")
     p.add_argument("--model", default=None)
     p.set_defaults(func=cmd_prepare_model)
 

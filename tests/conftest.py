@@ -22,13 +22,42 @@ os.environ.setdefault("ROTARY_ABSTAIN_THRESHOLD", "0")
 
 
 @functools.lru_cache(maxsize=1)
+def reference_dir() -> Path:
+    """The embedded GGUF as plain transformers reads it (its own GGUF reader and dequantiser), saved as a
+    Hugging Face folder once: no Rotary code but the line that finds the file. Rotary itself never writes
+    such a copy (it reads the GGUF at every load), so the suite keeps its own under the test cache,
+    made by one process at a time (a file lock) and published whole (a rename)."""
+    import fcntl
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rotary.models.loader import find_default_gguf
+
+    gguf = find_default_gguf()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rotary-tests"
+    target = base / f"reference-{gguf.stem}-{gguf.stat().st_size}"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / "reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            del model.config.quantization_config  # save_pretrained refuses it; the weights are float32 now
+            model.hf_quantizer = None
+            tmp = base / f"{target.name}.tmp{os.getpid()}"
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            tmp.rename(target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
 def reference_tokenizer():
     """The embedded model's tokenizer, loaded with plain transformers (once per session)."""
     from transformers import AutoTokenizer
 
-    from rotary.models.loader import resolve_model_dir
-
-    return AutoTokenizer.from_pretrained(str(resolve_model_dir(None)), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(reference_dir()), local_files_only=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,9 +68,7 @@ def reference_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rotary.models.loader import resolve_model_dir
-
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(None)), dtype=torch.float32, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(reference_dir()), dtype=torch.float32, local_files_only=True).eval()
     return model, reference_tokenizer()
 
 
@@ -74,9 +101,8 @@ def rotary_runner():
 
 
 def rotary_transformer():
-    """Rotary's own forward (models/transformer.Transformer) as the session's runner built it, the
-    object the worker runs. Its weights are shared with `rotary_model()`'s HF modules (share_weights),
-    so an oracle for it is `reference_model()`, loaded apart, never `rotary_model().model`."""
+    """Rotary's own forward (models/transformer.Transformer) as the session's loader built it, the
+    object the worker runs; its oracle is `reference_model()`, loaded apart by transformers."""
     runner = rotary_runner()
     assert runner.path == "own", f"the embedded model should take Rotary's own forward, not {runner.path}"
     return runner._forward
@@ -268,7 +294,7 @@ def python_exe() -> str:
 
 @pytest.fixture(scope="session")
 def model_dir():
-    """The prepared embedded model (the converted Hugging Face directory), where `make test` put it."""
+    """The prepared embedded model (its config, tokenizer and facts; the weights stay in the GGUF), where `make test` put it."""
     from rotary.models.loader import resolve_model_dir
 
     return resolve_model_dir(None)

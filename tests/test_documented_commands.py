@@ -159,24 +159,26 @@ def test_the_grpcurl_commands_ask_for_what_the_worker_serves():
 
 
 @pytest.mark.model
-def test_model_takes_a_gguf_file_converted_once_and_cached_and_a_hugging_face_directory(tmp_path, shared_worker):
+def test_model_takes_a_gguf_file_prepared_once_and_cached_and_a_hugging_face_directory(tmp_path, shared_worker):
     """README: "`--model PATH` takes any local Hugging Face causal-LM directory with RoPE (config.json +
-    weights) or a local `.gguf` file (converted once and cached)", and the first run converts into
-    `$XDG_CACHE_HOME/rotary`. The embedded model's own .gguf, given to `--model` with a fresh cache:
-    the first `prepare-model` converts it there, the second finds it; `rotary complete --model FILE.gguf`
-    (a worker of its own) converts nothing more and completes; the session's shared worker, started with
-    `rotary worker --model DIR` on the embedded model's Hugging Face directory (tests/conftest.py),
+    weights) or a local `.gguf` file (prepared once and cached; its weights are read from the file at
+    every load, no copy)", and the first run prepares into `$XDG_CACHE_HOME/rotary`. The embedded
+    model's own .gguf, given to `--model` with a fresh cache: the first `prepare-model` prepares it
+    there, without weights, the second finds it; `rotary complete --model FILE.gguf` (a worker of its
+    own) prepares nothing more and completes; the session's shared worker, started with
+    `rotary worker --model DIR` on the embedded model's prepared folder (tests/conftest.py),
     completes the same text (the same weights)."""
     from rotary.models.loader import find_default_gguf
 
     gguf = find_default_gguf()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     first = run_rotary("prepare-model", "--model", str(gguf), env=env)
-    assert first.returncode == 0 and "converting" in first.stderr, first.stderr
+    assert first.returncode == 0 and "preparing" in first.stderr, first.stderr
     converted = Path(first.stdout.strip().splitlines()[-1])
     assert converted.parent == tmp_path / "cache" / "rotary" / "models" and (converted / "config.json").is_file()
+    assert not [p.name for p in converted.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]  # no copy of the weights
     second = run_rotary("prepare-model", "--model", str(gguf), env=env)
-    assert second.returncode == 0 and "converting" not in second.stderr
+    assert second.returncode == 0 and "preparing" not in second.stderr
     assert Path(second.stdout.strip().splitlines()[-1]) == converted
 
     source = tmp_path / "sample.py"
@@ -188,12 +190,12 @@ def test_model_takes_a_gguf_file_converted_once_and_cached_and_a_hugging_face_di
         """))
     result = run_rotary("complete", str(source), "--line", "4", "--model", str(gguf), env=env)
     assert result.returncode == 0, result.stderr
-    assert "converting" not in result.stderr and result.stdout.strip()
-    assert sorted(p.name for p in converted.parent.iterdir()) == [converted.name]  # one conversion, found again
+    assert "preparing" not in result.stderr and result.stdout.strip()
+    assert sorted(p.name for p in converted.parent.iterdir()) == [converted.name]  # prepared once, found again
 
     from rotary.models.loader import resolve_model_dir
 
-    assert (resolve_model_dir(None) / "config.json").is_file()  # what the shared worker was given: a directory
+    assert (resolve_model_dir(None) / "config.json").is_file()  # what the shared worker was given: a folder
     through_directory = run_rotary("complete", str(source), "--line", "4", "--worker", shared_worker.address)
     assert through_directory.returncode == 0, through_directory.stderr
     assert result.stdout == through_directory.stdout

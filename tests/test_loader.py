@@ -61,3 +61,44 @@ def test_the_suite_keeps_every_test_s_snapshots_out_of_the_user_s_cache(tmp_path
 
     folder = Path(os.environ[KV_DIR_ENV])
     assert folder.is_relative_to(tmp_path_factory.getbasetemp()) and folder.is_dir() and not any(folder.iterdir())
+
+
+@pytest.mark.model
+def test_the_tokenizer_encodes_and_decodes_as_transformers_does():
+    """Rotary's tokenizer (models/tokenizer.py, the `tokenizers` library alone) against transformers' own
+    for the embedded model (tests/conftest.py's reference): the same ids for real code (the standard
+    library's first files), the same texts back, the same special ids, end token, vocabulary and size."""
+    from rotary.bench.corpus import python_files
+    from tests.conftest import reference_tokenizer, rotary_model
+
+    ours, theirs = rotary_model().tokenizer, reference_tokenizer()
+    assert type(ours).__module__ == "rotary.models.tokenizer"
+    files = python_files(None)[:12]
+    assert len(files) == 12
+    for path in files:
+        text = path.read_text(errors="replace")[:4000] + "<|endoftext|><file_sep> tail"
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ours.encode(text, add_special_tokens=False) == ids
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    assert sorted(ours.all_special_ids) == sorted(theirs.all_special_ids)
+    assert ours.eos_token_id == theirs.eos_token_id and len(ours) == len(theirs)
+    assert ours.get_vocab() == theirs.get_vocab()
+
+
+@pytest.mark.model
+def test_loading_the_embedded_model_needs_no_transformers_and_keeps_no_copy_of_its_weights():
+    """A worker's load (after `make`'s one-time preparation) imports no transformers (2-7 s of start-up
+    each) and reads the weights from the GGUF: the prepared folder holds no weights file."""
+    import subprocess
+    import sys
+
+    from rotary.models.loader import resolve_model_dir
+
+    folder = resolve_model_dir(None)
+    assert not [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    code = ("import sys; from rotary.models.loader import load_model; from rotary.models.runner import ModelRunner; "
+            "r = ModelRunner(load_model(None)); print(r.path, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["own", "False"]

@@ -125,10 +125,20 @@ def test_the_fingerprint_ignores_the_transformers_release_and_the_path():
     from rotary.models.exits import model_fingerprint
 
     model, tokenizer = reference_model()
-    before = model_fingerprint(model, tokenizer)
-    moved = copy.copy(model)
-    moved.config = copy.deepcopy(model.config)
-    moved.config.transformers_version, moved.config._name_or_path = "0.0.1", "/somewhere/else"
-    assert model_fingerprint(moved, tokenizer) == before
-    moved.config.num_hidden_layers = model.config.num_hidden_layers - 1
-    assert model_fingerprint(moved, tokenizer) != before
+    before = model_fingerprint(model.config, tokenizer, model)
+    config = copy.deepcopy(model.config)
+    config.transformers_version, config._name_or_path = "0.0.1", "/somewhere/else"
+    assert model_fingerprint(config, tokenizer, model) == before
+    config.num_hidden_layers = model.config.num_hidden_layers - 1
+    assert model_fingerprint(config, tokenizer, model) != before
+
+
+def test_the_fingerprint_of_the_gguf_read_by_rotary_equals_that_of_transformers_reading_it():
+    """Rotary reads the GGUF itself (models/gguf.py, no transformers): the fingerprint of what it
+    holds, config, vocabulary and weights, equals the one of the model transformers makes of the same
+    file. Fails if a weight differs (e.g. q not un-permuted) or the tokenizer's vocabulary does."""
+    from rotary.models.exits import model_fingerprint
+    from tests.conftest import rotary_runner
+
+    model, tokenizer = reference_model()
+    assert rotary_runner().fingerprint == model_fingerprint(model.config, tokenizer, model)
