@@ -146,6 +146,33 @@ class GGUFFile:
         values = gguf.quants.dequantize(raw, qtype)
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
 
+    def q4_1_blocks(self, name: str, n_heads: int, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q4_1 matrix [N, K] as its blocks, None for another type: (q [N, K] uint8 in 0..15, d [N, K/32],
+        m [N, K/32] float32), value = d * q + m; q and k rows un-permuted like hf_tensors' weights."""
+        info = self.tensors[name]
+        if info.type != Q4_1 or len(info.shape) != 2:
+            return None
+        rows, inner = info.shape
+        blocks = torch.from_numpy(np.array(self._map[info.offset : info.offset + rows * inner // 32 * 20])).reshape(rows, inner // 32, 20)
+        d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)  # [N, K/32]
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+        packed = blocks[..., 4:]  # [N, K/32, 16]
+        q = torch.cat((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, inner)  # [N, K]
+        if self.architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = n_heads if ".attn_q." in name else n_kv_heads
+            q, d, m = (_reverse_permute(t, heads) for t in (q, d, m))
+        return q, d, m
+
+    def blocks_by_hf_name(self, n_heads: int, n_kv_heads: int):
+        """q4_1_blocks by a weight's Hugging Face name (None where the GGUF has no such Q4_1 matrix)."""
+        names = {hf_name(name): name for name in self.tensors}
+
+        def blocks(hf: str):
+            name = names.get(hf)
+            return None if name is None else self.q4_1_blocks(name, n_heads, n_kv_heads)
+
+        return blocks
+
     def hf_tensors(self, n_heads: int, n_kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight a Llama-family model has, with its Hugging Face name, float32 (see the module's notes)."""
         unpermute = self.architecture == "llama"

@@ -84,6 +84,8 @@ class LoadedModel:
     tokenizer: Any  # models/tokenizer.py's Tokenizer, or transformers' (the fallback)
     info: ModelInfo
     config: Any  # ModelConfig: the model's config, attribute access
+    fingerprint: str  # exits.model_fingerprint of the loaded weights: which calibration artifacts fit
+    blocks: Any = None  # precision.Blocks: the GGUF's own 4-bit blocks by weight name (int4 packs them), or None
     load_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -367,6 +369,7 @@ def load_model(
     model_dir = resolve_model_dir(path, progress)
     import torch
 
+    from .exits import model_fingerprint
     from .transformer import supports_config
 
     say = progress or (lambda msg: None)
@@ -392,11 +395,14 @@ def load_model(
 
             tokenizer = Tokenizer(facts["tokenizer"], facts["special_ids"], facts["eos_token_id"])
             model = Transformer.from_weights(config, facts["rope"], _weights(facts["weights"], config), torch_dtype, device)
+            fingerprint = model_fingerprint(config, tokenizer, model)  # of the float32 weights, before any packing
+            blocks = _blocks(facts["weights"], config)
             log.info("%s runs on Rotary's own forward (%s)", model_dir.name, reason)
         else:
             from .hf import load_hf_model
 
             model, tokenizer = load_hf_model(model_dir, torch_dtype, device)
+            fingerprint, blocks = model_fingerprint(config, tokenizer, model), None
             log.warning("%s runs through transformers (%s): no early exit", model_dir.name, "asked for" if ok else reason)
     except ModelLoadError:
         raise
@@ -436,7 +442,10 @@ def load_model(
             f"RoPE type {rope.rope_type!r} does not compose: edit-aware re-rotation is off, "
             "the cache falls back to prefix reuse with recompute"
         )
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, info=info, config=config, load_seconds=time.perf_counter() - started, notes=notes)
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, info=info, config=config, fingerprint=fingerprint, blocks=blocks,
+        load_seconds=time.perf_counter() - started, notes=notes,
+    )
     for note in notes:
         log.warning(note)
     say(f"model ready ({loaded.load_seconds:.1f} s)")
@@ -457,6 +466,16 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _blocks(source: dict[str, Any], config: ModelConfig):
+    """The GGUF's Q4_1 blocks by Hugging Face weight name (precision.Blocks), or None for other sources."""
+    if "gguf" not in source:
+        return None
+    from .gguf import GGUFFile
+
+    heads = int(config.num_attention_heads)
+    return GGUFFile(source["gguf"]).blocks_by_hf_name(heads, int(config.num_key_value_heads or heads))
 
 
 def _weights(source: dict[str, Any], config: ModelConfig):

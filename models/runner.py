@@ -19,8 +19,9 @@ import torch
 
 from .hf import HFForward
 from .batch import Batch, ForwardOutput
-from .exits import ExitHeads, find_exit_heads, forward_with_exits, model_fingerprint
-from .loader import LoadedModel
+from .exits import ExitHeads, find_exit_heads, forward_with_exits
+from .precision import choose_once, pack, requested
+from .loader import LoadedModel, cache_dir
 from .transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class ModelRunner:
     """The loaded model as the worker calls it: one forward (Rotary's own, or the transformers
     fallback), the tokenizer's texts, and the model's RoPE facts."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, precision: str | None = None):
+        """precision: exact, fp16, int4 or auto (precision.py; default $ROTARY_PRECISION, else auto). The own
+        forward's matrices are packed here, after the loader's float32 load; the fallback keeps its dtype."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -68,18 +71,28 @@ class ModelRunner:
         self._prefill_threads, self._decode_threads = prefill_threads(), decode_threads()
         # The loader chose the path (load_model: own forward, or transformers); only the own forward
         # gives layer access (early exit).
+        wanted = requested(precision)
+        self.fingerprint = loaded.fingerprint
         if isinstance(self.model, Transformer):
             self.path, self._forward = "own", self.model
             self.device, self.dtype = self.model.device, self.model.dtype
+            self.precision, self.precision_reason = wanted, "asked for"
+            if self.device.type != "cpu" or self.dtype != torch.float32:
+                self.precision, self.precision_reason = "exact", f"{self.device.type} {self.dtype}: the packed kernels are for float32 on CPU"
+            elif wanted == "auto":
+                choice = choose_once(self.model, self._decode_threads, self.fingerprint, cache_dir() / "precision", loaded.blocks)
+                self.precision, self.precision_reason = choice.precision, choice.reason
+            pack(self.model, self.precision, loaded.blocks)
+            log.info("%s runs in precision %s (%s)", self.info.name, self.precision, self.precision_reason)
         else:
             self.path, self._forward = "hf", HFForward(self.model)
             parameter = next(self.model.parameters())
             self.device, self.dtype = parameter.device, parameter.dtype
+            self.precision, self.precision_reason = "exact", "the transformers fallback runs in its loaded dtype"
         self.layer_access = self.path == "own"
         # Exit heads (early exit, self-speculation) and the abstention gate, when calibrated for this model.
         self.exits, self.exits_from = None, ""
         if self.layer_access:
-            self.fingerprint = model_fingerprint(loaded.config, self.tokenizer, self.model)
             exits, self.exits_from = find_exit_heads(self.fingerprint)
             if exits is not None:
                 self.exits = exits.to(self.device, self.dtype)

@@ -199,7 +199,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     inner = x.shape[-1]
     rows = x.numel() // inner
     flat = x.reshape(rows, inner)  # [R, in]
-    if rows <= SPLIT_ROWS and inner % SPLIT_PARTS == 0 and x.device.type == "cpu":
+    if not isinstance(weight, torch.Tensor):  # fp16 or int4 (precision.py): its own kernel
+        out = weight.matmul(flat)  # [R, out]
+    elif rows <= SPLIT_ROWS and inner % SPLIT_PARTS == 0 and x.device.type == "cpu":
         parts = flat.reshape(SPLIT_PARTS, 1, -1) if rows == 1 else flat.reshape(rows, SPLIT_PARTS, -1).transpose(0, 1)  # [P, R, in / P]
         out = torch.bmm(parts, weight.view(SPLIT_PARTS, inner // SPLIT_PARTS, -1)).sum(0)  # [R, out]
     else:
@@ -230,6 +232,7 @@ class Transformer:
         self.inv_freq = inv_freq.to(device=embed.device, dtype=torch.float32)  # [head_dim / 2]
         self.dtype = embed.dtype
         self.device = embed.device
+        self.precision = "exact"  # precision.pack changes the matrices' form and this name
         # cos/sin of position * inv_freq for positions [0, len), grown by doubling: decoding reads a view.
         self._cos = torch.empty(0, config.head_dim, dtype=self.dtype, device=self.device)
         self._sin = self._cos
@@ -374,9 +377,12 @@ class Transformer:
         for j in skipped:
             w = self.layers[j]
             h = F.rms_norm(x, (config.dim,), w.attn_norm, config.norm_eps)[0]  # [1, dim]
-            kv = torch.mm(h, w.wqkv[:, heads * head_dim :])  # [1, 2 * KV * Dh]
-            if w.bqkv is not None:
-                kv = kv + w.bqkv[heads * head_dim :]
+            if isinstance(w.wqkv, torch.Tensor):
+                kv = torch.mm(h, w.wqkv[:, heads * head_dim :])  # [1, 2 * KV * Dh]
+                if w.bqkv is not None:
+                    kv = kv + w.bqkv[heads * head_dim :]
+            else:  # packed (precision.py): the whole product, then its K/V columns
+                kv = linear(h, w.wqkv, w.bqkv)[:, heads * head_dim :]
             kv = kv.view(1, 1, 2 * kv_heads, head_dim)  # [B, S, 2KV, Dh]
             rope_(kv[:, :, :kv_heads], cos, sin)
             new_kv = kv[0].view(1, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2, KV, 1, Dh]

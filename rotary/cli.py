@@ -58,6 +58,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"rotary worker: {exc}", file=sys.stderr)
         return 2
 
+    if args.precision:  # the model runner reads it (models/precision.py), as from the environment
+        from rotary.models.precision import PRECISION_ENV
+
+        os.environ[PRECISION_ENV] = args.precision
+
     def bound(address: str) -> None:
         how = ", ".join(n for n, on in (("TLS", tls), ("access token required", token)) if on)
         print(f"rotary worker listening on {address}{f' ({how})' if how else ''}", file=sys.stderr, flush=True)
@@ -414,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or a unix socket needs --token-file (or $ROTARY_TOKEN) and TLS",
     )
     w.add_argument("--model", default=None, help="local Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M)")
+    w.add_argument(
+        "--precision", choices=("exact", "fp16", "int4", "auto"), default=None,
+        help="the matrix products' precision: exact (float32), fp16, int4 (the GGUF's 4-bit blocks), or auto "
+        "(the fastest whose deviation stays below llama.cpp's, measured once per machine); default $ROTARY_PRECISION, else auto",
+    )
     w.add_argument("--cache-mb", type=int, default=1024, help="memory budget of the per-document KV caches")
     w.add_argument("--context-tokens", type=int, default=2048, help="tokens before the cursor the model sees at most")
     w.add_argument(

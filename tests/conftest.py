@@ -19,6 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (in-process or started by a daemon or an editor, which inherit the environment) shows what it
 # decoded.
 os.environ.setdefault("ROTARY_ABSTAIN_THRESHOLD", "0")
+# The oracles are transformers' float32 forward, compared within float32 rounding: every worker runs
+# `exact` (models/precision.py). The other precisions are compared with exact within their stated bounds
+# in tests/models/test_precision.py, and `auto` (the users' default) is run there too.
+os.environ.setdefault("ROTARY_PRECISION", "exact")
 
 
 @functools.lru_cache(maxsize=1)

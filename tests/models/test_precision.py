@@ -1,0 +1,113 @@
+"""The precisions of the own forward (models/precision.py) against `exact`, within the bounds stated here.
+
+Bounds, measured on the embedded model (SmolLM2-135M Q4_1; AVX2 and AVX-512 machines agree, the
+kernels' arithmetic does not depend on the CPU's width):
+- one product, relative error: fp16 < 1e-3 (measured 2-4e-4), int4 < PEER_DEVIATION = 5e-3
+  (measured ~3e-3: bfloat16 activations and scales on the GGUF's exact 4-bit values);
+- the last position's logits after ~1k tokens of real code, relative: fp16 < 5e-3, int4 < 4e-2 (the
+  errors of 30 layers add up: measured ~2e-3 and ~1.7e-2);
+- greedy continuations of 8 tokens at 12 places in real code identical to exact's: fp16 at least 11 of
+  12, int4 at least 8 of 12 (bench decode reports the share as `results.own.agreement`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rotary.models.precision import PEER_DEVIATION, Fp16Weight, Int4Weight, choose, choose_once, deviation
+
+pytestmark = pytest.mark.model
+
+
+def product(weight, x):
+    from rotary.models.transformer import linear
+
+    return linear(x, weight)
+
+
+def test_int4_from_q4_1_blocks_holds_the_blocks_values():
+    """Q4_1 blocks (value = d * q + m) packed by Int4Weight multiply as the float values they stand for,
+    within bfloat16's rounding of activations, scales and zeros (the bound: PEER_DEVIATION). A zero
+    taken as m (not m + 8 d) or nibbles in another order fail it by orders of magnitude."""
+    generator = torch.Generator().manual_seed(0)
+    n, k = 192, 576
+    q = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+    d = torch.rand(n, k // 32, generator=generator) * 0.02 + 0.001
+    m = -torch.rand(n, k // 32, generator=generator) * 0.1
+    values = (d.repeat_interleave(32, dim=1) * q.float() + m.repeat_interleave(32, dim=1))  # [N, K]
+    x = torch.randn(3, k, generator=generator)
+    exact = x @ values.t()
+    assert deviation(exact, Int4Weight(q, d, m).matmul(x)) < PEER_DEVIATION
+    assert deviation(exact, Fp16Weight(values.t().contiguous()).matmul(x)) < 1e-3
+
+
+def test_every_precision_stays_within_its_bound_on_the_real_model():
+    """Logits after real code and greedy continuations: fp16 and int4 against exact (bounds above), on
+    packed copies of the session's float32 model (precision.packed_copy, as auto measures them)."""
+    from rotary.bench.corpus import python_files
+    from rotary.cache.buffer import KVBuffer
+    from rotary.models.precision import packed_copy
+    from tests.conftest import rotary_model, rotary_runner
+
+    loaded, runner = rotary_model(), rotary_runner()
+    texts = [p.read_text(errors="replace") for p in python_files(None)[:12]]
+    results = {}
+    for precision in ("exact", "fp16", "int4"):
+        model = loaded.model if precision == "exact" else packed_copy(loaded.model, precision, loaded.blocks)
+        assert model.precision == precision
+        config = model.config
+        logits, continuations = None, []
+        for i, text in enumerate(texts):
+            ids = runner.encode_text(text)[: 1000 if i == 0 else 200]
+            buffer = KVBuffer(config.n_layers, config.n_kv_heads, config.head_dim, dtype=torch.float32, device="cpu")
+            buffer.reserve(len(ids) + 16)
+            out = buffer.extend(ids, model).logits[0]
+            logits = out if i == 0 else logits
+            tokens = []
+            for _ in range(8):
+                tokens.append(int(out.argmax()))
+                out = buffer.extend([tokens[-1]], model).logits[0]
+            continuations.append(tokens)
+        results[precision] = (logits, continuations)
+    exact_logits, exact_tokens = results["exact"]
+    for precision, bound, agree in (("fp16", 5e-3, 11), ("int4", 4e-2, 8)):
+        got_logits, got_tokens = results[precision]
+        assert deviation(exact_logits, got_logits) < bound, precision
+        same = sum(a == b for a, b in zip(got_tokens, exact_tokens))
+        assert same >= agree, f"{precision}: {same} of 12 greedy continuations equal exact's"
+
+
+def test_auto_takes_the_fastest_form_below_the_peers_deviation_and_says_so(tmp_path, monkeypatch):
+    """choose measures every form on this machine; the one it takes is below PEER_DEVIATION and no
+    slower than any other allowed; with a bound nothing else meets, it takes exact. choose_once keeps the
+    answer: a second load does not measure again."""
+    import rotary.models.precision as precision_module
+    from tests.conftest import rotary_model
+
+    loaded = rotary_model()
+    model = loaded.model
+    assert model.precision == "exact"  # the session's model: the test packs copies only (choose does)
+    choice = choose(model, 1, loaded.blocks)
+    allowed = {p: m for p, m in choice.measured.items() if m["deviation"] < PEER_DEVIATION}
+    assert set(choice.measured) == {"exact", "fp16", "int4"} and choice.precision in allowed
+    assert choice.measured[choice.precision]["step_ms"] == min(m["step_ms"] for m in allowed.values())
+    assert choice.precision in choice.reason and "int4" in choice.reason
+    monkeypatch.setattr(precision_module, "PEER_DEVIATION", 1e-9)
+    assert choose(model, 1, loaded.blocks).precision == "exact"
+    monkeypatch.undo()
+
+    first = choose_once(model, 1, loaded.fingerprint, tmp_path, loaded.blocks)
+    monkeypatch.setattr(precision_module, "choose", lambda *a, **k: pytest.fail("measured again"))
+    again = choose_once(model, 1, loaded.fingerprint, tmp_path, loaded.blocks)
+    assert again.precision == first.precision and "measured once on this machine" in again.reason
+    assert model.precision == "exact" and isinstance(model.layers[0].wqkv, torch.Tensor)
+
+
+def test_a_worker_runs_the_precision_it_is_given_and_refuses_an_unknown_one():
+    """`rotary worker --precision` and $ROTARY_PRECISION reach the model runner; a wrong value is a clear error."""
+    from rotary.models.precision import requested
+
+    assert requested("int4") == "int4"
+    with pytest.raises(ValueError, match="precision must be one of exact, fp16, int4, auto"):
+        requested("int3")
