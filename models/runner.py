@@ -19,7 +19,7 @@ import torch
 
 from .hf import HFForward
 from .batch import Batch, ForwardOutput
-from .exits import ExitHeads, find_exit_heads, forward_with_exits
+from .exits import ExitHeads, find_exit_heads, forward_with_exits, model_fingerprint
 from .precision import choose_once, pack, requested
 from .loader import LoadedModel, cache_dir
 from .transformer import Transformer
@@ -72,7 +72,8 @@ class ModelRunner:
         # The loader chose the path (load_model: own forward, or transformers); only the own forward
         # gives layer access (early exit).
         wanted = requested(precision)
-        self.fingerprint = loaded.fingerprint
+        # Which calibration artifacts fit: taken of the float32 weights, before any packing.
+        self.fingerprint = model_fingerprint(loaded.config, self.tokenizer, self.model)
         if isinstance(self.model, Transformer):
             self.path, self._forward = "own", self.model
             self.device, self.dtype = self.model.device, self.model.dtype

@@ -37,9 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from .batch import Batch, ForwardOutput, KVCache, Logits  # noqa: F401 (KVCache, Logits: re-exported)
-from .loader import COMPOSABLE_ROPE_TYPES
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+# RoPE variants whose frequencies are fixed at load time, so their rotations compose
+# (R_a R_b = R_(a+b)) for any a, b: re-rotating cached keys by a position delta is exact,
+# and Rotary's own forward (transformer.py) computes its tables once. "dynamic" NTK changes
+# the frequencies with the sequence length and "longrope" switches between two frequency
+# sets, so those do neither.
+COMPOSABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class Segment(NamedTuple):

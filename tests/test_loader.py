@@ -91,14 +91,14 @@ def test_loading_the_embedded_model_needs_no_transformers_and_keeps_no_copy_of_i
     """A worker's load (after `make`'s one-time preparation) imports no transformers (2-7 s of start-up
     each) and reads the weights from the GGUF: the prepared folder holds no weights file."""
     import subprocess
-    import sys
 
+    from rotary.completion.rpc.launch import python_command
     from rotary.models.loader import resolve_model_dir
 
     folder = resolve_model_dir(None)
     assert not [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
     code = ("import sys; from rotary.models.loader import load_model; from rotary.models.runner import ModelRunner; "
             "r = ModelRunner(load_model(None)); print(r.path, 'transformers' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(python_command("-c", code), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["own", "False"]

@@ -83,9 +83,9 @@ def test_auto_takes_the_fastest_form_below_the_peers_deviation_and_says_so(tmp_p
     slower than any other allowed; with a bound nothing else meets, it takes exact. choose_once keeps the
     answer: a second load does not measure again."""
     import rotary.models.precision as precision_module
-    from tests.conftest import rotary_model
+    from tests.conftest import rotary_model, rotary_runner
 
-    loaded = rotary_model()
+    loaded, fingerprint = rotary_model(), rotary_runner().fingerprint
     model = loaded.model
     assert model.precision == "exact"  # the session's model: the test packs copies only (choose does)
     choice = choose(model, 1, loaded.blocks)
@@ -97,9 +97,9 @@ def test_auto_takes_the_fastest_form_below_the_peers_deviation_and_says_so(tmp_p
     assert choose(model, 1, loaded.blocks).precision == "exact"
     monkeypatch.undo()
 
-    first = choose_once(model, 1, loaded.fingerprint, tmp_path, loaded.blocks)
+    first = choose_once(model, 1, fingerprint, tmp_path, loaded.blocks)
     monkeypatch.setattr(precision_module, "choose", lambda *a, **k: pytest.fail("measured again"))
-    again = choose_once(model, 1, loaded.fingerprint, tmp_path, loaded.blocks)
+    again = choose_once(model, 1, fingerprint, tmp_path, loaded.blocks)
     assert again.precision == first.precision and "measured once on this machine" in again.reason
     assert model.precision == "exact" and isinstance(model.layers[0].wqkv, torch.Tensor)
 
