@@ -6,7 +6,7 @@ DocumentKV (`pinned`, `dirty`, `refresh_position`; tests/test_owners.py checks i
   `release` unpins it, `discard` drops a cache a failed request may have left half-updated;
 - "bring this document's cache to these ids": `bring_to`, one bounded step at a time (a
   PrefillStep each), reusing what the cache's reuse allows (Reuse: edit-aware PIE, prefix, none),
-  recording small encodes as a DeferredForward for the scheduler to batch (cache/deferred.py),
+  deferring small encodes (a DeferredForward) for the scheduler to batch (cache/deferred.py),
   then re-encoding stale tokens in the window before the cursor;
 - staleness and refresh: `background_step` refreshes stale documents chunk by chunk when the
   worker is idle (or a document is over its stale budget), most recently used first;

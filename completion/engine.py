@@ -35,7 +35,7 @@ from .request import DEFAULT_MAX_TOKENS, Chunk, CompletionOptions, CompletionSta
 from .rpc.wire import NO_CACHE
 from .sampling import Sampler
 from .scheduler import Job, Scheduler
-from .steps import REUSE, ModelSteps
+from .steps import ModelSteps, reuse_of
 from .stops import StopRules
 from .verdict import Gate
 
@@ -255,7 +255,7 @@ class CompletionEngine:
         once (benchmarks and tests that set up a cache by hand); the logits after the last id."""
         stats = CompletionStats(context_tokens=len(ids))
         logits = self.scheduler.run_exclusive(
-            lambda: self.kv_manager.bring_to_now(entry, ids, stats, REUSE[options.cache_mode], options.refresh_window)
+            lambda: self.kv_manager.bring_to_now(entry, ids, stats, reuse_of(options.cache_mode), options.refresh_window)
         )
         return logits, stats
 

@@ -42,6 +42,11 @@ CONFLICT = "conflict"  # besides the contract's cache modes (rpc/wire.py): PIE w
 REUSE = {EDIT_AWARE: Reuse.EDIT_AWARE, CONFLICT: Reuse.NO_ROTATION, PREFIX: Reuse.PREFIX, NO_CACHE: Reuse.NOTHING}
 
 
+def reuse_of(cache_mode: str) -> Reuse:
+    assert cache_mode in REUSE, f"cache mode {cache_mode!r} is not one of {sorted(REUSE)}"
+    return REUSE[cache_mode]
+
+
 class ModelSteps:
     """The scheduler's steps (scheduler.Steps) on one runner and one KV manager."""
 
@@ -62,7 +67,7 @@ class ModelSteps:
         fold = not job.generation.early_exit
         options = job.options
         logits = yield from self.kv_manager.bring_to(
-            job.entry, job.prompt.ids, job.stats, REUSE[options.cache_mode], options.refresh_window, feed_last=not fold
+            job.entry, job.prompt.ids, job.stats, reuse_of(options.cache_mode), options.refresh_window, feed_last=not fold
         )
         if fold:
             job.generation.start_unfed(job.prompt.ids[-1])
