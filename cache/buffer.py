@@ -297,7 +297,7 @@ class KVBuffer:
         end = max((e for _, e, _ in segments), default=0)
         shift_keys(self.kv[:, 0:1, :, : max(end, self.length)], segments, inv_freq, convention)
 
-    # -- checks -------------------------------------------------------------
+    # -- checks, and the record of a batched write -------------------------------
 
     def layer_range(self, layers: range | None) -> range:
         """`layers` checked against the model's (None: all of them)."""
