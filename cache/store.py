@@ -48,7 +48,7 @@ STALE_TMP_S = 3600.0  # half-written snapshot files of processes that died are r
 
 @dataclass(eq=False)  # found in a list by identity
 class _Write:
-    """A snapshot handed to the writer thread; `cancelled` when its document was dropped meanwhile."""
+    """A snapshot handed to the writer thread; `cancelled` when its document was closed meanwhile (drop)."""
 
     uri: str
     buffer: KVBuffer
@@ -62,8 +62,6 @@ class DocumentKV:
     dirty: bool = True  # changed since its snapshot was written
     refresh_position: int | None = None  # a background refresh in progress re-encodes from here
     pinned: bool = False  # a request holds it: not evicted, not copied for a snapshot
-    # The store's own: its document was closed, so no snapshot of it may be written any more.
-    dropped: bool = False
 
     @property
     def tokens(self) -> DocumentTokens:
@@ -165,9 +163,7 @@ class KVStore:
         """Forget a document's cache, its snapshot included (it was closed): a snapshot of it handed
         to the writer and not yet written is cancelled, one being written is unlinked once it is."""
         with self._lock:
-            entry = self._docs.pop(uri, None)
-            if entry is not None:
-                entry.dropped = True  # a copy of it taken for a snapshot just now is not queued
+            self._docs.pop(uri, None)  # a copy of it taken for a snapshot just now is not queued (write_later)
             for write in self._pending.pop(uri, ()):
                 write.cancelled = True
         if self.spill_dir is not None:
@@ -208,13 +204,16 @@ class KVStore:
         while self._writes.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def write_later(self, uri: str, buffer: KVBuffer, entry: DocumentKV) -> None:
-        """Hand `buffer` (a copy of `entry`'s, or the evicted buffer itself) to the writer thread,
-        unless `entry`'s document was closed meanwhile."""
+    def write_later(self, uri: str, copy: KVBuffer, entry: DocumentKV) -> None:
+        """Hand `copy` (of `entry`'s buffer, taken by the KV manager) to the writer thread, unless the
+        document's cache is no longer `entry`: closed (drop), forgotten or replaced while it was copied."""
+        with self._lock:
+            if self._docs.get(uri) is entry:
+                self._queue_write(uri, copy)
+
+    def _queue_write(self, uri: str, buffer: KVBuffer) -> None:
         write = _Write(uri, buffer)
         with self._lock:
-            if entry.dropped:  # closed while its copy was taken
-                return
             self._pending.setdefault(uri, []).append(write)
         self._writes.put(write)
         if self._writer is None or not self._writer.is_alive():
@@ -302,7 +301,7 @@ class KVStore:
                 continue
             self.counters["spilled"] += 1
             if entry.dirty:
-                self.write_later(victim, entry.buffer, entry)  # no one else holds it now: written as it is
+                self._queue_write(victim, entry.buffer)  # no one else holds it now: written as it is
 
     def _victim(self) -> str | None:
         """The least recently used unpinned cache of the owner holding the most bytes (of any, without owners)."""

@@ -30,8 +30,6 @@ OWNERS = {
     "pinned": "cache/manager.py",
     "dirty": "cache/manager.py",
     "refresh_position": "cache/manager.py",
-    # the store's own bookkeeping for its writer thread: a closed document's snapshot is never written
-    "dropped": "cache/store.py",
     # a KVBuffer's ids and fill depths change with its tensors, through its methods
     "filled": "cache/buffer.py",
     "tokens": "cache/buffer.py",
@@ -91,13 +89,13 @@ def test_the_scan_sees_every_kind_of_write():
         "job.entry.pinned = False\n"
         "entry.refresh_position += 64\n"
         "a.state, b.steps = 1, 2\n"
-        "setattr(entry, 'dropped', True)\n"
+        "setattr(entry, 'pinned', True)\n"
         "del buffer.filled\n"
         "self.tokens = []\n"  # an object's own attribute: not another's
         "print(entry.dirty)\n"  # a read
     )
     assert writes(mutated) == [
-        ("dirty", 1), ("pinned", 2), ("refresh_position", 3), ("state", 4), ("steps", 4), ("dropped", 5), ("filled", 6),
+        ("dirty", 1), ("pinned", 2), ("refresh_position", 3), ("state", 4), ("steps", 4), ("pinned", 5), ("filled", 6),
     ]
 
 

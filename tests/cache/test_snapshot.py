@@ -235,3 +235,28 @@ def test_over_the_budget_the_session_holding_most_spills_first(tmp_path):
     for i, key in enumerate(a):
         plain.put(key, DocumentKV(buffer=make_buffer(8, seed=10 + i)))
     assert b1 not in [key for key, _ in plain.items()]
+
+
+def test_a_copy_taken_while_the_document_closes_is_never_written(tmp_path):
+    """The model thread copies a cache for its snapshot (KVManager.snapshot_one) while a gRPC thread
+    closes the document (drop): the copy handed over after the close is not written, nor one of a
+    cache forgotten or replaced meanwhile (the store writes a copy only of the cache it still holds).
+    Checked by mutation (by hand, then put back): with KVStore.write_later queueing every copy, three
+    snapshots more are written and this test fails."""
+    store = KVStore(spill_dir=tmp_path, identity="m", layout=LAYOUT)
+    for uri, after_copy in (
+        ("file:///closed.py", store.drop),
+        ("file:///forgotten.py", store.forget),
+        ("file:///replaced.py", lambda uri: store.put(uri, DocumentKV(buffer=make_buffer(4, seed=3)))),
+    ):
+        entry = DocumentKV(buffer=make_buffer(4))
+        store.put(uri, entry)
+        copy = KVBuffer.from_kv(entry.buffer.used().clone(), DocumentTokens(entry.tokens.token_ids))
+        after_copy(uri)
+        store.write_later(uri, copy, entry)
+    kept = DocumentKV(buffer=make_buffer(4, seed=4))
+    store.put("file:///kept.py", kept)
+    store.write_later("file:///kept.py", KVBuffer.from_kv(kept.buffer.used().clone(), DocumentTokens(kept.tokens.token_ids)), kept)
+    store.flush()
+    assert store.counters["snapshots_written"] == 1 and store.snapshot_path("file:///kept.py").exists()
+    assert not any(store.snapshot_path(f"file:///{name}.py").exists() for name in ("closed", "forgotten", "replaced"))
