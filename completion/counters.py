@@ -27,9 +27,14 @@ class WorkerCounters:
     def __getitem__(self, key: str) -> int:
         return self._counts[key]
 
-    def count(self, key: str, n: int = 1) -> None:
+    def count(self, key: str) -> None:
+        self.add(**{key: 1})
+
+    def add(self, **amounts: int) -> None:
+        """Several counters moved together (a reader never sees one without the others)."""
         with self._lock:
-            self._counts[key] += n
+            for key, n in amounts.items():
+                self._counts[key] += n
 
     def record(self, chunk: Chunk) -> None:
         """A completion's last chunk: its outcome, its stats, its latency."""

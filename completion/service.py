@@ -174,8 +174,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                     if key_session(key) == session:
                         self.engine.kv_store.forget(key)
                 self.engine.forget_session(session)
-            self.counters.count("sessions_expired")
-            self.counters.count("documents_expired", open_before)
+            self.counters.add(sessions_expired=1, documents_expired=open_before)
             log.info("session %s silent for over %.0f s: %d documents dropped", session[:8], self.session_lease_s, open_before)
         return expired
 
