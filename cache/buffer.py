@@ -6,12 +6,17 @@ whose K/V it holds (a DocumentTokens, with their staleness), and per layer a fil
 `filled[l]` leading positions hold valid K/V in layer l. A token that exited early at
 layer k is recorded (its id is held) with layers k.. left unfilled until `fill` runs them.
 
-The invariant "these ids and these tensors describe the same text" is kept here and
-nowhere else: every change goes through a method that moves both (`extend`, `fill`,
-`rollback`, `apply`, `refresh`, and `extend_batch` for several documents at once). The
-model is reached only through a `Forward` callable (models/batch.py's Batch, as keywords), so
-cache/ never imports models/. The buffer owns its capacity: it reserves room before every
-forward, which only writes slots.
+The invariant "these ids and these tensors describe the same text" is kept here: every
+change goes through a method that moves both (`extend`, `fill`, `rollback`, `apply`,
+`refresh`, and `extend_batch` for several documents at once). One exception is made on
+purpose and kept visible: `apply` and `refresh` given a DeferredForward (cache/deferred.py)
+move the ids at once and leave the K/V to be written when the deferred forward runs; the
+KV manager (cache/manager.py) keeps it with the request until the scheduler runs it, before
+anything reads the buffer. The model is reached only through a `Forward` callable
+(models/batch.py's Batch, as keywords), so cache/ never imports models/. The buffer owns its
+capacity: it reserves room before every forward, which only writes slots. Which document a
+buffer belongs to, whether it is pinned, stale or changed since its snapshot is not kept here
+(cache/store.py holds the buffers, cache/manager.py their flags).
 
 Costs. Appending writes the new slots only (no copy of the cache per token). Capacity grows
 by half again, in whole chunks, so growth is amortised O(1) per token. `rollback` is O(1) on
@@ -128,19 +133,6 @@ class KVBuffer:
         """Bytes held (the whole capacity)."""
         return self.kv.nbytes
 
-    def keys(self) -> torch.Tensor:
-        """The stacked keys of every layer, [layers, 1, kv_heads, length, head_dim]: a view, for shift_keys.
-
-        kernels/rope_shift.py's shift_keys takes exactly this layout ([layers, batch, kv_heads, seq,
-        head_dim], the K/V axis sliced to keys as a batch of one), so one call re-rotates all layers.
-        Valid until the buffer next grows.
-        """
-        return self.kv[:, 0:1, :, : self.length]
-
-    def values(self) -> torch.Tensor:
-        """The stacked values, [layers, 1, kv_heads, length, head_dim] (a view)."""
-        return self.kv[:, 1:2, :, : self.length]
-
     # -- capacity ---------------------------------------------------------
 
     @torch.inference_mode()
@@ -152,13 +144,6 @@ class KVBuffer:
         used = max(self.filled)
         grown[:, :, :, :used].copy_(self.kv[:, :, :, :used])
         self.kv = grown
-
-    @torch.inference_mode()
-    def shrink_to_fit(self) -> None:
-        """Give back the capacity past the tokens held (rounded up to a chunk), e.g. for an idle document."""
-        size = _round_up(max(self.filled), self.chunk)
-        if size < self.capacity:
-            self.kv = self.kv[:, :, :, :size].clone()
 
     def _allocate(self, capacity: int) -> torch.Tensor:
         shape = (self.num_layers, 2, self.kv_heads, capacity, self.head_dim)
@@ -185,14 +170,14 @@ class KVBuffer:
         """
         ids = [int(i) for i in ids]
         assert ids, "extend needs at least one token"
-        layers = self._layers(layers)
+        layers = self.layer_range(layers)
         assert layers.start == 0, "extend starts at layer 0; use fill() to complete later layers"
         step = chunk or len(ids)
         out = None
         for first in range(0, len(ids), step):
             piece = ids[first : first + step]
             start = self.length
-            self._check_depth(layers, start)
+            self.check_depth(layers, start)
             self.reserve(start + len(piece))
             out = forward(
                 ids=torch.tensor([piece], device=self.device), caches=[self], starts=[start],
@@ -207,10 +192,10 @@ class KVBuffer:
         left unfilled there. `forward` runs those layers from their hidden state (what the slice
         returned: Transformer.slice(layers, hidden)); it gets no ids.
         """
-        layers = self._layers(layers)
+        layers = self.layer_range(layers)
         start = self.filled[layers.start]
         assert start + count <= self.length, f"fill of {count} positions from {start} runs past {self.length} tokens"
-        self._check_depth(layers, start)
+        self.check_depth(layers, start)
         out = forward(caches=[self], starts=[start], lengths=[count], logits=logits)
         self._mark_filled(layers, start + count)
         return out
@@ -307,29 +292,21 @@ class KVBuffer:
         new = torch.cat([torch.arange(n, n + e - s) for s, e, n in moves]).to(self.device)
         self.kv.index_copy_(3, new, self.kv.index_select(3, old))
 
-    @torch.inference_mode()
-    def gather(self, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """A copy of the K/V at `positions`, [layers, 2, kv_heads, n, head_dim]."""
-        return self.kv.index_select(3, torch.as_tensor(positions, dtype=torch.long, device=self.device))
-
-    @torch.inference_mode()
-    def scatter(self, positions: Sequence[int] | torch.Tensor, kv: torch.Tensor) -> None:
-        """Write kv [layers, 2, kv_heads, n, head_dim] into slots `positions` (bookkeeping is the caller's)."""
-        self.kv.index_copy_(3, torch.as_tensor(positions, dtype=torch.long, device=self.device), kv)
-
     def rotate(self, segments: Sequence[tuple[int, int, int]], inv_freq: torch.Tensor, convention: str = "half") -> None:
         """Re-rotate the keys of slots [start, end) by delta positions, every layer in one shift_keys call."""
         end = max((e for _, e, _ in segments), default=0)
         shift_keys(self.kv[:, 0:1, :, : max(end, self.length)], segments, inv_freq, convention)
 
-    # -- checks -------------------------------------------------------------
+    # -- checks, and the record of a batched write -------------------------------
 
-    def _layers(self, layers: range | None) -> range:
+    def layer_range(self, layers: range | None) -> range:
+        """`layers` checked against the model's (None: all of them)."""
         layers = range(self.num_layers) if layers is None else layers
         assert layers.step == 1 and 0 <= layers.start < layers.stop <= self.num_layers, f"bad layer range {layers}"
         return layers
 
-    def _check_depth(self, layers: range, start: int) -> None:
+    def check_depth(self, layers: range, start: int) -> None:
+        """Every layer in `layers` holds exactly `start` positions: a forward writing from `start` may run them."""
         for layer in layers:
             assert self.filled[layer] == start, (
                 f"layer {layer} holds {self.filled[layer]} positions, not {start}: "
@@ -340,6 +317,12 @@ class KVBuffer:
         for layer in layers:
             self.filled[layer] = end
 
+    def written(self, ids: Sequence[int], layers: range) -> None:
+        """A batched forward (extend_batch) wrote the K/V of `ids` after the tokens held, in `layers`: hold them."""
+        start = self.length
+        self.tokens.append(ids)
+        self._mark_filled(layers, start + len(ids))
+
 
 def extend_batch(
     buffers: Sequence[KVBuffer],
@@ -348,7 +331,7 @@ def extend_batch(
     *,
     layers: range | None = None,
     logits: str | None = "last",
-    riders: Sequence[DeferredForward] = (),
+    writes: Sequence[tuple[KVBuffer, int, list[int]]] = (),
 ) -> Any:
     """`extend` for several documents in one batched forward: row b appends ids[b] to buffers[b].
 
@@ -356,100 +339,38 @@ def extend_batch(
     runs only the real tokens (the padding writes no K/V). logits="last" gives each row's last real
     token, [B, vocab]; "all" gives [B, S, vocab] with padded positions zero.
 
-    riders: recorded encoding (see DeferredForward, each `can_ride`) of these or other buffers, run in
-    the same forward as extra rows that only write K/V; the new rows see their K/V exactly as if they
-    had run first (every layer writes all rows' K/V before any row attends). Their logits are not
-    computed. A prefill's few edited tokens then cost a few rows of a decoding round, not a forward.
+    writes: (buffer, first slot, ids) rows that only write K/V at slots the buffer's ids already
+    cover (a deferred forward's calls, cache/deferred.py), run in the same forward before the new
+    rows; the new rows see their K/V exactly as if they had run first (every layer writes all rows'
+    K/V before any row attends). Their logits are not computed.
     """
     assert len(buffers) == len(ids) and buffers, "one list of ids per buffer"
     assert len({id(b) for b in buffers}) == len(buffers), "a buffer appears twice in one batch"
     rows = [[int(i) for i in row] for row in ids]
     assert all(rows), "every row needs at least one token"
-    layers = buffers[0]._layers(layers)
+    layers = buffers[0].layer_range(layers)
     assert layers.start == 0
     starts = [b.length for b in buffers]
     for buffer, start in zip(buffers, starts):
-        buffer._check_depth(layers, start)
-    calls = [call for rider in riders for call in rider.calls]
-    assert not calls or (layers == range(buffers[0].num_layers) and logits == "all")
-    for rider in riders:
-        assert can_ride(rider), "recorded calls that overlap or go backwards must run in their own forwards"
-        buffer, start, row = rider.calls[-1]
-        assert start + len(row) <= buffer.length, "recorded calls are inside the buffer's ids"
-    padded, lengths = _padded([row for _, _, row in calls] + rows, buffers[0].device)
-    caches = [buffer for buffer, _, _ in calls] + list(buffers)
-    all_starts = [start for _, start, _ in calls] + starts
+        buffer.check_depth(layers, start)
+    assert not writes or (layers == range(buffers[0].num_layers) and logits == "all")
+    for buffer, start, row in writes:
+        assert start + len(row) <= buffer.length, "a K/V-only row writes inside the buffer's ids"
+    padded, lengths = padded_rows([row for _, _, row in writes] + rows, buffers[0].device)
+    caches = [buffer for buffer, _, _ in writes] + list(buffers)
+    all_starts = [start for _, start, _ in writes] + starts
     for cache, start in zip(caches, all_starts):
         cache.reserve(start + padded.shape[1])
     out = forward(
         ids=padded, caches=caches, starts=all_starts, lengths=lengths, logits=logits,
-        **({"logit_rows": range(len(calls), len(calls) + len(rows))} if calls else {}),
+        **({"logit_rows": range(len(writes), len(writes) + len(rows))} if writes else {}),
     )
-    for rider in riders:
-        rider.calls.clear()
-    for buffer, row, start in zip(buffers, rows, starts):
-        buffer.tokens.append(row)
-        buffer._mark_filled(layers, start + len(row))
+    for buffer, row in zip(buffers, rows):
+        buffer.written(row, layers)
     return out
 
 
-class DeferredForward:
-    """A `Forward` that records the calls of one buffer's `apply` or `refresh` instead of running them.
-
-    Those calls only write K/V (their logits are not used), so they may run later, as long as they
-    run in order and before anything reads the buffer: `run_deferred` then runs them, batched with
-    other documents' (one request's edited tokens are a few tokens, whose forward alone costs
-    nearly as much as twenty documents' together). Until then the buffer's ids are ahead of its K/V.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[KVBuffer, int, list[int]]] = []  # (buffer, first slot, ids), in call order
-
-    def __call__(self, *, caches, starts, lengths=None, ids=None, logits=None, logit_rows=None):
-        assert ids is not None and lengths is None and logit_rows is None and len(caches) == 1
-        self.calls.append((caches[0], int(starts[0]), [int(i) for i in ids.reshape(-1)]))
-        return None
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(ids) for _, _, ids in self.calls)
-
-    def merge(self, later: DeferredForward) -> None:
-        """Take `later`'s calls (of the same buffer, recorded after these) after this one's."""
-        assert not later.calls or not self.calls or later.calls[0][0] is self.calls[0][0], "one buffer per recorder"
-        self.calls.extend(later.calls)
-        later.calls = []
-
-
-def can_ride(recorded: DeferredForward) -> bool:
-    """Whether recorded calls may run as rows of one forward and give what running them in order gives.
-
-    In one forward each row attends to the K/V every row wrote in the same layer. Calls in order
-    that go strictly forward through the document (each starts past the previous one's end) only
-    attend to what earlier calls wrote, as in order; a call at or before an earlier one would see
-    that call's tokens already changed (or write the same slots twice).
-    """
-    ends = [(start, start + len(ids)) for _, start, ids in recorded.calls]
-    return all(prev_end <= start for (_, prev_end), (start, _) in zip(ends, ends[1:]))
-
-
-def run_deferred(recorded: Sequence[DeferredForward], forward: Forward) -> None:
-    """Run the recorded calls of several buffers (one recorder each): the k-th call of every buffer
-    in one batched forward (rows right-padded; the padding writes no K/V), k = 0, 1, ..."""
-    buffers = [r.calls[0][0] for r in recorded if r.calls]
-    assert len({id(b) for b in buffers}) == len(buffers), "a buffer appears twice"
-    for k in range(max((len(r.calls) for r in recorded), default=0)):
-        calls = [r.calls[k] for r in recorded if len(r.calls) > k]
-        padded, lengths = _padded([ids for _, _, ids in calls], calls[0][0].device)
-        caches, starts = [buffer for buffer, _, _ in calls], [start for _, start, _ in calls]
-        for cache, start in zip(caches, starts):
-            cache.reserve(start + padded.shape[1])
-        forward(ids=padded, caches=caches, starts=starts, lengths=lengths, logits=None)
-    for r in recorded:
-        r.calls.clear()
-
-
-def _padded(rows: Sequence[list[int]], device) -> tuple[torch.Tensor, list[int] | None]:
+def padded_rows(rows: Sequence[list[int]], device) -> tuple[torch.Tensor, list[int] | None]:
     """Rows of ids right-padded to the longest, [B, S], and each row's real length (None: all full)."""
     counts = [len(row) for row in rows]
     width = max(counts)

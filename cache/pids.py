@@ -1,7 +1,7 @@
 """Whether a process is still there, by its id.
 
 The KV store asks it of the writers of half-written snapshot files (store.py), the worker of its
-parent (completion/service.py). Plain Python, so the worker's main thread asks it without
+parent (completion/server.py). Plain Python, so the worker's main thread asks it without
 loading torch; in cache/, the lowest package that needs it.
 """
 

@@ -2,7 +2,7 @@
 
 Pure Python on purpose: no torch here, so every decision to keep, shift or encode
 can be tested exactly on lists of ints, without a model (the tensor side lives in
-cache/store.py and kernels/rope_shift.py).
+cache/buffer.py and kernels/rope_shift.py).
 
 Vocabulary. The cache holds K/V for the token ids of the *old* text at positions
 0..n-1. After edits the text is re-tokenized into the *new* ids. An UpdatePlan is
@@ -20,8 +20,8 @@ safe unit of reuse is an equal run of *token ids*.
 Staleness. Positions fix RoPE, not meaning: from layer 1 up, the K/V of a token
 reused after the first edited position were computed while attending to the old
 text. Those tokens are "stale". DocumentTokens tracks them as intervals of new
-positions so that a policy (stale-token budget, refresh of the window before the
-cursor) can decide when to re-encode them.
+positions so that a policy (the KV manager's stale-token budget and refresh of the window
+before the cursor, cache/manager.py) can decide when to re-encode them.
 """
 
 from __future__ import annotations
@@ -163,23 +163,9 @@ class UpdatePlan:
     def tokens_reused(self) -> int:
         return self.tokens_kept + self.tokens_rerotated
 
-    @property
-    def tokens_dropped(self) -> int:
-        """Old positions whose K/V are discarded."""
-        return self.old_length - self.tokens_reused
-
-    @property
-    def is_identity(self) -> bool:
-        """True when the cache is already right: nothing to encode, move or drop."""
-        return self.old_length == self.new_length == self.tokens_kept
-
     def encode_ranges(self) -> list[Interval]:
         """New-position ranges to run through the model, in order."""
         return [(s.new_start, s.new_end) for s in self.segments if s.kind is SegmentKind.ENCODE]
-
-    def shifts_at_old_positions(self) -> list[tuple[int, int, int]]:
-        """(start, end, delta) of every SHIFT, in old positions: rotate before moving K/V."""
-        return [(s.old_start, s.old_end, s.delta) for s in self.segments if s.kind is SegmentKind.SHIFT]
 
     def shifts_at_new_positions(self) -> list[tuple[int, int, int]]:
         """(start, end, delta) of every SHIFT, in new positions: rotate after moving K/V."""
@@ -285,42 +271,6 @@ def _merge_adjacent(segments: list[Segment]) -> list[Segment]:
     return merged
 
 
-def plan_window_slide(cached_length: int, drop: int, appended: int = 0) -> UpdatePlan:
-    """Drop the first `drop` cached positions, shift the rest left, then encode `appended` new tokens.
-
-    This is how a document longer than the model's context keeps the last W tokens
-    before the cursor: the survivors are one SHIFT by -drop, the same re-rotation an
-    edit needs. A slide makes nothing stale in our accounting: the survivors' K/V
-    still describe the true text before them (more of it than a fresh encode of the
-    window would see), only their positions change.
-    """
-    assert 0 <= drop <= cached_length, f"cannot drop {drop} of {cached_length} cached tokens"
-    assert appended >= 0
-    segments: list[Segment] = []
-    if drop < cached_length:
-        segments.append(Segment.reuse(drop, cached_length, 0))
-    kept = cached_length - drop
-    if appended:
-        segments.append(Segment.encode(kept, kept + appended))
-    return UpdatePlan(old_length=cached_length, new_length=kept + appended, segments=tuple(segments), stale_from=None)
-
-
-def tokens_to_drop(cached_length: int, incoming: int, window: int, *, hop: int = 1) -> int:
-    """How many leading cached tokens to drop so that `incoming` more fit in `window`.
-
-    Rounded up to a multiple of `hop` (capped at `cached_length`): sliding by a
-    larger hop re-rotates the cache once per hop tokens instead of on every
-    keystroke. If `incoming` alone exceeds the window the whole cache goes and the
-    caller must keep only the last `window` incoming tokens.
-    """
-    assert window > 0 and hop > 0 and cached_length >= 0 and incoming >= 0
-    overflow = cached_length + incoming - window
-    if overflow <= 0:
-        return 0
-    rounded = -(-overflow // hop) * hop
-    return min(rounded, cached_length)
-
-
 # ---------------------------------------------------------------------------
 # Per-document state
 
@@ -330,8 +280,8 @@ class DocumentTokens:
 
     Positions are cache positions 0..len-1. Stale positions are kept as sorted,
     disjoint, half-open intervals. The object changes only through apply() (or the
-    update() / slide_window() shorthands) and mark_refreshed(), so an executor that
-    fails half-way through a plan can simply not apply it.
+    append() / truncate()) and mark_refreshed(), so an executor that fails half-way
+    through a plan can simply not apply it.
     """
 
     def __init__(self, token_ids: Iterable[int] = (), *, stale: Iterable[Interval] = ()):
@@ -356,9 +306,6 @@ class DocumentTokens:
     @property
     def stale_count(self) -> int:
         return sum(end - start for start, end in self._stale)
-
-    def is_stale(self, position: int) -> bool:
-        return any(start <= position < end for start, end in self._stale)
 
     def plan(self, new_ids: Sequence[int], *, min_match: int = DEFAULT_MIN_MATCH) -> UpdatePlan:
         """What it takes to bring the cache to `new_ids` (does not change this object)."""
@@ -385,12 +332,6 @@ class DocumentTokens:
         self._ids = new_ids
         self._stale = _normalize(carried + plan.newly_stale_intervals())
 
-    def update(self, new_ids: Sequence[int], *, min_match: int = DEFAULT_MIN_MATCH) -> UpdatePlan:
-        """plan() and apply() in one step, for callers that cannot fail in between."""
-        plan = self.plan(new_ids, min_match=min_match)
-        self.apply(plan, new_ids)
-        return plan
-
     def append(self, new_ids: Sequence[int]) -> None:
         """Record tokens encoded right after the cached ones (decoding): fresh, nothing moves."""
         self._ids = self._ids + tuple(new_ids)
@@ -401,12 +342,6 @@ class DocumentTokens:
         if length < len(self._ids):
             self._stale = _subtract(self._stale, (length, len(self._ids)))
             self._ids = self._ids[:length]
-
-    def slide_window(self, drop: int, appended_ids: Sequence[int] = ()) -> UpdatePlan:
-        """Drop `drop` leading tokens, append `appended_ids`, and return the plan to execute."""
-        plan = plan_window_slide(len(self._ids), drop, len(appended_ids))
-        self.apply(plan, self._ids[drop:] + tuple(appended_ids))
-        return plan
 
     def mark_refreshed(self, start: int, end: int) -> None:
         """Positions [start, end) were re-encoded against the current text: no longer stale.
@@ -428,9 +363,6 @@ class DocumentTokens:
         if not inside:
             return None
         return inside[0][0], inside[-1][1]
-
-    def stale_count_in(self, start: int, end: int) -> int:
-        return sum(e - s for s, e in _intersect(self._stale, [(start, end)]))
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Which K/V belong to which document: per-document caches under a memory budget, spilled to disk.
 
 cache/ owns every KV byte. A DocumentKV is one document's KVBuffer (token ids and K/V,
-changed only together) plus what the store needs: changed since its snapshot (dirty),
-an idle refresh in progress, and whether a request holds it right now (pinned).
+changed only together) plus its flags: changed since its snapshot (dirty), an idle refresh
+in progress, and whether a request holds it right now (pinned). The store reads the flags
+(an unpinned cache may be evicted, a dirty one is written when it is); the KV manager
+(cache/manager.py) alone sets them, under the store's `lock` where eviction could see them
+change (tests/test_owners.py checks it).
 
 The store maps documents to them under a byte budget: the least recently used unpinned
 documents spill to disk as snapshots and come back from there without re-encoding. With
@@ -45,7 +48,7 @@ STALE_TMP_S = 3600.0  # half-written snapshot files of processes that died are r
 
 @dataclass(eq=False)  # found in a list by identity
 class _Write:
-    """A snapshot handed to the writer thread; `cancelled` when its document was dropped meanwhile."""
+    """A snapshot handed to the writer thread; `cancelled` when its document was closed meanwhile (drop)."""
 
     uri: str
     buffer: KVBuffer
@@ -55,10 +58,10 @@ class _Write:
 @dataclass
 class DocumentKV:
     buffer: KVBuffer
+    # The flags, set by the KV manager (cache/manager.py) only:
     dirty: bool = True  # changed since its snapshot was written
     refresh_position: int | None = None  # a background refresh in progress re-encodes from here
     pinned: bool = False  # a request holds it: not evicted, not copied for a snapshot
-    dropped: bool = False  # its document was closed: no snapshot of it may be written any more
 
     @property
     def tokens(self) -> DocumentTokens:
@@ -127,14 +130,18 @@ class KVStore:
             self._docs.move_to_end(uri)
         return entry
 
-    def acquire(self, uri: str, create: Callable[[], KVBuffer]) -> DocumentKV:
-        """Pin the document's cache for a request (creating an empty one); release() when done."""
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the mapping changes or eviction reads the flags: the KV manager pins and unpins under it."""
+        return self._lock
+
+    def get_or_create(self, uri: str, create: Callable[[], KVBuffer]) -> DocumentKV:
+        """The document's cache (an empty one created), most recently used (the KV manager pins it)."""
         with self._lock:
             entry = self._docs.get(uri)
             if entry is None:
                 entry = self._docs[uri] = DocumentKV(buffer=create())
             self._docs.move_to_end(uri)
-            entry.pinned = True
             return entry
 
     def put(self, uri: str, entry: DocumentKV) -> None:
@@ -144,10 +151,10 @@ class KVStore:
             self._docs.move_to_end(uri)
             self._evict_over_budget()
 
-    def release(self, uri: str, entry: DocumentKV) -> None:
-        """A request is done with the cache: keep it, unless the document was closed meanwhile."""
+    def keep(self, uri: str, entry: DocumentKV) -> None:
+        """A request is done with the cache (the KV manager unpinned it): keep it, most recently used,
+        unless the document was closed meanwhile; spill what is over the budget."""
         with self._lock:
-            entry.pinned = False
             if self._docs.get(uri) is entry:
                 self._docs.move_to_end(uri)
                 self._evict_over_budget()
@@ -156,9 +163,7 @@ class KVStore:
         """Forget a document's cache, its snapshot included (it was closed): a snapshot of it handed
         to the writer and not yet written is cancelled, one being written is unlinked once it is."""
         with self._lock:
-            entry = self._docs.pop(uri, None)
-            if entry is not None:
-                entry.dropped = True  # a copy of it taken for a snapshot just now is not queued
+            self._docs.pop(uri, None)  # a copy of it taken for a snapshot just now is not queued (write_later)
             for write in self._pending.pop(uri, ()):
                 write.cancelled = True
         if self.spill_dir is not None:
@@ -189,18 +194,9 @@ class KVStore:
         assert self.spill_dir is not None
         return self.spill_dir / (hashlib.sha256(uri.encode()).hexdigest()[:32] + ".msgpack")
 
-    def snapshot_one_dirty(self) -> str | None:
-        """Model thread: copy one changed, unpinned cache and hand it to the writer; return its uri, or None."""
-        if self.spill_dir is None or time.monotonic() < self._paused_until:
-            return None
-        for uri, entry in self.items():
-            if entry.dirty and not entry.pinned and entry.buffer.length and entry.buffer.is_complete():
-                copy = KVBuffer.from_kv(entry.buffer.used().clone(), DocumentTokens(
-                    entry.tokens.token_ids, stale=entry.tokens.stale_intervals))
-                entry.dirty = False
-                self._write_later(uri, copy, entry)
-                return uri
-        return None
+    def takes_snapshots(self) -> bool:
+        """Whether a snapshot handed over now would be written (a folder is set, writing is not paused)."""
+        return self.spill_dir is not None and time.monotonic() >= self._paused_until
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every snapshot handed to the writer is on disk (shutdown)."""
@@ -208,11 +204,16 @@ class KVStore:
         while self._writes.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _write_later(self, uri: str, buffer: KVBuffer, entry: DocumentKV) -> None:
+    def write_later(self, uri: str, copy: KVBuffer, entry: DocumentKV) -> None:
+        """Hand `copy` (of `entry`'s buffer, taken by the KV manager) to the writer thread, unless the
+        document's cache is no longer `entry`: closed (drop), forgotten or replaced while it was copied."""
+        with self._lock:
+            if self._docs.get(uri) is entry:
+                self._queue_write(uri, copy)
+
+    def _queue_write(self, uri: str, buffer: KVBuffer) -> None:
         write = _Write(uri, buffer)
         with self._lock:
-            if entry.dropped:  # closed while its copy was taken
-                return
             self._pending.setdefault(uri, []).append(write)
         self._writes.put(write)
         if self._writer is None or not self._writer.is_alive():
@@ -300,7 +301,7 @@ class KVStore:
                 continue
             self.counters["spilled"] += 1
             if entry.dirty:
-                self._write_later(victim, entry.buffer, entry)  # no one else holds it now: written as it is
+                self._queue_write(victim, entry.buffer)  # no one else holds it now: written as it is
 
     def _victim(self) -> str | None:
         """The least recently used unpinned cache of the owner holding the most bytes (of any, without owners)."""

@@ -124,8 +124,8 @@ class Generation:
         """The pending token and the drafter's guesses (none while healing still constrains the text).
 
         `max_draft`: at most this many guesses this step (the scheduler's share when it batches);
-        `base_tokens`: tokens of this step's forward besides the guesses (every row's pending token, a
-        rider's); `setting`: what the forward runs on (its thread count), for the speculation policy."""
+        `base_tokens`: tokens of this step's forward besides the guesses (every row's pending token, the
+        deferred forwards' tokens); `setting`: what the forward runs on (its thread count), for the speculation policy."""
         if self._unfed_context is not None:
             return [self._unfed_context]  # no guesses: the first token is chosen exactly as start() would
         room = self.max_tokens - len(self.generated)

@@ -1,10 +1,11 @@
-"""The model worker: the gRPC service over documents, caches and the completion engine.
+"""The model worker's servicer: the gRPC methods over documents, caches and the completion engine.
 
 The model loads in a background thread so Health answers at once (with the
 load progress in its message); Complete answers UNAVAILABLE until it is ready.
-Typed document errors map to status codes the daemon acts on. CompleteText serves
-tools that have a text but no document; the standard health and reflection services
-beside rotary.v1.Worker are set up in standard_services.py.
+Typed document errors map to status codes the daemon acts on (convert.py, which also turns
+requests into the engine's options and answers into replies). CompleteText serves tools that
+have a text but no document. The server around the servicer (its call limits, the standard
+health and reflection services, `serve`) is server.py.
 
 Several daemons may share a worker, each a session (its `rotary-session` metadata; none: the
 session ""). What a session keeps is its own: documents, KV caches and their snapshots, CompleteText
@@ -14,39 +15,23 @@ No session's text reaches another's answers, guesses or stats (docs/RELIABILITY.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
-import signal
 import threading
 import time
-from concurrent import futures
-from dataclasses import asdict
 
 import grpc
 
-from rotary.cache.pids import pid_alive
-
-from .documents import (
-    Change,
-    DocumentNotOpen,
-    DocumentStore,
-    DocumentTooLarge,
-    OffsetOutOfRange,
-    ReservedUri,
-    VersionMismatch,
-    check_change_count,
-    key_session,
-    store_key,
-)
+from .convert import STATUS_OF_ERROR, completion_chunk, document_options, test_message, text_options
+from .counters import WorkerCounters
+from .documents import Change, DocumentStore, check_change_count, key_session, store_key
 from .rpc import worker_pb2 as pb
 from .rpc import worker_pb2_grpc as pb_grpc
-from .rpc.access import SESSION_METADATA, WorkerInterceptor, server_credentials, unix_socket_path
-from .rpc.access import is_local_address
-from .rpc.wire import AUTO, CACHE_MODE_BY_WIRE, COMPLETION_MODE_BY_WIRE, EDIT_AWARE, NO_CACHE, text_crc32
-from .standard_services import add_standard_services, report_load
+from .rpc.access import SESSION_METADATA
+from .rpc.wire import text_crc32
+from .streams import StreamLimit, max_streams_setting
 from .text_request import InvalidArgument, cache_uri, check_complete_text
 
 log = logging.getLogger(__name__)
@@ -56,22 +41,6 @@ log = logging.getLogger(__name__)
 # back finds its documents gone (NOT_FOUND) and resends them. The session "" (clients that name
 # none, `rotary complete`) has the same lease.
 SESSION_LEASE_S = 120.0
-# Streaming calls (Complete, CompleteText, GenerateTests, any other service's) served at once; one
-# more gets RESOURCE_EXHAUSTED. Each holds a gRPC thread while it streams: the rest of the pool
-# (RPC_THREADS) stays for the quick calls, and health checks have threads of their own.
-# $ROTARY_MAX_STREAMS overrides the limit.
-MAX_STREAMS = 64
-RPC_THREADS = 128
-HEALTH_METHODS = ("/rotary.v1.Worker/Health", "/grpc.health.v1.Health/Check")
-HEALTH_THREADS = 4
-
-STATUS_OF_ERROR = {
-    DocumentNotOpen: grpc.StatusCode.NOT_FOUND,
-    VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-    OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    DocumentTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ReservedUri: grpc.StatusCode.INVALID_ARGUMENT,
-}
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -100,28 +69,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.load_message = "loading model"
         self.ready = threading.Event()
         self.started = time.time()
-        self.counters = {
-            "completions": 0,
-            "completions_cancelled": 0,
-            "completions_failed": 0,
-            "completions_empty": 0,
-            "completions_abstained": 0,
-            "tokens_generated": 0,
-            "tokens_drafted": 0,
-            "drafts_accepted": 0,
-            "forwards": 0,
-            "tokens_reused": 0,
-            "tokens_encoded": 0,
-            "tokens_rerotated": 0,
-            "stale_refreshed": 0,
-            "edits": 0,
-            "edits_rejected": 0,
-            "tests_generated": 0,
-            "sessions_expired": 0,
-            "documents_expired": 0,
-        }
-        self._latencies_ms: list[float] = []
-        self._counter_lock = threading.Lock()
+        self.counters = WorkerCounters()
 
     # -- model loading -----------------------------------------------------
 
@@ -189,9 +137,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             changes = [Change(c.start, c.end, c.text) for c in request.changes]
             doc = self.documents.edit(request.uri, request.base_version, request.new_version, changes, self._session(context))
         except tuple(STATUS_OF_ERROR) as exc:
-            self._count("edits_rejected")
+            self.counters.count("edits_rejected")
             context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
-        self._count("edits")
+        self.counters.count("edits")
         return pb.DocumentAck(uri=doc.uri, version=doc.version, length=len(doc.text), crc32=text_crc32(doc.text))
 
     def CloseDocument(self, request, context):
@@ -226,9 +174,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                     if key_session(key) == session:
                         self.engine.kv_store.forget(key)
                 self.engine.forget_session(session)
-            with self._counter_lock:
-                self.counters["sessions_expired"] += 1
-                self.counters["documents_expired"] += open_before
+            self.counters.add(sessions_expired=1, documents_expired=open_before)
             log.info("session %s silent for over %.0f s: %d documents dropped", session[:8], self.session_lease_s, open_before)
         return expired
 
@@ -244,16 +190,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"{request.uri}: offset {request.offset} is outside the text of {len(doc.text)} characters",
             )
-        from .engine import CompletionOptions
-
-        opts = request.options
-        options = CompletionOptions(
-            max_tokens=opts.max_tokens,
-            mode=COMPLETION_MODE_BY_WIRE[opts.mode].name if opts.mode in COMPLETION_MODE_BY_WIRE else AUTO,
-            cache_mode=CACHE_MODE_BY_WIRE[opts.cache].name if opts.cache in CACHE_MODE_BY_WIRE else EDIT_AWARE,
-            refresh_window=self.refresh_window,
-            **verdict_options(opts),
-        )
+        options = document_options(request.options, self.refresh_window)
         yield from self._relay(
             context, f"rotary-complete-{request.request_id}", "completion failed",
             lambda cancelled, out: self._run_completion(store_key(session, doc.uri), doc.text, session, request, options, cancelled, out),
@@ -280,21 +217,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         """`key`: the KV store key of the session's cache (None: keep none)."""
         try:
             for chunk in self.engine.complete(key, text, request.offset, options, cancelled.is_set, session=session):
-                if not chunk.done:
-                    chunks.put(pb.CompletionChunk(request_id=request.request_id, text=chunk.text))
-                    continue
-                self._record(chunk)
-                chunks.put(
-                    pb.CompletionChunk(
-                        request_id=request.request_id,
-                        text=chunk.text,
-                        done=True,
-                        stop_reason=chunk.stop_reason,
-                        stats=pb.CompletionStats(**asdict(chunk.stats)),
-                    )
-                )
+                if chunk.done:
+                    self.counters.record(chunk)
+                chunks.put(completion_chunk(request.request_id, chunk))
         except Exception as exc:  # logged here, reported to the caller as INTERNAL
-            self._count("completions_failed")
+            self.counters.count("completions_failed")
             log.exception("completion %s failed", request.request_id)
             chunks.put(exc)
         finally:
@@ -302,7 +229,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def CompleteText(self, request, context):
         """Complete with no document: the text comes in the request (limits in worker.proto)."""
-        from .engine import MAX_TOKENS_LIMIT, CompletionOptions
+        from .engine import MAX_TOKENS_LIMIT
 
         try:
             check_complete_text(request, MAX_TOKENS_LIMIT)
@@ -310,15 +237,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.ready.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, self.load_message)
-        opts = request.options
-        options = CompletionOptions(
-            max_tokens=opts.max_tokens,
-            mode=COMPLETION_MODE_BY_WIRE[opts.mode].name,
-            # Without a cache key nothing is kept: the engine neither reads nor stores a cache.
-            cache_mode=CACHE_MODE_BY_WIRE[opts.cache].name if request.cache_key else NO_CACHE,
-            refresh_window=self.refresh_window,
-            **verdict_options(opts),
-        )
+        options = text_options(request, self.refresh_window)
         # The caller's keys are its session's own: another session's same key is another cache.
         session = self._session(context)
         key = store_key(session, cache_uri(request.cache_key)) if request.cache_key else None
@@ -369,10 +288,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                 seed=request.seed, is_cancelled=cancelled.is_set,
             ):
                 tests.append(test)
-                self._count("tests_generated")
+                self.counters.count("tests_generated")
                 replies.put(pb.GenerateTestsReply(
                     request_id=rid, done_tests=len(tests), total_tests=count,
-                    message=f"test {len(tests)} of {count}: {test.name}", test=_test_message(test, request.explain),
+                    message=f"test {len(tests)} of {count}: {test.name}", test=test_message(test, request.explain),
                     language=focal.language, focal=focal.qualname,
                 ))
             lay = layout(focal)
@@ -409,9 +328,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def stats(self, session: str = "") -> dict:
         """The worker's counters; `session`: whose speculation statistics to show (its own alone)."""
-        with self._counter_lock:
-            counters = dict(self.counters)
-            latencies = sorted(self._latencies_ms)
+        counters, latencies = self.counters.snapshot()
         out = {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
@@ -436,7 +353,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "bytes": store.total_bytes(),
                 "budget_bytes": store.budget_bytes,
                 "stale_tokens": store.stale_tokens(),
-                "background_refreshed": self.engine.background_refreshed,
+                "background_refreshed": self.engine.kv_manager.background_refreshed,
                 "refresh_window": self.refresh_window,
                 **store.counters,
             }
@@ -449,39 +366,17 @@ class WorkerService(pb_grpc.WorkerServicer):
                 "mean_batch": round(scheduler.batched_rows / scheduler.decode_rounds, 2) if scheduler.decode_rounds else None,
                 "batched_rows": scheduler.batched_rows,
                 "prefill_steps": scheduler.prefill_steps,
-                "encode_batches": scheduler.encode_batches,
-                "encode_rows": scheduler.encode_rows,
-                "riders": scheduler.riders,  # recorded prefill steps run as rows of a decoding round
+                "deferred_batches": scheduler.deferred_batches,  # deferred forwards run in forwards of their own
+                "deferred_jobs": scheduler.deferred_jobs,
+                "deferred_in_decode": scheduler.deferred_in_decode,  # deferred forwards run as rows of a decoding round
                 "prefill_s": round(scheduler.prefill_seconds, 2),
                 "decode_s": round(scheduler.decode_seconds, 2),
-                "decode_tokens_fed": self.engine.decode_tokens_fed,
+                "decode_tokens_fed": self.engine.steps.decode_tokens_fed,
             }
             out["speculation"] = self.engine.drafting(session)[1].snapshot()  # how many of this session's guesses pay
         return out
 
     # -- helpers -------------------------------------------------------------
-
-    def _record(self, chunk) -> None:
-        s = chunk.stats
-        with self._counter_lock:
-            key = "completions_cancelled" if chunk.stop_reason == "cancelled" else "completions"
-            self.counters[key] += 1
-            self.counters["tokens_generated"] += s.tokens_generated
-            self.counters["tokens_reused"] += s.tokens_reused
-            self.counters["tokens_encoded"] += s.tokens_encoded
-            self.counters["tokens_rerotated"] += s.tokens_rerotated
-            self.counters["stale_refreshed"] += s.stale_refreshed
-            self.counters["tokens_drafted"] += s.tokens_drafted
-            self.counters["drafts_accepted"] += s.drafts_accepted
-            self.counters["forwards"] += s.forwards
-            if chunk.stop_reason == "abstained":
-                self.counters["completions_abstained"] += 1
-            if chunk.stop_reason != "cancelled":
-                self._latencies_ms = (self._latencies_ms + [s.total_ms])[-1000:]
-
-    def _count(self, key: str) -> None:
-        with self._counter_lock:
-            self.counters[key] += 1
 
     @staticmethod
     def _guard(context, fn, *args):
@@ -489,178 +384,3 @@ class WorkerService(pb_grpc.WorkerServicer):
             return fn(*args)
         except tuple(STATUS_OF_ERROR) as exc:
             context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
-
-
-def max_streams_setting() -> int:
-    """$ROTARY_MAX_STREAMS, else MAX_STREAMS; a value that is not a positive integer stops the worker."""
-    value = os.environ.get("ROTARY_MAX_STREAMS", "").strip()
-    if not value:
-        return MAX_STREAMS
-    if not value.isdigit() or int(value) < 1:
-        raise SystemExit(f"ROTARY_MAX_STREAMS={value!r}: expected a positive whole number of streaming calls")
-    return int(value)
-
-
-class StreamLimit:
-    """How many streaming calls are served at once: at most `limit`, the next refused (counted)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.open = 0
-        self.refused = 0
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def slot(self, context):
-        with self._lock:
-            full = self.open >= self.limit
-            if full:
-                self.refused += 1
-            else:
-                self.open += 1
-        if full:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the worker is serving its limit of {self.limit} streaming calls at once; retry when one ends",
-            )
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.open -= 1
-
-    def stats(self) -> dict:
-        return {"streams_open": self.open, "streams_refused": self.refused, "max_streams": self.limit}
-
-
-class CallLimits(grpc.ServerInterceptor):
-    """Streaming calls within the StreamLimit; health checks on a thread pool of their own, so a
-    worker serving every thread of its main pool still answers them (the daemon restarts a worker
-    whose Health misses its deadline). Outermost: it wraps the handlers the other interceptors made."""
-
-    def __init__(self, streams: StreamLimit, health_pool: futures.ThreadPoolExecutor):
-        self.streams, self.health_pool = streams, health_pool
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None:
-            return handler
-        kind = dict(deserializer=handler.request_deserializer, serializer=handler.response_serializer)
-        if details.method in HEALTH_METHODS and handler.unary_unary is not None:
-            check = handler.unary_unary
-
-            def health(request, context):
-                return check(request, context)
-
-            health.experimental_thread_pool = self.health_pool  # grpc's per-method pool (grpc/_server.py)
-            return grpc.unary_unary_rpc_method_handler(health, kind["deserializer"], kind["serializer"])
-        for make, behavior in (
-            (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
-            (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
-        ):
-            if behavior is not None:
-                return make(self._limited(behavior), kind["deserializer"], kind["serializer"])
-        return handler
-
-    def _limited(self, behavior):
-        def stream(request, context):
-            with self.streams.slot(context):
-                yield from behavior(request, context)
-
-        return stream
-
-
-def _test_message(test, explain: bool) -> pb.GeneratedTest:
-    return pb.GeneratedTest(
-        index=test.index, name=test.name, intent=test.intent, code=test.code, syntax_ok=test.syntax_ok,
-        syntax_error=test.syntax_error or "", stop_reason=test.stop_reason, stats=pb.CompletionStats(**asdict(test.stats)),
-        seconds=test.seconds,
-        drafts=[
-            pb.PatternDraft(source=d.source, pattern=d.pattern, group=d.group, text=d.text, proposed=d.proposed, accepted=d.kept)
-            for d in test.drafts
-        ] if explain else [],
-    )
-
-
-def verdict_options(opts) -> dict:
-    """Abstention, early exit and drafting as the request asks (unset thresholds: the calibrated ones)."""
-    return {
-        "abstain_threshold": opts.abstain_threshold if opts.HasField("abstain_threshold") else None,
-        "early_exit": opts.early_exit,
-        "exit_threshold": opts.exit_threshold if opts.HasField("exit_threshold") else None,
-        "drafter": "none" if opts.plain_decoding else "ngram",
-    }
-
-
-def make_server(
-    service: WorkerService, token: str | None = None, reflection: bool = False, rpc_threads: int | None = None
-) -> tuple[grpc.Server, object]:
-    """The gRPC server of a worker service (no port yet) and its standard health servicer.
-
-    Completion calls wait on the model thread without holding it; at most the service's stream
-    limit of them hold a thread, so the quick calls (Stats, documents) find one among `rpc_threads`
-    (default: RPC_THREADS, at least the limit plus 16), and health checks run on threads of their own."""
-    health_pool = futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="rotary-health")
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=rpc_threads or max(RPC_THREADS, service.streams.limit + 16), thread_name_prefix="rotary-rpc"
-        ),
-        interceptors=[
-            CallLimits(service.streams, health_pool),
-            WorkerInterceptor(token),  # the access token, and a clear error for unparsable requests
-        ],
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
-    )
-    pb_grpc.add_WorkerServicer_to_server(service, server)
-    return server, add_standard_services(server, reflection)
-
-
-def serve(
-    listen: str,
-    model_path: str | None = None,
-    cache_budget_mb: int = 1024,
-    parent_pid: int | None = None,
-    on_bound=None,
-    max_context_tokens: int = 2048,
-    refresh_window: int = 128,
-    stale_budget: int = 1024,
-    reflection: bool | None = None,
-    token: str | None = None,
-    tls: tuple[bytes, bytes] | None = None,
-    session_lease_s: float = SESSION_LEASE_S,
-) -> None:
-    """Serve until interrupted (or until the parent process, when given, is gone).
-
-    `token`: every call but the standard health check must carry it (rpc/access.py); `tls`: a
-    (certificate, key) PEM pair to serve TLS with. The caller checks that a non-local address has both.
-
-    Beside rotary.v1.Worker: grpc.health.v1.Health, and server reflection when `reflection`
-    (None: on for loopback and unix sockets, off elsewhere)."""
-    service = WorkerService(model_path, cache_budget_mb, max_context_tokens, refresh_window, stale_budget, session_lease_s)
-    server, health = make_server(service, token, is_local_address(listen) if reflection is None else reflection)
-    port = server.add_secure_port(listen, server_credentials(*tls)) if tls else server.add_insecure_port(listen)
-    if unix_socket_path(listen):
-        os.chmod(unix_socket_path(listen), 0o600)  # this user alone connects
-    if port == 0 and not listen.startswith("unix:"):
-        raise SystemExit(f"could not listen on {listen}")
-    bound = listen if listen.startswith("unix:") or not listen.endswith(":0") else f"{listen.rsplit(':', 1)[0]}:{port}"
-    server.start()
-    report_load(health, service.load_in_background(), service.ready)
-    stop = threading.Event()
-    # SIGTERM (the daemon stopping its worker) ends the loop below like Ctrl-C, so snapshots get written.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    if on_bound:
-        on_bound(bound)
-    try:
-        while not stop.is_set() and server.wait_for_termination(timeout=1.0):  # True: timed out, still serving
-            if parent_pid and not pid_alive(parent_pid):
-                log.info("parent %s is gone; worker exits", parent_pid)
-                break
-            service.expire_sessions()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop.set()
-        health.enter_graceful_shutdown()
-        server.stop(grace=0.5)
-        service.flush_snapshots()

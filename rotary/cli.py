@@ -50,7 +50,7 @@ def _access(args: argparse.Namespace, listen: str, what: str):
 def cmd_worker(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from rotary.completion.rpc.access import AccessError
-    from rotary.completion.service import serve
+    from rotary.completion.server import serve
 
     try:
         token, tls = _access(args, args.listen, "the worker")

@@ -1,7 +1,7 @@
 """A real worker service without a model, served in the test process: for tests of security, faults and bad input.
 
 `start_worker()` serves the real WorkerService (documents, acks, errors) on the real server
-(service.make_server: its interceptors for the token, request parsing and call limits, its options), but with a stand-in
+(server.make_server: its interceptors for the token, request parsing and call limits, its options), but with a stand-in
 engine that completes every request with FAKE_COMPLETION at once. The service says it is ready,
 so a daemon connects to it as to a loaded worker. No torch is loaded for any of it.
 """
@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 from rotary.completion.rpc import worker_pb2 as pb
 from rotary.completion.rpc.access import server_credentials
-from rotary.completion.service import WorkerService, make_server
+from rotary.completion.server import make_server
+from rotary.completion.service import WorkerService
 
 FAKE_COMPLETION = "return 42"
 FakeStats = dataclasses.make_dataclass("FakeStats", [(f.name, float, 0) for f in pb.CompletionStats.DESCRIPTOR.fields])
@@ -70,8 +71,9 @@ class FakeEngine:
     """Completes every request with FAKE_COMPLETION; `hang` makes it wait until cancelled instead."""
 
     edit_aware_supported = True
-    background_refreshed = 0
     scheduler = _Counters()
+    kv_manager = _Counters()
+    steps = _Counters()
 
     def __init__(self):
         self.hang = False

@@ -45,7 +45,7 @@ def main_of_rotary(monkeypatch, argv: list[str]) -> int:
 def test_rotary_worker_drops_a_silent_sessions_documents_after_120_s_by_default(monkeypatch):
     """README Commands and docs/RELIABILITY.md Sessions: `--session-lease` seconds, "default 120"."""
     served = {}
-    monkeypatch.setattr("rotary.completion.service.serve", lambda *args, **kwargs: served.update(kwargs))
+    monkeypatch.setattr("rotary.completion.server.serve", lambda *args, **kwargs: served.update(kwargs))
     assert main_of_rotary(monkeypatch, ["worker", "--listen", "unix:/nonexistent-rotary-test/w.sock"]) == 0
     assert served["session_lease_s"] == 120
 

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rotary.completion.rpc import access
 from rotary.completion.rpc.launch import rotary_command
-from rotary.completion.service import WorkerService, make_server
+from rotary.completion.server import make_server
+from rotary.completion.service import WorkerService
 
 from tests.fakes import FAKE_COMPLETION, FakeEngine
 from tests.lsp.test_lsp_protocol import RawClient, stop_daemon

@@ -15,7 +15,7 @@ from lsprotocol import types
 from rotary.completion.documents import Change, DocumentStore, DocumentTooLarge
 from rotary.completion.rpc import wire
 from rotary.completion.rpc import worker_pb2 as pb
-from rotary.completion.service import verdict_options
+from rotary.completion.convert import verdict_options
 from rotary.testgen.generate import check_request
 from rotary.testgen.languages import TestGenError
 from rotary.completion.text_request import InvalidArgument, check_complete_text

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rotary.cache.buffer import DeferredForward, KVBuffer, can_ride, extend_batch
+from rotary.cache.buffer import KVBuffer, extend_batch
+from rotary.cache.deferred import DeferredForward, can_ride, writes_of
 from rotary.cache.plan import DocumentTokens, Segment, UpdatePlan, plan_update
 from rotary.kernels.rope_shift import shift_keys_reference
 
@@ -149,22 +150,19 @@ def test_per_layer_depth_after_an_early_exit():
     assert buf.filled == [4] * LAYERS
 
 
-def test_keys_view_is_the_stacked_layout_shift_keys_takes():
+def test_rotate_turns_the_keys_of_every_layer_and_never_the_values():
     buf, forward = buffer(), FakeForward()
     buf.extend(list(range(12)), forward)
     with torch.inference_mode():
         buf.kv.normal_()  # distinct values per head and dim
-    keys = buf.keys()
-    assert keys.shape == (LAYERS, 1, KV_HEADS, 12, HEAD_DIM)
-    assert keys.data_ptr() == buf.kv.data_ptr()  # a view, not a copy
     expected_keys = [buf.kv[layer, 0].clone().unsqueeze(0) for layer in range(LAYERS)]
-    values = buf.values().clone()
+    values = buf.kv[:, 1].clone()
     segments = [(2, 5, 3), (7, 12, -4)]
     shift_keys_reference(expected_keys, segments, INV_FREQ)
     buf.rotate(segments, INV_FREQ)  # one call over every layer
     for layer in range(LAYERS):
         assert torch.equal(buf.kv[layer, 0, :, :12], expected_keys[layer][0, :, :12])
-    assert torch.equal(buf.values(), values)  # values never rotate
+    assert torch.equal(buf.kv[:, 1], values)  # values never rotate
 
 
 def test_move_reads_every_source_before_writing():
@@ -179,16 +177,6 @@ def test_move_reads_every_source_before_writing():
     assert torch.equal(buf.kv[:, :, :, 0:3], before[:, :, :, 3:6])
     with pytest.raises(AssertionError, match="reserve"):
         buf.move([(0, 5, buf.capacity - 2)])
-
-
-def test_gather_and_scatter():
-    buf, forward = buffer(), FakeForward()
-    buf.extend(list(range(8)), forward)
-    picked = buf.gather([6, 1])
-    assert picked.shape == (LAYERS, 2, KV_HEADS, 2, HEAD_DIM)
-    assert torch.equal(picked[:, :, :, 0], buf.kv[:, :, :, 6]) and torch.equal(picked[:, :, :, 1], buf.kv[:, :, :, 1])
-    buf.scatter([0, 3], picked)
-    assert torch.equal(buf.kv[:, :, :, 0], buf.kv[:, :, :, 6]) and torch.equal(buf.kv[:, :, :, 3], buf.kv[:, :, :, 1])
 
 
 def test_apply_plan_moves_rotates_and_encodes_in_order():
@@ -290,36 +278,36 @@ def test_extend_batch_pads_rows_and_counts_only_real_tokens():
         extend_batch([buffers[0], buffers[0]], [[1], [2]], forward)
 
 
-def test_recorded_calls_ride_in_extend_batch_as_rows_that_only_write_kv():
+def test_deferred_calls_ride_in_extend_batch_as_rows_that_only_write_kv():
     a, b = buffer(), buffer()
     forward = FakeForward()
     a.extend([1, 2, 3, 4, 5, 6], forward)
     b.extend([7, 8, 9], forward)
     with torch.inference_mode():
-        a.kv[:, :, :, 1:4] = 0  # what the recorded re-encoding must restore
-    recorded = DeferredForward()
-    assert a.refresh(1, 2, recorded) == 1 and a.refresh(2, 4, recorded) == 2  # two calls, going forward
-    assert can_ride(recorded) and len(recorded.calls) == 2
+        a.kv[:, :, :, 1:4] = 0  # what the deferred re-encoding must restore
+    deferred = DeferredForward()
+    assert a.refresh(1, 2, deferred) == 1 and a.refresh(2, 4, deferred) == 2  # two calls, going forward
+    assert can_ride(deferred) and len(deferred.calls) == 2
     forward.calls.clear()
-    extend_batch([a, b], [[10], [11, 12]], forward, logits="all", riders=[recorded])
-    assert len(forward.calls) == 1  # one forward for both new rows and both recorded calls
+    extend_batch([a, b], [[10], [11, 12]], forward, logits="all", writes=writes_of([deferred]))
+    assert len(forward.calls) == 1  # one forward for both new rows and both deferred calls
     call = forward.calls[0]
     assert call.ids == [[2, 2], [3, 4], [10, 10], [11, 12]] and call.starts == [1, 2, 6, 3] and call.lengths == [1, 2, 1, 2]
     assert call.logit_rows == [2, 3]  # logits for the new rows only
     assert_holds(a, [1, 2, 3, 4, 5, 6, 10])
     assert_holds(b, [7, 8, 9, 11, 12])
-    assert recorded.calls == []
+    assert deferred.calls == []
 
 
-def test_recorded_calls_that_go_backwards_cannot_ride():
+def test_deferred_calls_that_go_backwards_cannot_ride():
     a, forward = buffer(), FakeForward()
     a.extend([1, 2, 3, 4, 5, 6], forward)
-    recorded = DeferredForward()
-    a.refresh(3, 5, recorded)
-    a.refresh(1, 4, recorded)  # overlaps the call before: in one forward it would see that call's K/V too early
-    assert not can_ride(recorded)
+    deferred = DeferredForward()
+    a.refresh(3, 5, deferred)
+    a.refresh(1, 4, deferred)  # overlaps the call before: in one forward it would see that call's K/V too early
+    assert not can_ride(deferred)
     with pytest.raises(AssertionError, match="overlap"):
-        extend_batch([a], [[7]], forward, logits="all", riders=[recorded])
+        writes_of([deferred])
 
 
 def test_extend_batch_with_an_early_exit_then_fill():
@@ -333,15 +321,11 @@ def test_extend_batch_with_an_early_exit_then_fill():
         extend_batch(buffers, [[5], [6]], forward)
 
 
-def test_shrink_to_fit_and_nbytes():
+def test_nbytes_counts_the_whole_capacity():
     buf, forward = buffer(chunk=8), FakeForward()
-    buf.extend(list(range(40)), forward)
-    buf.rollback(10)
-    buf.shrink_to_fit()
+    buf.extend(list(range(10)), forward)
+    buf.rollback(3)
     assert buf.capacity == 16 and buf.nbytes() == LAYERS * 2 * KV_HEADS * 16 * HEAD_DIM * 4
-    assert_holds(buf, list(range(10)))
-    buf.extend([5], forward)
-    assert_holds(buf, list(range(10)) + [5])
 
 
 def test_buffer_written_under_inference_mode_can_still_be_moved_outside_it():
@@ -350,7 +334,6 @@ def test_buffer_written_under_inference_mode_can_still_be_moved_outside_it():
         buf.reserve(8)  # an inference tensor now
     buf.extend([1, 2, 3], FakeForward())
     buf.move([(0, 3, 4)])
-    buf.scatter([7], buf.gather([0]))
     buf.rotate([(4, 7, 1)], INV_FREQ)
 
 

@@ -19,8 +19,6 @@ from rotary.cache.plan import (
     SegmentKind,
     UpdatePlan,
     plan_update,
-    plan_window_slide,
-    tokens_to_drop,
 )
 
 OLD = list(range(100, 110))  # cached ids at positions 0..9
@@ -28,12 +26,37 @@ OLD = list(range(100, 110))  # cached ids at positions 0..9
 keep, shift, encode = Segment.keep, Segment.shift, Segment.encode
 
 
+def update(document: DocumentTokens, new, **kwargs) -> UpdatePlan:
+    """Plan the update and apply it (what an executor does once it carried the plan out)."""
+    plan = document.plan(new, **kwargs)
+    document.apply(plan, new)
+    return plan
+
+
 def updated(old, new, **kwargs):
     """Plan the update and return (plan, document after applying it), starting from a fresh cache."""
     document = DocumentTokens(old)
-    plan = document.update(new, **kwargs)
+    plan = update(document, new, **kwargs)
     assert document.token_ids == tuple(new)
     return plan, document
+
+
+def dropped(plan: UpdatePlan) -> int:
+    """Old positions whose K/V the plan discards."""
+    return plan.old_length - plan.tokens_reused
+
+
+def is_identity(plan: UpdatePlan) -> bool:
+    """The cache is already right: nothing to encode, move or drop."""
+    return plan.old_length == plan.new_length == plan.tokens_kept
+
+
+def shifts_at_old_positions(plan: UpdatePlan) -> list[tuple[int, int, int]]:
+    return [(s.old_start, s.old_end, s.delta) for s in plan.segments if s.kind is SegmentKind.SHIFT]
+
+
+def stale_in(document: DocumentTokens, start: int, end: int) -> int:
+    return sum(max(0, min(e, end) - max(s, start)) for s, e in document.stale_intervals)
 
 
 def assert_plan_rebuilds(old, new, plan: UpdatePlan):
@@ -57,8 +80,8 @@ def test_insertion_keeps_prefix_encodes_new_tokens_and_shifts_suffix():
     new = OLD[:4] + [1, 2] + OLD[4:]
     plan, document = updated(OLD, new)
     assert plan.segments == (keep(0, 4), encode(4, 6), shift(4, 10, delta=+2))
-    assert (plan.tokens_encoded, plan.tokens_kept, plan.tokens_rerotated, plan.tokens_dropped) == (2, 4, 6, 0)
-    assert plan.shifts_at_old_positions() == [(4, 10, 2)]
+    assert (plan.tokens_encoded, plan.tokens_kept, plan.tokens_rerotated, dropped(plan)) == (2, 4, 6, 0)
+    assert shifts_at_old_positions(plan) == [(4, 10, 2)]
     assert plan.shifts_at_new_positions() == [(6, 12, 2)]
     assert plan.encode_ranges() == [(4, 6)]
     # The shifted suffix attended to the old text: stale; the prefix and the new tokens are not.
@@ -70,7 +93,7 @@ def test_deletion_shifts_suffix_left_and_encodes_nothing():
     new = OLD[:3] + OLD[5:]
     plan, document = updated(OLD, new)
     assert plan.segments == (keep(0, 3), shift(5, 10, delta=-2))
-    assert (plan.tokens_encoded, plan.tokens_kept, plan.tokens_rerotated, plan.tokens_dropped) == (0, 3, 5, 2)
+    assert (plan.tokens_encoded, plan.tokens_kept, plan.tokens_rerotated, dropped(plan)) == (0, 3, 5, 2)
     assert document.stale_intervals == ((3, 8),)
 
 
@@ -109,7 +132,7 @@ def test_edits_at_the_very_end_leave_nothing_stale():
 
     plan, document = updated(OLD, OLD[:8])
     assert plan.segments == (keep(0, 8),)
-    assert plan.tokens_dropped == 2
+    assert dropped(plan) == 2
     assert document.stale_count == 0
 
     plan, document = updated(OLD, OLD[:9] + [1])
@@ -139,7 +162,7 @@ def test_prefix_and_suffix_never_claim_the_same_token():
 def test_emptying_the_document_drops_everything():
     plan, document = updated(OLD, [])
     assert plan.segments == ()
-    assert plan.tokens_dropped == 10
+    assert dropped(plan) == 10
     assert plan.tokens_encoded == 0
     assert len(document) == 0 and document.stale_count == 0
 
@@ -154,11 +177,11 @@ def test_filling_an_empty_document_encodes_everything():
 def test_identical_text_keeps_everything_and_encodes_nothing():
     plan, document = updated(OLD, list(OLD))
     assert plan.segments == (keep(0, 10),)
-    assert plan.is_identity
+    assert is_identity(plan)
     assert plan.tokens_encoded == 0 and plan.tokens_rerotated == 0
     assert plan.stale_from is None
     assert document.stale_count == 0
-    assert plan_update([], []).is_identity
+    assert is_identity(plan_update([], []))
 
 
 # ---------------------------------------------------------------------------
@@ -178,7 +201,7 @@ def test_several_edits_coalesce_into_one_plan_with_cumulative_deltas():
         encode(21, 22),
         shift(24, 30, delta=+2 - 3 - 1),
     )
-    assert (plan.tokens_encoded, plan.tokens_kept, plan.tokens_rerotated, plan.tokens_dropped) == (3, 5, 20, 5)
+    assert (plan.tokens_encoded, plan.tokens_kept, plan.tokens_rerotated, dropped(plan)) == (3, 5, 20, 5)
     assert document.stale_intervals == ((7, 21), (22, 28))
     assert document.stale_count == 20
 
@@ -239,26 +262,26 @@ def test_apply_refuses_a_plan_for_another_cache():
 def test_staleness_accumulates_moves_with_tokens_and_clears_on_refresh():
     document = DocumentTokens(OLD)
     first = OLD[:4] + [1, 2] + OLD[4:]  # 12 tokens, stale [6, 12)
-    document.update(first)
+    update(document, first)
     assert document.stale_intervals == ((6, 12),)
 
     # An edit inside the stale region: the prefix keeps its stale part, the
     # shifted suffix is stale anyway.
     second = first[:8] + [3] + first[8:]  # 13 tokens
-    plan = document.update(second)
+    plan = update(document, second)
     assert plan.segments == (keep(0, 8), encode(8, 9), shift(8, 12, delta=+1))
     assert document.stale_intervals == ((6, 8), (9, 13))
     assert document.stale_count == 6
-    assert [document.is_stale(p) for p in (5, 6, 8, 9, 12)] == [False, True, False, True, True]
+    assert [stale_in(document, p, p + 1) == 1 for p in (5, 6, 8, 9, 12)] == [False, True, False, True, True]
 
     # An edit before all stale tokens moves them along.
     third = second[:2] + [4, 5, 6] + second[2:]  # 16 tokens
-    document.update(third)
+    update(document, third)
     assert document.stale_intervals == ((5, 16),)
 
     # Deleting stale tokens removes their staleness with them.
     fourth = third[:10] + third[14:]  # 12 tokens
-    plan = document.update(fourth)
+    plan = update(document, fourth)
     assert plan.segments == (keep(0, 10), shift(14, 16, delta=-4))
     assert document.stale_intervals == ((5, 12),)
 
@@ -271,13 +294,13 @@ def test_staleness_accumulates_moves_with_tokens_and_clears_on_refresh():
 
 def test_identical_text_keeps_existing_staleness():
     document = DocumentTokens(OLD, stale=[(3, 5)])
-    document.update(list(OLD))
+    update(document, list(OLD))
     assert document.stale_intervals == ((3, 5),)
 
 
 def test_stale_range_before_cursor():
     document = DocumentTokens(list(range(40)), stale=[(2, 5), (12, 15), (20, 22), (30, 33)])
-    assert document.stale_count_in(0, 40) == 11
+    assert stale_in(document, 0, 40) == 11
     # Window [10, 25) before cursor 25 holds two stale runs: one range covers both.
     assert document.stale_range_before(cursor=25, window=15) == (12, 22)
     # The window clips a stale run that straddles its start.
@@ -291,36 +314,13 @@ def test_stale_range_before_cursor():
 
 
 # ---------------------------------------------------------------------------
-# Sliding context window
-
-
-def test_window_slide_is_one_shift_left_plus_encode():
-    plan = plan_window_slide(cached_length=10, drop=4, appended=2)
-    assert plan.segments == (shift(4, 10, delta=-4), encode(6, 8))
-    assert (plan.tokens_rerotated, plan.tokens_encoded, plan.tokens_dropped) == (6, 2, 4)
-    assert plan_window_slide(10, 0, 0).is_identity
-    assert plan_window_slide(10, 10, 3).segments == (encode(0, 3),)
-
-
-def test_document_slide_window_moves_ids_and_staleness_without_adding_any():
-    document = DocumentTokens(OLD, stale=[(6, 8)])
-    plan = document.slide_window(4, appended_ids=[1, 2])
-    assert plan.segments == (shift(4, 10, delta=-4), encode(6, 8))
-    assert document.token_ids == tuple(OLD[4:] + [1, 2])
-    assert document.stale_intervals == ((2, 4),)
+# A sliding context window
 
 
 def test_id_diff_finds_a_slide_too():
     # A window recomputed from the document (dropped 3, appended 2) diffs to the same plan.
     plan = plan_update(OLD, OLD[3:] + [1, 2])
     assert plan.segments == (shift(3, 10, delta=-3), encode(7, 9))
-
-
-def test_tokens_to_drop_rounds_up_to_the_hop():
-    assert tokens_to_drop(cached_length=90, incoming=5, window=100) == 0
-    assert tokens_to_drop(cached_length=98, incoming=5, window=100) == 3
-    assert tokens_to_drop(cached_length=98, incoming=5, window=100, hop=16) == 16
-    assert tokens_to_drop(cached_length=10, incoming=200, window=100, hop=16) == 10
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +349,7 @@ def test_real_tokenizer_edit_changes_the_token_that_holds_it():
     assert len(new_ids) == len(old_ids)
 
     document = DocumentTokens(old_ids)
-    plan = document.update(new_ids)
+    plan = update(document, new_ids)
     assert_plan_rebuilds(old_ids, new_ids, plan)
     [(start, end)] = plan.encode_ranges()
     assert tokenizer.decode(new_ids[start:end]).strip() == "items"
@@ -360,7 +360,7 @@ def test_real_tokenizer_edit_changes_the_token_that_holds_it():
     third_text = new_text.replace("compute_total", "compute_grand_total", 1)
     third_text = third_text[: third_text.rindex("def ")]
     third_ids = tokenizer(third_text)["input_ids"]
-    plan = document.update(third_ids)
+    plan = update(document, third_ids)
     assert_plan_rebuilds(new_ids, third_ids, plan)
     assert plan.tokens_encoded <= 3
     assert plan.tokens_reused >= len(third_ids) - 3

@@ -299,7 +299,8 @@ def test_health_has_threads_of_its_own():
     """A worker whose every gRPC thread is held by a stream (here the standard health Watch, with a pool
     of one thread) still answers Health and the standard Check, on the health threads. Before the
     fix every call shared the one pool and Health waited behind the streams (DEADLINE_EXCEEDED)."""
-    from rotary.completion.service import WorkerService, make_server
+    from rotary.completion.server import make_server
+    from rotary.completion.service import WorkerService
 
     service = WorkerService(model_path="/nonexistent")  # never loaded: Health needs no model
     server, _ = make_server(service, rpc_threads=1)
@@ -320,7 +321,7 @@ def test_health_has_threads_of_its_own():
 
 
 def test_a_stream_limit_that_is_not_a_positive_number_is_refused_clearly(monkeypatch):
-    from rotary.completion.service import max_streams_setting
+    from rotary.completion.streams import max_streams_setting
 
     for value in ("many", "0", "-3"):
         monkeypatch.setenv("ROTARY_MAX_STREAMS", value)

@@ -155,12 +155,12 @@ def test_batched_rounds_share_a_budget_of_guesses(monkeypatch):
     # Repetitive code: alone, the n-gram drafter guesses many tokens a step. With no guesses left
     # for the round's rows, the same request guesses none, in one forward per token, and its text
     # is unchanged.
-    from rotary.completion import engine as engine_module
+    from rotary.completion import steps as steps_module
 
     text = "".join(f"    '{name}': {name},\n" for name in ("alpha", "beta", "gamma", "delta", "epsilon"))
     text = "VALUES = {\n" + text + "    '"
     drafted, with_guesses = complete("file:///budget-values.py", text, drafter="ngram", max_tokens=40)
-    monkeypatch.setattr(engine_module, "DRAFT_ROUND_BUDGET", 0)
+    monkeypatch.setattr(steps_module, "DRAFT_ROUND_BUDGET", 0)
     plain, without = complete("file:///budget-values.py", text, drafter="ngram", max_tokens=40)
     assert plain == drafted
     assert with_guesses.stats.tokens_drafted > 0 and without.stats.tokens_drafted == 0
@@ -217,8 +217,8 @@ def test_edits_of_waiting_requests_ride_in_the_decoding_forward_with_the_caches_
     # edited tokens are encoded before cached ones, which move), each of a different length (so rows
     # are padded). The four requests wait while the model thread is held, then their edited tokens run
     # as extra rows of their first decoding forward. Against the same edit encoded in forwards of its
-    # own (prepare_now: one forward per recorded call, then the last token alone), the caches hold the
-    # same K/V (padding must not overwrite the cached tokens after an edit; a rider row must see what
+    # own (prepare_now: one forward per deferred call, then the last token alone), the caches hold the
+    # same K/V (padding must not overwrite the cached tokens after an edit; a deferred row must see what
     # running first gives) and the answers equal each request's answer alone.
     import torch
 
@@ -260,14 +260,14 @@ def test_edits_of_waiting_requests_ride_in_the_decoding_forward_with_the_caches_
             t.start()
         while scheduler.queue_depth < len(edits):
             threading.Event().wait(0.01)
-        batches, riders, rounds = scheduler.encode_batches, scheduler.riders, scheduler.decode_rounds
+        batches, in_decode, rounds = scheduler.deferred_batches, scheduler.deferred_in_decode, scheduler.decode_rounds
         hold.set()
         for t in threads:
             t.join(timeout=300)
     finally:
         scheduler.prefill_round_s = 0.0
     assert together == alone
-    assert scheduler.riders - riders == len(edits) and scheduler.encode_batches == batches
+    assert scheduler.deferred_in_decode - in_decode == len(edits) and scheduler.deferred_batches == batches
     assert scheduler.decode_rounds > rounds
     for uri in edits:
         n = len(reference_ids[uri])

@@ -369,7 +369,8 @@ def test_layer0_keys_after_edit_equal_a_full_recompute():
         new_cache = model(torch.tensor([new_ids]), use_cache=True).past_key_values
     old_keys = [layer.keys for layer in old_cache.layers]  # [batch, kv_heads, seq, head_dim] each
     new_keys = [layer.keys for layer in new_cache.layers]
-    shift_keys(old_keys, plan.shifts_at_old_positions(), model.model.rotary_emb.inv_freq, "half")
+    shifts = [(s.old_start, s.old_end, s.delta) for s in plan.segments if s.is_reused and s.delta]  # rotate before moving
+    shift_keys(old_keys, shifts, model.model.rotary_emb.inv_freq, "half")
 
     for segment in plan.segments:
         if not segment.is_reused:

@@ -61,7 +61,7 @@ def test_a_superseded_request_s_call_in_flight_is_cancelled_in_the_worker():
     `cancelled == 1` fails."""
     with daemon_on_a_fake_worker(URI) as (service, client):
         engine = service.engine
-        before, counted = stats(client)["daemon"], dict(service.counters)
+        before, (counted, _) = stats(client)["daemon"], service.counters.snapshot()
         engine.hang = True  # each call stays in the worker's engine until it is cancelled
 
         older = send_inline(client, 1, 4)

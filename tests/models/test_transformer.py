@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rotary.cache.buffer import DeferredForward, KVBuffer, extend_batch
+from rotary.cache.buffer import KVBuffer, extend_batch
+from rotary.cache.deferred import DeferredForward, writes_of
 from rotary.models.batch import Batch
 from rotary.models.transformer import Transformer, attention_span, supports
 
@@ -269,8 +270,8 @@ def test_batch_of_documents_equals_each_alone():
 
 
 @pytest.mark.parametrize("path", ["own", "hf"])
-def test_recorded_encoding_riding_with_decoding_rows_gives_each_document_its_own_logits(path):
-    """Recorded calls (a re-encoding in the middle of one document, none in another) run as rows of the
+def test_deferred_encoding_riding_with_decoding_rows_gives_each_document_its_own_logits(path):
+    """Deferred calls (a re-encoding in the middle of one document, none in another) run as rows of the
     decoding forward; every decoding row's logits still equal transformers' on its whole document, so
     the rows saw the re-encoded K/V, and only the decoding rows got logits. The same through the
     transformers fallback (models/hf.py), which a Llama-family model takes with ROTARY_FORWARD=hf."""
@@ -281,18 +282,18 @@ def test_recorded_encoding_riding_with_decoding_rows_gives_each_document_its_own
     forward = tf if path == "own" else HFForward(model)
     docs, alone, buffers = cached_documents(model, tf, (12, 25, 31), held_back=3, forward=forward)
     with torch.inference_mode():
-        buffers[1].kv[:, :, :, 5:14] = 7.0  # wrong K/V, which the recorded re-encoding must replace
+        buffers[1].kv[:, :, :, 5:14] = 7.0  # wrong K/V, which the deferred re-encoding must replace
         buffers[2].kv[:, :, :, 20:22] = -3.0
-    recorded = [DeferredForward(), DeferredForward()]
-    buffers[1].refresh(5, 9, recorded[0])
-    buffers[1].refresh(9, 14, recorded[0])  # two calls of one document, going forward
-    buffers[2].refresh(20, 22, recorded[1])
+    deferred = [DeferredForward(), DeferredForward()]
+    buffers[1].refresh(5, 9, deferred[0])
+    buffers[1].refresh(9, 14, deferred[0])  # two calls of one document, going forward
+    buffers[2].refresh(20, 22, deferred[1])
     rows = [d[-3:-1] for d in docs]
-    out = extend_batch(buffers, rows, forward, logits="all", riders=recorded)
+    out = extend_batch(buffers, rows, forward, logits="all", writes=writes_of(deferred))
     assert out.logits.shape[:2] == (3, 2)
     for b, d in enumerate(docs):
         assert (out.logits[b] - alone[b][len(d) - 3 : len(d) - 1]).abs().max().item() < TOL, b
-    assert all(not r.calls for r in recorded)
+    assert all(not d.calls for d in deferred)
 
 
 def test_layer_slice_then_the_rest_equals_the_whole():
