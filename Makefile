@@ -79,10 +79,11 @@ editors-setup: peer-setup
 	editors/vscode/scripts/e2e.sh install
 
 # llama.cpp for `rotary bench decode --peer llama.cpp`: node-llama-cpp 3.21.1 from npm (the lock in
-# bench/llamacpp), run on its prebuilt CPU binary, never built here. Without it the benchmark says so
+# bench/llamacpp), run on its prebuilt CPU binary, never built here (no install scripts: node-llama-cpp's
+# postinstall may build from source). Without it the benchmark says so
 # and runs Rotary's side alone; tests/test_peer.py skips.
 peer-setup:
-	cd bench/llamacpp && npm ci --no-audit --no-fund
+	cd bench/llamacpp && npm ci --no-audit --no-fund --ignore-scripts
 
 vsix:
 	cd editors/vscode && npm ci --no-audit --no-fund && npm run package

@@ -30,9 +30,9 @@ MUST_AGREE = 3
 
 
 def _require_peer() -> None:
-    why = peer.why_not_installed()
-    if why:
-        pytest.skip(f"the llama.cpp peer cannot run here: {why}")
+    """Skip, saying why, where the peer cannot run: `make peer-setup` (run by `make editors-setup`) installs it."""
+    if peer.why_not_installed() is not None:
+        pytest.skip(f"the llama.cpp peer cannot run here: {peer.why_not_installed()}")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
