@@ -74,7 +74,8 @@ def run_job(job: dict, timeout: float) -> dict:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
         raise PeerError(f"{PEER} did not finish in {timeout:.0f} s; its stderr ends: {stderr[-1500:]!r}") from None
     if out.returncode != 0:
-        raise PeerError(f"{PEER} exited with status {out.returncode}; its stderr ends: {out.stderr[-1500:]!r}")
+        error = next((line.strip() for line in reversed(out.stderr.splitlines()) if "Error" in line and not line.lstrip().startswith("at ")), "")
+        raise PeerError(f"{PEER} exited with status {out.returncode}: {error or 'see its stderr'}; its stderr ends: {out.stderr[-1500:]!r}")
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):

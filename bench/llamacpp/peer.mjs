@@ -21,7 +21,11 @@ import {join} from "node:path";
 import {performance} from "node:perf_hooks";
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
-const job = JSON.parse(readFileSync(0, "utf8"));
+// stdin read as a stream: readFileSync(0) fails (EAGAIN) on a pipe that is not yet all written, as a job of 4k-token contexts is not
+const chunks = [];
+for await (const chunk of process.stdin)
+    chunks.push(chunk);
+const job = JSON.parse(Buffer.concat(chunks).toString("utf8"));
 const median = (xs) => {
     const s = [...xs].sort((a, b) => a - b);
     const m = s.length >> 1;
