@@ -17,7 +17,7 @@ PIP := $(PY) -m pip --quiet --quiet --disable-pip-version-check
 # PYTHONSAFEPATH for anything else, inherited by every process the tests and the daemon start.
 export PYTHONSAFEPATH := 1
 
-.PHONY: run test install model lock check-latest stubs check-stubs editors-setup vsix test-editors e2e-vscode bench-latency bench-edits clean
+.PHONY: run test install model lock check-latest stubs check-stubs editors-setup peer-setup vsix test-editors e2e-vscode bench-latency bench-edits clean
 
 run: model
 	$(ROTARY) demo
@@ -72,10 +72,18 @@ check-stubs: $(STAMP)
 # Editor tooling for the editor tests (apt needs root): the VS Code extension's npm dependencies,
 # Emacs + eglot, and code-server + Chromium + playwright-core for the VS Code end-to-end test.
 # Without it, `make test` still runs the Neovim tests and skips the Emacs and VS Code ones.
-editors-setup:
+# It also installs the llama.cpp peer of `rotary bench decode` (peer-setup).
+editors-setup: peer-setup
 	cd editors/vscode && npm ci --no-audit --no-fund
 	command -v emacs >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q emacs-nox elpa-eglot)
 	editors/vscode/scripts/e2e.sh install
+
+# llama.cpp for `rotary bench decode --peer llama.cpp`: node-llama-cpp 3.21.1 from npm (the lock in
+# bench/llamacpp), run on its prebuilt CPU binary, never built here (no install scripts: node-llama-cpp's
+# postinstall may build from source). Without it the benchmark says so
+# and runs Rotary's side alone; tests/test_peer.py skips.
+peer-setup:
+	cd bench/llamacpp && npm ci --no-audit --no-fund --ignore-scripts
 
 vsix:
 	cd editors/vscode && npm ci --no-audit --no-fund && npm run package

