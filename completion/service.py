@@ -360,6 +360,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             scheduler = self.engine.scheduler
             out["model_thread"] = {
                 "forward": self.engine.runner.path,  # "own" (Rotary's forward) or "hf" (transformers fallback)
+                "precision": self.engine.runner.precision,  # exact, fp16 or int4 (models/precision.py)
+                "precision_reason": self.engine.runner.precision_reason,  # "asked for", or what auto measured
                 "queue_depth": scheduler.queue_depth,
                 "rounds": scheduler.rounds,
                 "decode_rounds": scheduler.decode_rounds,

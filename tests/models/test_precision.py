@@ -111,3 +111,24 @@ def test_a_worker_runs_the_precision_it_is_given_and_refuses_an_unknown_one():
     assert requested("int4") == "int4"
     with pytest.raises(ValueError, match="precision must be one of exact, fp16, int4, auto"):
         requested("int3")
+
+
+def test_the_worker_runs_the_precision_its_flag_names_and_its_stats_say_so(tmp_path):
+    """`rotary worker --precision int4` (the flag wins over the suite's $ROTARY_PRECISION=exact): its
+    Stats name the precision the model thread runs and why."""
+    import json
+
+    from rotary.completion.client import WorkerClient
+    from rotary.completion.rpc import worker_pb2 as pb
+    from tests.conftest import spawn_worker, stop
+
+    proc, address = spawn_worker(tmp_path, "--precision", "int4")
+    client = WorkerClient(address)
+    try:
+        client.wait_ready(timeout=300)
+        stats = json.loads(client.stub.Stats(pb.StatsRequest()).json)
+        assert stats["model_thread"]["precision"] == "int4"
+        assert stats["model_thread"]["precision_reason"] == "asked for"
+    finally:
+        client.close()
+        stop(proc)
