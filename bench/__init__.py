@@ -36,6 +36,11 @@ def add_bench_parser(sub, func) -> None:
         help="decode: run llama.cpp (node-llama-cpp's prebuilt binary, `make peer-setup`) on the same GGUF, threads and "
         "contexts in the same run (default: llama.cpp when installed and the model is a GGUF, else none, saying why)",
     )
+    b.add_argument(
+        "--precision", default=None, choices=("exact", "fp16", "int4", "auto"),
+        help="decode: the precision results.own runs in, beside float32 (results.exact); default $ROTARY_PRECISION, else auto. "
+        "Other benchmarks run the worker's default: set $ROTARY_PRECISION to compare",
+    )
     b.add_argument("--thresholds", default=None, help="exit: exit-controller thresholds besides the calibrated one, e.g. 0.8,0.95")
     b.set_defaults(func=func)
 

@@ -97,7 +97,7 @@ class HFBaseline:
 class Methods:
     """The two forwards over one loaded model, each with its own cache type."""
 
-    def __init__(self, model: str | None):
+    def __init__(self, model: str | None, precision: str | None = None):
         from rotary.cache.buffer import KVBuffer
         from rotary.models.loader import load_model
         from rotary.models.runner import decode_threads, prefill_threads
@@ -113,6 +113,18 @@ class Methods:
         # The same weights through transformers (a load of its own: it reads the GGUF with its own reader).
         self.hf = HFBaseline(load_model(model, forward="hf").model)
         self.decode_threads, self.prefill_threads = decode_threads(), prefill_threads()
+        # The default precision (or the one asked for), as the worker would run it: `fast`, a packed copy
+        # of the float32 forward (which stays the reference of every other phase here).
+        from rotary.models.exits import model_fingerprint
+        from rotary.models.loader import cache_dir
+        from rotary.models.precision import choose_once, packed_copy, requested
+
+        self.precision, self.precision_reason = requested(precision), "asked for"
+        if self.precision == "auto":
+            fingerprint = model_fingerprint(self.loaded.config, self.loaded.tokenizer, self.own)
+            choice = choose_once(self.own, self.decode_threads, fingerprint, cache_dir() / "precision", self.loaded.blocks)
+            self.precision, self.precision_reason = choice.precision, choice.reason
+        self.fast = packed_copy(self.own, self.precision, self.loaded.blocks)
         c = self.own.config
         self.new_buffer = lambda: KVBuffer(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.own.dtype, device=self.own.device)
 
@@ -125,13 +137,22 @@ class Methods:
             logits = self.hf.forward(ids, cache, 0)
             return cache, logits, time.perf_counter() - started
 
-    def own_prefill(self, ids: list[int]):
+    def own_prefill(self, ids: list[int], model=None):
         buffer = self.new_buffer()
         buffer.reserve(len(ids) + 64)
         with _threads(self.prefill_threads):
             started = time.perf_counter()
-            logits = buffer.extend(ids, self.own).logits[0]
+            logits = buffer.extend(ids, model or self.own).logits[0]
             return buffer, logits, time.perf_counter() - started
+
+    def loaded_at_precision(self):
+        """The loaded model for a ModelRunner at self.precision: a twin of the float32 forward, so the
+        runner's packing leaves self.own as it is."""
+        import dataclasses
+
+        from rotary.models.precision import twin
+
+        return dataclasses.replace(self.loaded, model=twin(self.own))
 
     def hf_step(self, cache, token: int, threads: int | None = None):
         with _threads(threads or self.decode_threads):
@@ -139,10 +160,10 @@ class Methods:
             logits = self.hf.forward([token], cache, cache.get_seq_length())
             return logits, time.perf_counter() - started
 
-    def own_step(self, buffer, tokens: list[int], threads: int | None = None, logits: str = "last"):
+    def own_step(self, buffer, tokens: list[int], threads: int | None = None, logits: str = "last", model=None):
         with _threads(threads or self.decode_threads):
             started = time.perf_counter()
-            out = buffer.extend(tokens, self.own, logits=logits).logits[0]
+            out = buffer.extend(tokens, model or self.own, logits=logits).logits[0]
             return out, time.perf_counter() - started
 
 
@@ -207,12 +228,28 @@ def _decode_side_by_side(methods: Methods, ids: list[int], steps: int, exact: Ex
     return {"hf": (hf_prefill, hf_times), "own": (own_prefill, own_times), "buffer": own_buffer}
 
 
+def _precision_side_by_side(methods: Methods, ids: list[int], steps: int, exact_first: bool) -> dict:
+    """The float32 forward and the default precision's on one context, each greedy on its own, steps
+    alternating: prefill s and step s of `fast`, and both token lists (agreement)."""
+    runs = {}
+    for name in (("exact", "fast") if exact_first else ("fast", "exact")):
+        model = methods.own if name == "exact" else methods.fast
+        buffer, logits, seconds = methods.own_prefill(ids, model)
+        runs[name] = {"model": model, "buffer": buffer, "logits": logits, "prefill": seconds, "steps": [], "tokens": []}
+    for _ in range(steps):
+        for run in runs.values():
+            run["tokens"].append(int(run["logits"].argmax()))
+            run["logits"], seconds = methods.own_step(run["buffer"], [run["tokens"][-1]], model=run["model"])
+            run["steps"].append(seconds)
+    return {name: (run["prefill"], run["steps"], run["tokens"]) for name, run in runs.items()}
+
+
 def main(args) -> int:
     import torch
     from tqdm import tqdm
 
     quick = bool(args.quick)
-    methods = Methods(args.model)
+    methods = Methods(args.model, getattr(args, "precision", None))
     tokenizer = methods.loaded.tokenizer
     plan = {
         "decode_cases": {1024: 1 if quick else 3, 4096: 1 if quick else 2},
@@ -231,7 +268,7 @@ def main(args) -> int:
         file=sys.stderr,
     )
     total = (
-        sum(plan["decode_cases"].values()) + plan["completions"] + 3 * 4 + 4 + (2 if methods.prefill_threads > 1 else 1)
+        sum(plan["decode_cases"].values()) + plan["completions"] + 1 + 3 * 4 + 4 + (2 if methods.prefill_threads > 1 else 1)
     )
     load_before = os.getloadavg()[0]
     peer_why = peer.why_not_run(args.peer, args.model)
@@ -266,6 +303,26 @@ def main(args) -> int:
         ids = _contexts(args.corpus, tokenizer, 1, length, args.seed + 7919 * (i + 1))[0]
         _decode_side_by_side(methods, ids, plan["completion_tokens"], exact, f"completion {i} ({length} tokens)")
         bar.update(1)
+
+    # The default precision against float32: the same decode cases and completions, each forward greedy
+    # on its own; speed of `fast`, and the share of greedy completions identical to float32's.
+    fast_speed, agreements = {}, []
+    for length, count in plan["decode_cases"].items():
+        prefill, steps = [], []
+        for i, ids in enumerate(_contexts(args.corpus, tokenizer, count, length, args.seed)):
+            run = _precision_side_by_side(methods, ids, plan["decode_steps"], exact_first=i % 2 == 0)
+            prefill.append(length / run["fast"][0])
+            steps += run["fast"][1]
+            agreements.append(run["fast"][2] == run["exact"][2])
+        key = "1k" if length == 1024 else "4k"
+        fast_speed[f"decode_ms_per_token_{key}"] = round(statistics.median(steps) * 1000, 2)
+        fast_speed[f"prefill_tok_s_{key}"] = round(max(prefill), 1)
+    for i in range(plan["completions"]):
+        length = rng.randint(200, 1000)
+        ids = _contexts(args.corpus, tokenizer, 1, length, args.seed + 7919 * (i + 1))[0]
+        run = _precision_side_by_side(methods, ids, plan["completion_tokens"], exact_first=i % 2 == 0)
+        agreements.append(run["fast"][2] == run["exact"][2])
+    bar.update(1)
 
     # Verify cost: one forward over k tokens against one token, same buffer, rolled back each time.
     buffer = last_1k_buffer
@@ -309,7 +366,7 @@ def main(args) -> int:
 
     # Batched decode through the scheduler, as the worker serves several editors: 1, 4, 8 documents
     # completing at once (each cache prepared first, so the timed run is decoding).
-    batched = _through_scheduler(methods.loaded, docs, tokenizer, plan["batched_tokens"])
+    batched = _through_scheduler(methods.loaded_at_precision(), methods.precision, docs, tokenizer, plan["batched_tokens"])
     bar.update(1)
 
     # Own decode on 1 thread and on all cores, step by step in turn (the runner's decode_threads picks one).
@@ -327,23 +384,33 @@ def main(args) -> int:
     by_threads = {str(t): round(statistics.median(run[2]) * 1000, 2) for t, run in runs.items()}
     bar.close()
 
-    own = dict(speed["own"])
-    own.update(
+    reference = dict(speed["own"])  # the float32 forward: results.exact
+    reference.update(
         identical=exact.identical == exact.completions,
         max_logit_diff=float(f"{exact.max_logit_diff:.3g}"),
         verify_cost=verify_cost,
         decode_ms_per_token_1k_by_threads=by_threads,
     )
+    # results.own: the default precision (auto's choice, or the one asked for); its agreement with float32.
+    own = dict(
+        fast_speed,
+        precision=methods.precision,
+        precision_reason=methods.precision_reason,
+        agreement=round(sum(agreements) / len(agreements), 3),
+        agreement_of=len(agreements),
+    )
     # The first token after a one-line edit of a ~4k file; then llama.cpp on the same contexts and edits.
     from .edits import one_line_edits
 
     edit_cases = one_line_edits(args.corpus, 4096, plan["decode_cases"][4096], args.seed, tokenizer)
-    own.update(_own_edit_first_token_ms(methods.loaded, edit_cases))
+    own.update(_own_edit_first_token_ms(methods.loaded_at_precision(), methods.precision, edit_cases))
     contexts = {n: _contexts(args.corpus, tokenizer, c, n, args.seed) for n, c in plan["decode_cases"].items()}
     peer_results = peer.for_decode(
         args, tokenizer, contexts, edit_cases, plan["decode_steps"], methods.decode_threads, methods.prefill_threads
     )
-    results = {"hf": speed["hf"], "own": own, "batched": batched, "batched_forward": batched_forward, "peer": peer_results}
+    results = {
+        "hf": speed["hf"], "exact": reference, "own": own, "batched": batched, "batched_forward": batched_forward, "peer": peer_results,
+    }
     report = {
         "benchmark": "decode",
         "config": {
@@ -374,7 +441,7 @@ def main(args) -> int:
     return 0 if exact.identical == exact.completions else 1
 
 
-def _own_edit_first_token_ms(loaded, cases) -> dict[str, float]:
+def _own_edit_first_token_ms(loaded, precision: str, cases) -> dict[str, float]:
     """Rotary's time to the first token after each one-line edit (bench/edits.py's run_case: the real
     engine, from a cache of the file before the edit), median: the service's default cache (PIE with
     refresh, edit_first_token_ms_4k), PIE alone (_pie) and prefix reuse (_prefix, as llama.cpp's)."""
@@ -386,7 +453,7 @@ def _own_edit_first_token_ms(loaded, cases) -> dict[str, float]:
 
     if not cases:
         return {}
-    engine = CompletionEngine(ModelRunner(loaded), KVStore(), max_context_tokens=max(c.context_tokens for c in cases) + 64)
+    engine = CompletionEngine(ModelRunner(loaded, precision), KVStore(), max_context_tokens=max(c.context_tokens for c in cases) + 64)
     engine.warm_up()
     runs = [run_case(engine, case, methods=("pie_refresh", "pie", "prefix")) for case in cases]
     engine.scheduler.stop()
@@ -397,7 +464,7 @@ def _own_edit_first_token_ms(loaded, cases) -> dict[str, float]:
     }
 
 
-def _through_scheduler(loaded, docs: list[list[int]], tokenizer, tokens: int) -> dict[str, float]:
+def _through_scheduler(loaded, precision: str, docs: list[list[int]], tokenizer, tokens: int) -> dict[str, float]:
     """Decode tokens/s with 1, 4 and 8 documents completing at once through the worker's scheduler."""
     import threading
 
@@ -405,7 +472,7 @@ def _through_scheduler(loaded, docs: list[list[int]], tokenizer, tokens: int) ->
     from rotary.completion.engine import CompletionEngine, CompletionOptions
     from rotary.models.runner import ModelRunner
 
-    engine = CompletionEngine(ModelRunner(loaded), KVStore())
+    engine = CompletionEngine(ModelRunner(loaded, precision), KVStore())
     texts = [tokenizer.decode(ids) for ids in docs]
     options = CompletionOptions(max_tokens=tokens, mode="multi_line", drafter="none")
     for j, text in enumerate(texts):  # each document's cache, so the timed runs below are decoding
@@ -430,18 +497,28 @@ def _through_scheduler(loaded, docs: list[list[int]], tokenizer, tokens: int) ->
 
 
 def _print_table(results: dict, exact: Exactness) -> None:
-    hf, own, batched = results["hf"], results["own"], results["batched"]
+    hf, reference, own, batched = results["hf"], results["exact"], results["own"], results["batched"]
     rows = [
         ("decode ms/token, 1k context", "decode_ms_per_token_1k", True),
         ("decode ms/token, 4k context", "decode_ms_per_token_4k", True),
         ("prefill tokens/s, 1k", "prefill_tok_s_1k", False),
         ("prefill tokens/s, 4k", "prefill_tok_s_4k", False),
     ]
-    print(f"\n{'':<30}{'HF':>10}{'own':>10}{'speed-up':>10}")
+
+    def ratio(a: float, b: float, lower_is_better: bool) -> str:
+        numerator, denominator = (a, b) if lower_is_better else (b, a)
+        return f"{numerator / denominator:>9.2f}x" if denominator else f"{'n/a':>10}"  # a --quick run may skip a size
+
+    precision = own["precision"]
+    print(f"\n{'':<30}{'HF':>10}{'own exact':>10}{'vs HF':>10}{'own ' + precision:>12}{'vs exact':>10}")
     for label, key, lower_is_better in rows:
-        numerator, denominator = (hf[key], own[key]) if lower_is_better else (own[key], hf[key])
-        ratio = f"{numerator / denominator:>9.2f}x" if denominator else f"{'n/a':>10}"  # a --quick run may skip a size
-        print(f"{label:<30}{hf[key]:>10.1f}{own[key]:>10.1f}{ratio}")
+        print(
+            f"{label:<30}{hf[key]:>10.1f}{reference[key]:>10.1f}{ratio(hf[key], reference[key], lower_is_better)}"
+            f"{own[key]:>12.1f}{ratio(reference[key], own[key], lower_is_better)}"
+        )
+    print(f"own precision {precision} ({own['precision_reason']}); greedy completions identical to exact's: "
+          f"{own['agreement']:.0%} of {own['agreement_of']}")
+    own = reference  # what follows was measured on the float32 forward
     print("verify cost (own, x one token): " + ", ".join(f"k={k}: {v:.2f}" for k, v in own["verify_cost"].items()))
     one = batched["1"] or float("nan")
     print("batched decode through the scheduler (tokens/s): " + ", ".join(f"{n} docs: {v:.1f} ({v / one:.2f}x)" for n, v in batched.items()))

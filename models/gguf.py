@@ -88,19 +88,34 @@ class _Cursor:
         self.at += length
         return text
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, keep: bool = True) -> Any:
+        """The next value of type `kind`; keep=False skips an array (the tokenizer's 100k entries: the
+        loader takes the tokenizer from its prepared folder) and returns its length only."""
         if kind in _SCALARS:
             return self.unpack(_SCALARS[kind])
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
             item, count = self.unpack("<I"), self.unpack("<Q")
-            return [self.value(item) for _ in range(count)]
+            if keep:
+                return [self.value(item) for _ in range(count)]
+            if item == _STRING:
+                data, at = self.data, self.at
+                for _ in range(count):
+                    at += 8 + int.from_bytes(data[at : at + 8], "little")
+                self.at = at
+            elif item in _SCALARS:
+                self.at += count * struct.calcsize(_SCALARS[item])
+            else:
+                for _ in range(count):
+                    self.value(item, keep=False)
+            return count
         raise GGUFError(f"unknown metadata value type {kind} at byte {self.at}")
 
 
 class GGUFFile:
-    """A GGUF file's metadata and tensor descriptions; tensor data is read on demand (memory-mapped)."""
+    """A GGUF file's metadata (the tokenizer's arrays as their lengths) and tensor descriptions; tensor data
+    is read on demand (memory-mapped)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -116,7 +131,8 @@ class GGUFFile:
         self.metadata: dict[str, Any] = {}
         for _ in range(n_fields):
             key = cursor.string()
-            self.metadata[key] = cursor.value(cursor.unpack("<I"))
+            # the tokenizer's arrays (tokens, scores, merges) are skipped: their lengths are kept
+            self.metadata[key] = cursor.value(cursor.unpack("<I"), keep=not key.startswith("tokenizer.ggml."))
         described = []
         for _ in range(n_tensors):
             name = cursor.string()

@@ -19,6 +19,7 @@ Nothing is fetched from a hub: every transformers call runs with `local_files_on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -461,23 +462,27 @@ class ModelConfig:
         return dict(self.__dict__)
 
 
+@functools.lru_cache(maxsize=2)
+def _gguf(path: str):
+    """One parsed GGUF file per path (its header is read once, its data stays memory-mapped)."""
+    from .gguf import GGUFFile
+
+    return GGUFFile(path)
+
+
 def _blocks(source: dict[str, Any], config: ModelConfig):
     """The GGUF's Q4_1 blocks by Hugging Face weight name (precision.Blocks), or None for other sources."""
     if "gguf" not in source:
         return None
-    from .gguf import GGUFFile
-
     heads = int(config.num_attention_heads)
-    return GGUFFile(source["gguf"]).blocks_by_hf_name(heads, int(config.num_key_value_heads or heads))
+    return _gguf(source["gguf"]).blocks_by_hf_name(heads, int(config.num_key_value_heads or heads))
 
 
 def _weights(source: dict[str, Any], config: ModelConfig):
     """(Hugging Face name, float32 tensor) for every weight, from the GGUF file or the safetensors files."""
     if "gguf" in source:
-        from .gguf import GGUFFile
-
         heads = int(config.num_attention_heads)
-        yield from GGUFFile(source["gguf"]).hf_tensors(heads, int(config.num_key_value_heads or heads))
+        yield from _gguf(source["gguf"]).hf_tensors(heads, int(config.num_key_value_heads or heads))
         return
     from safetensors import safe_open
 

@@ -132,15 +132,21 @@ def pack(model: Any, precision: str, blocks: Blocks | None = None) -> None:
     model.precision = precision
 
 
-def packed_copy(model: Any, precision: str, blocks: Blocks | None = None) -> Any:
-    """A copy of a float32 Transformer in `precision`, the original untouched (its tensors are shared
-    where the copy keeps them: norms, biases, the embedding)."""
+def twin(model: Any) -> Any:
+    """A shallow copy of a Transformer with layers of its own, sharing every tensor: packing the copy
+    (which replaces the layers' fields) leaves the original as it is."""
     import copy
 
-    twin = copy.copy(model)
-    twin.layers = [type(layer)(**vars(layer)) for layer in model.layers]  # shallow: packing replaces fields
-    pack(twin, precision, blocks)
-    return twin
+    other = copy.copy(model)
+    other.layers = [type(layer)(**vars(layer)) for layer in model.layers]
+    return other
+
+
+def packed_copy(model: Any, precision: str, blocks: Blocks | None = None) -> Any:
+    """A copy of a float32 Transformer in `precision`, the original untouched (see twin)."""
+    other = twin(model)
+    pack(other, precision, blocks)
+    return other
 
 
 @dataclass

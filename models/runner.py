@@ -72,9 +72,9 @@ class ModelRunner:
         # The loader chose the path (load_model: own forward, or transformers); only the own forward
         # gives layer access (early exit).
         wanted = requested(precision)
-        # Which calibration artifacts fit: taken of the float32 weights, before any packing.
-        self.fingerprint = model_fingerprint(loaded.config, self.tokenizer, self.model)
+        self.fingerprint = ""  # which calibration artifacts fit (exit heads: the own forward only)
         if isinstance(self.model, Transformer):
+            self.fingerprint = model_fingerprint(loaded.config, self.tokenizer, self.model)  # float32, before packing
             self.path, self._forward = "own", self.model
             self.device, self.dtype = self.model.device, self.model.dtype
             self.precision, self.precision_reason = wanted, "asked for"

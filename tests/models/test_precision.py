@@ -4,10 +4,11 @@ Bounds, measured on the embedded model (SmolLM2-135M Q4_1; AVX2 and AVX-512 mach
 kernels' arithmetic does not depend on the CPU's width):
 - one product, relative error: fp16 < 1e-3 (measured 2-4e-4), int4 < PEER_DEVIATION = 5e-3
   (measured ~3e-3: bfloat16 activations and scales on the GGUF's exact 4-bit values);
-- the last position's logits after ~1k tokens of real code, relative: fp16 < 5e-3, int4 < 4e-2 (the
-  errors of 30 layers add up: measured ~2e-3 and ~1.7e-2);
-- greedy continuations of 8 tokens at 12 places in real code identical to exact's: fp16 at least 11 of
-  12, int4 at least 8 of 12 (bench decode reports the share as `results.own.agreement`).
+- the last position's logits after 600-1000 tokens of real code, relative: fp16 < 5e-3, int4 < 4e-2
+  (the errors of 30 layers add up: measured 0.7-2e-3 and 0.6-1.7e-2);
+- greedy continuations of 6 tokens at 10 places in real code identical to exact's: fp16 at least 9 of
+  10, int4 at least 8 of 10 (measured at 40 places: 40 and 40; bench decode reports the share as
+  `results.own.agreement`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def test_every_precision_stays_within_its_bound_on_the_real_model():
     from tests.conftest import rotary_model, rotary_runner
 
     loaded, runner = rotary_model(), rotary_runner()
-    texts = [p.read_text(errors="replace") for p in python_files(None)[:12]]
+    texts = [p.read_text(errors="replace") for p in python_files(None)[:10]]
     results = {}
     for precision in ("exact", "fp16", "int4"):
         model = loaded.model if precision == "exact" else packed_copy(loaded.model, precision, loaded.blocks)
@@ -59,23 +60,23 @@ def test_every_precision_stays_within_its_bound_on_the_real_model():
         config = model.config
         logits, continuations = None, []
         for i, text in enumerate(texts):
-            ids = runner.encode_text(text)[: 1000 if i == 0 else 200]
+            ids = runner.encode_text(text)[: 600 if i == 0 else 120]
             buffer = KVBuffer(config.n_layers, config.n_kv_heads, config.head_dim, dtype=torch.float32, device="cpu")
             buffer.reserve(len(ids) + 16)
             out = buffer.extend(ids, model).logits[0]
             logits = out if i == 0 else logits
             tokens = []
-            for _ in range(8):
+            for _ in range(6):
                 tokens.append(int(out.argmax()))
                 out = buffer.extend([tokens[-1]], model).logits[0]
             continuations.append(tokens)
         results[precision] = (logits, continuations)
     exact_logits, exact_tokens = results["exact"]
-    for precision, bound, agree in (("fp16", 5e-3, 11), ("int4", 4e-2, 8)):
+    for precision, bound, agree in (("fp16", 5e-3, 9), ("int4", 4e-2, 8)):
         got_logits, got_tokens = results[precision]
         assert deviation(exact_logits, got_logits) < bound, precision
         same = sum(a == b for a, b in zip(got_tokens, exact_tokens))
-        assert same >= agree, f"{precision}: {same} of 12 greedy continuations equal exact's"
+        assert same >= agree, f"{precision}: {same} of 10 greedy continuations equal exact's"
 
 
 def test_auto_takes_the_fastest_form_below_the_peers_deviation_and_says_so(tmp_path, monkeypatch):
