@@ -57,6 +57,20 @@ def decode_threads() -> int:
     return int(os.environ.get("ROTARY_DECODE_THREADS", "0")) or max(1, prefill_threads() // 2)
 
 
+def _return_freed_memory() -> None:
+    """Give the float32 weights that packing dropped back to the system. glibc keeps freed blocks under
+    its mmap threshold (a layer's matrices are 1-7 MB) in the heap, so without a trim the worker's RSS
+    stays as if they were there (measured: int4 1.03 GB without, 0.63 GB with)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
+
+
 class ModelRunner:
     """The loaded model as the worker calls it: one forward (Rotary's own, or the transformers
     fallback), the tokenizer's texts, and the model's RoPE facts."""
@@ -84,6 +98,7 @@ class ModelRunner:
                 choice = choose_once(self.model, self._decode_threads, self.fingerprint, cache_dir() / "precision", loaded.blocks)
                 self.precision, self.precision_reason = choice.precision, choice.reason
             pack(self.model, self.precision, loaded.blocks)
+            _return_freed_memory()
             log.info("%s runs in precision %s (%s)", self.info.name, self.precision, self.precision_reason)
         else:
             self.path, self._forward = "hf", HFForward(self.model)
