@@ -99,7 +99,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
             loaded = load_model(self.model_path, progress=progress)
             runner = ModelRunner(loaded)
-            info = loaded.info
+            info = runner.info  # its identity names the precision too (KV snapshots of one never load in another)
             store = KVStore(
                 self.cache_budget_mb << 20,
                 spill_dir=kv_dir() / info.identity,

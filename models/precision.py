@@ -120,6 +120,8 @@ def pack_layer(layer: Any, index: int, precision: str, blocks: Blocks | None) ->
 def pack(model: Any, precision: str, blocks: Blocks | None = None) -> None:
     """Put a Transformer's matrices in `precision` (fp16 or int4; exact leaves them), in place. The float32
     matrices are dropped as each is replaced; the embedding table stays float32."""
+    if model.precision != "exact":
+        raise ValueError(f"the model is packed as {model.precision} already: pack a float32 model (load it again)")
     if precision == "exact":
         return
     if precision not in ("fp16", "int4"):

@@ -88,6 +88,8 @@ class ModelRunner:
         wanted = requested(precision)
         self.fingerprint = ""  # which calibration artifacts fit (exit heads: the own forward only)
         if isinstance(self.model, Transformer):
+            if self.model.precision != "exact":
+                raise ValueError(f"a ModelRunner takes load_model's float32 model; this one is packed as {self.model.precision} already")
             self.fingerprint = model_fingerprint(loaded.config, self.tokenizer, self.model)  # float32, before packing
             self.path, self._forward = "own", self.model
             self.device, self.dtype = self.model.device, self.model.dtype
@@ -99,6 +101,12 @@ class ModelRunner:
                 self.precision, self.precision_reason = choice.precision, choice.reason
             pack(self.model, self.precision, loaded.blocks)
             _return_freed_memory()
+            if self.precision != "exact":  # K/V computed in another precision: KV snapshots must not mix
+                import dataclasses
+                import hashlib
+
+                identity = hashlib.sha256(f"{self.info.identity}:{self.precision}".encode()).hexdigest()[:20]
+                self.info = dataclasses.replace(self.info, identity=identity)
             log.info("%s runs in precision %s (%s)", self.info.name, self.precision, self.precision_reason)
         else:
             self.path, self._forward = "hf", HFForward(self.model)

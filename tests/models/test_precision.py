@@ -105,6 +105,38 @@ def test_auto_takes_the_fastest_form_below_the_peers_deviation_and_says_so(tmp_p
     assert model.precision == "exact" and isinstance(model.layers[0].wqkv, torch.Tensor)
 
 
+def test_a_packed_model_is_not_packed_again():
+    """Packing replaces float32 matrices: a second pack of a packed model (or a runner on it) is a clear
+    error, not a product of packed weights packed again."""
+    from rotary.models.precision import pack, packed_copy
+    from rotary.models.runner import ModelRunner
+    from tests.conftest import rotary_model
+
+    loaded = rotary_model()
+    fp16 = packed_copy(loaded.model, "fp16")
+    with pytest.raises(ValueError, match="packed as fp16 already"):
+        pack(fp16, "int4")
+    import dataclasses
+
+    with pytest.raises(ValueError, match="packed as fp16 already"):
+        ModelRunner(dataclasses.replace(loaded, model=fp16), "exact")
+
+
+def test_kv_snapshots_of_one_precision_are_not_those_of_another():
+    """The K/V a precision computes differ from exact's: the runner's model identity (which names the
+    store's snapshot folder and guards every snapshot it loads) differs per precision, exact's unchanged."""
+    import dataclasses
+
+    from rotary.models.precision import twin
+    from rotary.models.runner import ModelRunner
+    from tests.conftest import rotary_model, rotary_runner
+
+    loaded = rotary_model()
+    assert rotary_runner().info.identity == loaded.info.identity  # exact: as the loader named it
+    identities = {ModelRunner(dataclasses.replace(loaded, model=twin(loaded.model)), p).info.identity for p in ("fp16", "int4")}
+    assert len(identities) == 2 and loaded.info.identity not in identities
+
+
 def test_a_worker_runs_the_precision_it_is_given_and_refuses_an_unknown_one():
     """`rotary worker --precision` and $ROTARY_PRECISION reach the model runner; a wrong value is a clear error."""
     from rotary.models.precision import requested
