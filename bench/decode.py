@@ -102,9 +102,8 @@ class Methods:
 
     def __init__(self, model: str | None, precision: str | None = None):
         from rotary.cache.buffer import KVBuffer
-        from rotary.models.loader import load_model
+        from rotary.models.loader import ModelLoadError, load_model
         from rotary.models.runner import decode_threads, prefill_threads
-        from rotary.models.loader import ModelLoadError
         from rotary.models.transformer import Transformer
 
         try:

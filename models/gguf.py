@@ -172,8 +172,7 @@ class GGUFFile:
         blocks = torch.from_numpy(np.array(self._map[info.offset : info.offset + rows * inner // 32 * 20])).reshape(rows, inner // 32, 20)
         d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)  # [N, K/32]
         m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
-        packed = blocks[..., 4:]  # [N, K/32, 16]
-        q = torch.cat((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, inner)  # [N, K]
+        q = _nibbles(blocks[..., 4:].reshape(-1, 16)).reshape(rows, inner)  # [N, K]
         if self.architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = n_heads if ".attn_q." in name else n_kv_heads
             q, d, m = (_reverse_permute(t, heads) for t in (q, d, m))
@@ -220,6 +219,14 @@ def _reverse_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape).contiguous()
 
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """A 4-bit block's 32 values from its 16 bytes [n, 16]: value j in byte j's low nibble, j + 16 in its high."""
+    nibbles = torch.empty(packed.shape[0], 32, dtype=torch.uint8)
+    torch.bitwise_and(packed, 0x0F, out=nibbles[:, :16])
+    torch.bitwise_right_shift(packed, 4, out=nibbles[:, 16:])
+    return nibbles
+
+
 def _dequantize(raw: np.ndarray, kind: int, count: int) -> torch.Tensor:
     """float32 values of `count` elements stored as `kind` in `raw` (uint8), as llama.cpp's reference does."""
     data = torch.from_numpy(np.array(raw))  # a copy: the file map stays read-only
@@ -236,10 +243,7 @@ def _dequantize(raw: np.ndarray, kind: int, count: int) -> torch.Tensor:
         values = blocks[:, 2:].contiguous().view(torch.int8).float()  # [n, 32]
         return values.mul_(scale).reshape(-1)
     packed = blocks[:, 4:] if kind == Q4_1 else blocks[:, 2:]  # [n, 16]: value j in the low nibble, j + 16 in the high
-    nibbles = torch.empty(count // block, block, dtype=torch.uint8)
-    torch.bitwise_and(packed, 0x0F, out=nibbles[:, :16])
-    torch.bitwise_right_shift(packed, 4, out=nibbles[:, 16:])
-    values = nibbles.float()  # in place from here on: a fresh float32 tensor costs its page faults
+    values = _nibbles(packed).float()  # in place from here on: a fresh float32 tensor costs its page faults
     if kind == Q4_0:
         return values.sub_(8).mul_(scale).reshape(-1)
     low = blocks[:, 2:4].contiguous().view(torch.float16).float()  # Q4_1's minimum, per block

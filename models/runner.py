@@ -10,7 +10,9 @@ forces the fallback, for benchmarks).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import logging
 import os
 from typing import Callable
@@ -102,9 +104,6 @@ class ModelRunner:
             pack(self.model, self.precision, loaded.blocks)
             _return_freed_memory()
             if self.precision != "exact":  # K/V computed in another precision: KV snapshots must not mix
-                import dataclasses
-                import hashlib
-
                 identity = hashlib.sha256(f"{self.info.identity}:{self.precision}".encode()).hexdigest()[:20]
                 self.info = dataclasses.replace(self.info, identity=identity)
             log.info("%s runs in precision %s (%s)", self.info.name, self.precision, self.precision_reason)
